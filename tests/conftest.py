@@ -27,3 +27,54 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip("shared data not found (set JAXRL_RM_SHARED_DATA)")
     return path
+
+
+# --- tiny random-weight HF models (torch is the test-only oracle) -------------------------------
+TINY_HF_FAMILIES = {
+    # Llama: untied head, Llama-3 rope scaling, GQA.
+    "llama": dict(cls="LlamaConfig", kwargs=dict(
+        tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        rope_theta=500000.0)),
+    # Qwen2: q/k/v bias, GQA, untied.
+    "qwen2": dict(cls="Qwen2Config", kwargs=dict(tie_word_embeddings=False, rope_theta=1000000.0)),
+    # Qwen3: q/k norm, tied embeddings, explicit head_dim.
+    "qwen3": dict(cls="Qwen3Config", kwargs=dict(tie_word_embeddings=True, head_dim=24)),
+}
+
+
+def make_tiny_hf_model(family: str, path, *, vocab_size=97, hidden_size=48, layers=2, heads=4,
+                       kv_heads=2, intermediate_size=80, seed=0, **overrides):
+    """Build a random-weight HF causal LM with torch, `save_pretrained` it to `path`, return it."""
+    import torch
+    import transformers
+
+    spec = TINY_HF_FAMILIES[family]
+    kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  intermediate_size=intermediate_size, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kwargs.update(spec["kwargs"])
+    kwargs.update(overrides)
+    config = getattr(transformers, spec["cls"])(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # HF's default init leaves biases and norms trivial: randomise them.
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(str(path), safe_serialization=True)
+    return model
+
+
+@pytest.fixture
+def tiny_hf_model(tmp_path):
+    """Factory: tiny_hf_model(family, **overrides) -> (torch_model, path)."""
+
+    def make(family: str, **overrides):
+        path = tmp_path / f"hf_{family}"
+        return make_tiny_hf_model(family, path, **overrides), path
+
+    return make

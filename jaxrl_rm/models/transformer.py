@@ -1,0 +1,292 @@
+"""Flax NNX decoder-only transformer for the Llama-3 / Qwen2 / Qwen3 families.
+
+One module covers the three families; they differ only in switches on `ModelConfig`:
+q/k/v bias (Qwen2), per-head q/k RMSNorm (Qwen3), tied embeddings, RoPE scaling (Llama-3).
+Weights are stored as `[in, out]` kernels; `models/hf.py` converts from/to HF's `[out, in]`.
+
+The forward pass exposes final hidden states (`hidden_states`) so the log-prob kernels and the
+scalar reward head read them without materialising logits, and a KV-cache path (`decode`) used by
+the sampler. Attention softmax, RMSNorm statistics and logits are float32 whatever `dtype` is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrl_rm.models.config import ModelConfig
+
+_NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+# A KV cache: one (k, v) pair per layer, each `[B, S, n_kv_heads, head_dim]`.
+KVCache = list
+
+
+class Dense(nnx.Module):
+    """`y = x @ kernel (+ bias)`; kernel `[in, out]` stored in `param_dtype`, computed in `dtype`."""
+
+    def __init__(self, d_in: int, d_out: int, *, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
+                 std: float = 0.02):
+        self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (d_in, d_out), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with float32 statistics (HF order: normalise in f32, cast, then scale)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> jax.Array:
+    """Inverse RoPE frequencies `[head_dim/2]` float32, with linear or Llama-3 scaling applied."""
+    dim = config.dim_per_head
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """positions `[B, T]` int -> cos, sin `[B, T, head_dim]` float32 (HF's half-split layout)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x `[B, T, H, Dh]`; rotates the two halves of the head dimension (HF `rotate_half`)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with optional q/k/v bias and per-head q/k RMSNorm."""
+
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, h, kv, dh = (config.hidden_size, config.num_attention_heads,
+                        config.num_key_value_heads, config.dim_per_head)
+        dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Dense(d, h * dh, use_bias=config.attention_bias, **dense)
+        self.k_proj = Dense(d, kv * dh, use_bias=config.attention_bias, **dense)
+        self.v_proj = Dense(d, kv * dh, use_bias=config.attention_bias, **dense)
+        self.o_proj = Dense(h * dh, d, use_bias=False, **dense)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(dh, config.rms_norm_eps, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(dh, config.rms_norm_eps, param_dtype=param_dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, dh
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+        """x `[B, T, D]`, mask `[B, T, S]` bool (query may see key) -> (`[B, T, D]`, new (k, v)).
+
+        With `kv_cache` (k, v each `[B, S, kv, Dh]`), this step's keys/values are written at
+        slots `cache_index .. cache_index+T` and attention runs over all S slots.
+        """
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            ck, cv = kv_cache
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                            preferred_element_type=jnp.float32) / math.sqrt(self.head_dim)
+        scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * self.head_dim)
+        return self.o_proj(out), (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        dense = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Dense(config.hidden_size, config.intermediate_size, **dense)
+        self.up_proj = Dense(config.hidden_size, config.intermediate_size, **dense)
+        self.down_proj = Dense(config.intermediate_size, config.hidden_size, **dense)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer."""
+
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        self.attn = Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+        attn_out, new_kv = self.attn(self.input_norm(x), cos, sin, mask, kv_cache, cache_index)
+        x = x + attn_out
+        return x + self.mlp(self.post_attn_norm(x)), new_kv
+
+
+def attention_mask_from(*, batch: int, length: int, attention_mask=None, segment_ids=None) -> jax.Array:
+    """Causal mask `[B, T, T]` bool, restricted to real tokens and to the same packed segment.
+
+    attention_mask: `[B, T]` bool/int, 1 = real token (left or right padding).
+    segment_ids: `[B, T]` int, packed sequences; 0 = padding.
+    Rows of padding queries see nothing; their outputs are finite and ignored by the losses.
+    """
+    causal = jnp.tril(jnp.ones((length, length), bool))[None]
+    mask = jnp.broadcast_to(causal, (batch, length, length))
+    if attention_mask is not None:
+        valid = attention_mask.astype(bool)
+        mask = mask & valid[:, None, :] & valid[:, :, None]
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        mask = mask & same & (segment_ids[:, None, :] > 0)
+    return mask
+
+
+def default_positions(input_ids, attention_mask=None, segment_ids=None) -> jax.Array:
+    """Positions `[B, T]`: 0.. per row, counting only real tokens (so left padding works), and
+    restarting at each packed segment."""
+    b, t = input_ids.shape
+    if segment_ids is not None:
+        idx = jnp.arange(t)[None, :]
+        starts = jnp.concatenate(
+            [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        seg_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+        return (idx - seg_start).astype(jnp.int32)
+    if attention_mask is not None:
+        return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM.
+
+    `model(input_ids)` -> logits `[B, T, V]` float32. `hidden_states(...)` -> `[B, T, D]` after the
+    final norm; `lm_head_weight()` -> `[D, V]`; `decode(...)` runs over a KV cache.
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None, with_lm_head: bool = True):
+        """with_lm_head=False drops the untied output projection (reward-model backbones)."""
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.dtype = dtype
+        self.embed = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (config.vocab_size, config.hidden_size), param_dtype))
+        self.layers = nnx.List([Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(config.num_hidden_layers)])
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        if config.tie_word_embeddings or not with_lm_head:
+            self.lm_head = None
+        else:
+            self.lm_head = Dense(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+
+    # --- building blocks -------------------------------------------------------------------
+    def _run(self, input_ids, positions, mask, cache=None, cache_index=None):
+        x = self.embed[...][input_ids].astype(self.dtype)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            new_cache.append(kv)
+        return self.final_norm(x), new_cache
+
+    def lm_head_weight(self) -> jax.Array:
+        """Output projection `[D, V]` (the transposed embedding when tied)."""
+        if self.lm_head is None:
+            if not self.config.tie_word_embeddings:
+                raise ValueError("this backbone was built without an lm_head (with_lm_head=False)")
+            return self.embed[...].T
+        return self.lm_head.kernel[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden `[..., D]` -> logits `[..., V]` float32."""
+        w = self.lm_head_weight().astype(self.dtype)
+        return jnp.dot(hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)
+
+    # --- public passes -----------------------------------------------------------------------
+    def hidden_states(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None):
+        """input_ids `[B, T]` int32 -> final hidden states `[B, T, D]` (compute dtype)."""
+        b, t = input_ids.shape
+        if positions is None:
+            positions = default_positions(input_ids, attention_mask, segment_ids)
+        mask = attention_mask_from(batch=b, length=t, attention_mask=attention_mask,
+                                   segment_ids=segment_ids)
+        hidden, _ = self._run(input_ids, positions, mask)
+        return hidden
+
+    def __call__(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None):
+        """input_ids `[B, T]` int32 -> logits `[B, T, V]` float32."""
+        return self.logits(self.hidden_states(input_ids, positions=positions,
+                                              attention_mask=attention_mask, segment_ids=segment_ids))
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
+        """Zeroed KV cache for `batch` rows and `length` slots."""
+        c = self.config
+        shape = (batch, length, c.num_key_value_heads, c.dim_per_head)
+        dtype = dtype or self.dtype
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_hidden_layers)]
+
+    def decode(self, input_ids, cache: KVCache, *, positions, cache_index, kv_mask):
+        """Run `T` new tokens over a KV cache.
+
+        input_ids `[B, T]`; positions `[B, T]` (RoPE positions of the new tokens);
+        cache_index: scalar int, the slot where the first new token is written;
+        kv_mask `[B, S]` bool: which cache slots hold real tokens (after this write).
+        Returns (hidden `[B, T, D]`, updated cache). Query t sees slots `<= cache_index + t`.
+        """
+        b, t = input_ids.shape
+        s = cache[0][0].shape[1]
+        slots = jnp.arange(s)[None, None, :]
+        query_slot = cache_index + jnp.arange(t)[None, :, None]
+        mask = (slots <= query_slot) & kv_mask[:, None, :]
+        return self._run(input_ids, positions, mask, cache, cache_index)
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def param_dtype_of(model: nnx.Module) -> Any:
+    return jax.tree.leaves(nnx.state(model, nnx.Param))[0].dtype

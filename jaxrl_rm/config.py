@@ -1,0 +1,196 @@
+"""The config schema: one dataclass per section, defaults that run on a laptop CPU.
+
+`python -m jaxrl_rm.main --config configs/x.yaml a.b=c` builds a `Config` from YAML + overrides
+(`jaxrl_rm.configlib`); `python -m jaxrl_rm.main --help` prints every key with its default.
+Field docs are the `#:` comments above each field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+from jaxrl_rm.configlib import ConfigError, apply_override, check, from_dict, read_yaml, to_dict
+
+__all__ = ["Config", "ConfigError", "load_config", "to_dict"]
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    #: Local HF directory (config.json + safetensors + tokenizer). Empty: random init from below.
+    path: str = ""
+    #: Tokenizer directory; empty = `path`, or the built-in character tokenizer when `path` is empty.
+    tokenizer: str = ""
+    #: Random-init architecture (used when `path` is empty): llama | qwen2 | qwen3.
+    model_type: Literal["llama", "qwen2", "qwen3"] = "qwen2"
+    hidden_size: int = 64
+    intermediate_size: int = 176
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    tie_word_embeddings: bool = True
+    #: Compute dtype of activations (float32 | bfloat16); log-probs and losses stay float32.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    #: Storage dtype of weights.
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def validate(self, key="model"):
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads"):
+            check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        check(self.num_attention_heads % self.num_key_value_heads == 0, f"{key}.num_key_value_heads",
+              "must divide num_attention_heads")
+        check(self.hidden_size % self.num_attention_heads == 0, f"{key}.hidden_size",
+              "must be a multiple of num_attention_heads")
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    #: Devices on the data-parallel axis; -1 = all devices not used by the other axes.
+    data: int = -1
+    #: Devices on the FSDP axis (weights and optimizer state sharded, batch too).
+    fsdp: int = 1
+    #: Devices on the tensor-parallel axis (heads, MLP and vocab sharded).
+    tensor: int = 1
+
+    def validate(self, key="mesh"):
+        for name in ("data", "fsdp", "tensor"):
+            v = getattr(self, name)
+            check(v == -1 or v > 0, f"{key}.{name}", f"must be -1 or > 0, got {v}")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    learning_rate: float = 1e-3
+    #: constant | cosine | linear (decay to `end_lr_fraction * learning_rate`), after warmup.
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = 10
+    end_lr_fraction: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    #: Global gradient-norm clip; 0 disables.
+    grad_clip: float = 1.0
+
+    def validate(self, key="optim"):
+        check(self.learning_rate > 0, f"{key}.learning_rate", "must be > 0")
+        check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
+        check(0 <= self.end_lr_fraction <= 1, f"{key}.end_lr_fraction", "must be in [0, 1]")
+        check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"{key}.b1", "b1 and b2 must be in [0, 1)")
+        check(self.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 200
+    #: Global batch size (sequences per optimizer step, all devices and hosts together).
+    batch_size: int = 32
+    #: Gradient accumulation: the batch is split into this many micro-batches (exact: sums, then one divide).
+    micro_batches: int = 1
+    log_every: int = 10
+    #: Evaluate every N steps (0: only before and after training).
+    eval_every: int = 0
+    #: Batches per evaluation.
+    eval_batches: int = 4
+
+    def validate(self, key="train"):
+        check(self.steps >= 0, f"{key}.steps", "must be >= 0")
+        check(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
+        check(self.micro_batches > 0 and self.batch_size % self.micro_batches == 0, f"{key}.micro_batches",
+              f"must be > 0 and divide train.batch_size={self.batch_size}")
+        check(self.log_every > 0, f"{key}.log_every", "must be > 0")
+        check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    #: Training data: a JSONL(.gz) path, or `synthetic:<task>` (see jaxrl_rm.data.synthetic).
+    train: str = "synthetic:arithmetic"
+    #: Held-out data (same forms); empty = a held-out synthetic split, or none for files.
+    eval: str = ""
+    #: Number of records drawn from a synthetic source.
+    synthetic_size: int = 4000
+    #: Record field names in JSONL files.
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    #: What a malformed row does: error (names file, line, field) | skip (counted in metrics).
+    on_bad_row: Literal["error", "skip"] = "error"
+    #: Tokens per sequence (prompt + response); longer examples keep the prompt's tail.
+    max_length: int = 64
+    #: Pack several examples per row (segment-masked attention) instead of padding each one.
+    packing: bool = False
+    #: Render prompts through the tokenizer's chat template when it has one.
+    chat_template: bool = True
+    shuffle: bool = True
+
+    def validate(self, key="data"):
+        check(bool(self.train), f"{key}.train", "must name a file or a synthetic:<task> source")
+        check(self.max_length >= 8, f"{key}.max_length", "must be >= 8")
+        check(self.synthetic_size > 0, f"{key}.synthetic_size", "must be > 0")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    #: Save every N steps (0: only at the end and on preemption).
+    every: int = 100
+    #: Keep the newest N checkpoints.
+    keep: int = 2
+    #: Write checkpoints in the background (waited for before exit).
+    async_save: bool = True
+
+    def validate(self, key="checkpoint"):
+        check(self.every >= 0, f"{key}.every", "must be >= 0")
+        check(self.keep >= 1, f"{key}.keep", "must be >= 1")
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    #: Show a progress bar (steps, loss, tokens/s, ETA).
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class DistributedConfig:
+    #: Call jax.distributed.initialize: auto (when the environment names a coordinator) | true | false.
+    initialize: Literal["auto", "true", "false"] = "auto"
+    coordinator_address: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+
+
+@dataclasses.dataclass
+class Config:
+    #: Which pipeline runs: sft (more arrive with the reward-model and RL pipelines).
+    task: Literal["sft"] = "sft"
+    #: Output directory (config.yaml, metrics.jsonl, TensorBoard, summary.json, checkpoints/).
+    run_dir: str = "runs/default"
+    seed: int = 0
+    #: auto: continue from the latest complete checkpoint in run_dir | never: start fresh.
+    resume: Literal["auto", "never"] = "auto"
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+    def validate(self) -> "Config":
+        check(bool(self.run_dir), "run_dir", "must not be empty")
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate(f.name)
+        return self
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """YAML file (or the built-in defaults when `path` is None) + `key=value` overrides -> Config."""
+    data = read_yaml(path) if path else {}
+    for override in overrides:
+        data = apply_override(data, override)
+    return from_dict(Config, data).validate()

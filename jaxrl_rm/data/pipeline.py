@@ -1,0 +1,150 @@
+"""Tokenisation, padding / packing and deterministic, resumable batch streams.
+
+A batch stream is a grain `MapDataset` indexed by step: `stream.batch(step)` is a pure function
+of (records, seed, step), so the data-iterator state saved in a checkpoint is just the step, and a
+resumed run sees exactly the batches the uninterrupted run would have seen. Each epoch is a fresh
+permutation. In a multi-host run each process materialises only its rows of the global batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import grain
+import jax
+import numpy as np
+
+
+# --- prompts and tokens -----------------------------------------------------------------------
+def render_prompt(prompt, tokenizer, *, chat_template: bool = True) -> str:
+    """A prompt (string or chat message list) -> the text the model sees before its response.
+
+    With `chat_template` and a tokenizer that has one, the template is applied with the
+    generation prompt; otherwise message contents are joined with newlines.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def tokenize_prompt_response(prompt_ids: Sequence[int], response_ids: Sequence[int], max_length: int,
+                             eos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate prompt + response (+ eos) -> (ids `[L]` int32, loss_mask `[L]` bool on response).
+
+    Longer than `max_length`: the response keeps its head (at most max_length - 1 tokens), the
+    prompt keeps its tail in the remaining room.
+    """
+    response = list(response_ids) + ([eos_id] if eos_id is not None else [])
+    response = response[: max_length - 1]
+    room = max_length - len(response)
+    prompt = list(prompt_ids)[-room:] if room > 0 else []
+    ids = np.asarray(prompt + response, np.int32)
+    mask = np.zeros(len(ids), bool)
+    mask[len(prompt):] = True
+    return ids, mask
+
+
+def tokenize_sft(record, tokenizer, max_length: int, *, chat_template: bool = True):
+    """SFTRecord -> (ids, loss_mask) with the loss on the response (and its eos) only."""
+    prompt_ids = encode(tokenizer, render_prompt(record.prompt, tokenizer, chat_template=chat_template))
+    return tokenize_prompt_response(prompt_ids, encode(tokenizer, record.response), max_length,
+                                    tokenizer.eos_token_id)
+
+
+def pad_examples(examples: Sequence[tuple[np.ndarray, np.ndarray]], length: int, pad_id: int) -> dict:
+    """Right-pad -> input_ids `[N, L]` int32, loss_mask `[N, L]` bool, attention_mask `[N, L]` bool."""
+    n = len(examples)
+    ids = np.full((n, length), pad_id, np.int32)
+    loss = np.zeros((n, length), bool)
+    attn = np.zeros((n, length), bool)
+    for i, (x, m) in enumerate(examples):
+        ids[i, : len(x)], loss[i, : len(x)], attn[i, : len(x)] = x, m, True
+    return {"input_ids": ids, "loss_mask": loss, "attention_mask": attn}
+
+
+def pack_examples(examples: Sequence[tuple[np.ndarray, np.ndarray]], length: int, pad_id: int) -> dict:
+    """First-fit packing into rows of `length` -> input_ids, loss_mask, segment_ids `[R, L]`
+    (segment 0 = padding) and positions (restarting per segment). Order-deterministic."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, (x, _) in enumerate(examples):
+        for r, free in enumerate(room):
+            if free >= len(x):
+                rows[r].append(i)
+                room[r] -= len(x)
+                break
+        else:
+            rows.append([i])
+            room.append(length - len(x))
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    loss = np.zeros((len(rows), length), bool)
+    seg = np.zeros((len(rows), length), np.int32)
+    pos = np.zeros((len(rows), length), np.int32)
+    for r, members in enumerate(rows):
+        at = 0
+        for s, i in enumerate(members, start=1):
+            x, m = examples[i]
+            ids[r, at: at + len(x)], loss[r, at: at + len(x)] = x, m
+            seg[r, at: at + len(x)], pos[r, at: at + len(x)] = s, np.arange(len(x))
+            at += len(x)
+    return {"input_ids": ids, "loss_mask": loss, "segment_ids": seg, "positions": pos,
+            "attention_mask": seg > 0}
+
+
+# --- batch streams ----------------------------------------------------------------------------
+class BatchStream:
+    """Deterministic global batches over `rows` (a dict of equal-length `[N, ...]` arrays).
+
+    `batch(step)` -> this process's slice of global batch `step`: rows
+    `[p * B/P, (p+1) * B/P)` of it, where P = process count. Epoch e is permutation
+    `rng(seed, e)` of the N rows; batches cross epoch boundaries seamlessly.
+    """
+
+    def __init__(self, rows: dict, batch_size: int, *, seed: int = 0, shuffle: bool = True):
+        self.rows = rows
+        self.n = len(next(iter(rows.values())))
+        if self.n == 0:
+            raise ValueError("batch stream over zero examples")
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        procs = jax.process_count()
+        if batch_size % procs:
+            raise ValueError(f"global batch size {batch_size} is not divisible by {procs} processes")
+        self.local = batch_size // procs
+        offset = jax.process_index() * self.local
+        index = grain.MapDataset.range(1 << 62).map(self._row_index)
+        self._ds = index.batch(batch_size).map(lambda idx: idx[offset: offset + self.local])
+
+    @functools.lru_cache(maxsize=4)
+    def _perm(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def _row_index(self, i: int) -> int:
+        return int(self._perm(i // self.n)[i % self.n])
+
+    def indices(self, step: int) -> np.ndarray:
+        """Row indices (into `rows`) of this process's part of global batch `step`."""
+        return np.asarray(self._ds[step])
+
+    def batch(self, step: int) -> dict:
+        idx = self.indices(step)
+        return {k: v[idx] for k, v in self.rows.items()}
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.n / self.batch_size
+
+
+def stack_rows(batches: Sequence[dict]) -> dict:
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def as_numpy_batch(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in batch.items()}

@@ -1,0 +1,41 @@
+"""Build the model a config asks for: load a local HF directory, or random-init an architecture."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from jaxrl_rm.models.config import ModelConfig, as_dtype
+from jaxrl_rm.models.transformer import Transformer
+
+
+def model_config_from_spec(spec, tokenizer) -> ModelConfig:
+    """Random-init architecture from a `ModelSpec`, sized to the tokenizer's vocabulary."""
+    return ModelConfig.for_family(
+        spec.model_type, vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
+        tie_word_embeddings=spec.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def build_model(spec, tokenizer, *, seed: int = 0):
+    """`spec`: ModelSpec. Loads `spec.path` when set, else a random-init `Transformer`.
+
+    Raises ValueError when the tokenizer does not fit the model (ids beyond the embedding table).
+    """
+    dtype, param_dtype = as_dtype(spec.dtype), as_dtype(spec.param_dtype)
+    if spec.path:
+        from jaxrl_rm.models.hf import load_model
+
+        model = load_model(spec.path, dtype=dtype, param_dtype=param_dtype)
+    else:
+        model = Transformer(model_config_from_spec(spec, tokenizer), dtype=dtype, param_dtype=param_dtype,
+                            rngs=nnx.Rngs(seed))
+    check_tokenizer_fits(model.config, tokenizer, source=spec.path or "model")
+    return model
+
+
+def check_tokenizer_fits(config: ModelConfig, tokenizer, *, source: str) -> None:
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"{source}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{config.vocab_size}; the tokenizer does not belong to this model")

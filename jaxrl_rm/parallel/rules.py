@@ -1,0 +1,107 @@
+"""The one table that says how weights and batches are sharded.
+
+Two steps, both declared here and nowhere else:
+1. `PARAM_LOGICAL_AXES`: parameter path pattern -> logical axis name per dimension.
+2. `LOGICAL_TO_MESH`: logical axis name -> mesh axes.
+A dimension that a mesh axis does not divide is replicated (tiny test models, odd vocabularies),
+so the same code runs on 1 CPU device, 8 fake devices, a GPU node or a TPU pod.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# Parameter path (joined with "/") -> logical axes of its dimensions. First match wins.
+PARAM_LOGICAL_AXES: list[tuple[str, tuple]] = [
+    (r"(^|/)embed$", ("vocab", "embed")),
+    (r"attn/(q_proj|k_proj|v_proj)/kernel$", ("embed", "heads")),
+    (r"attn/(q_proj|k_proj|v_proj)/bias$", ("heads",)),
+    (r"attn/o_proj/kernel$", ("heads", "embed")),
+    (r"mlp/(gate_proj|up_proj)/kernel$", ("embed", "mlp")),
+    (r"mlp/down_proj/kernel$", ("mlp", "embed")),
+    (r"lm_head/kernel$", ("embed", "vocab")),
+    (r"(^|/)score$", ("embed",)),
+    (r"(scale|bias)$", (None,)),
+]
+
+# Logical axis -> mesh axes (None = replicated).
+LOGICAL_TO_MESH: dict[str | None, tuple | str | None] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "mlp": "tensor",
+    None: None,
+}
+
+
+def logical_axes_for(path: str, ndim: int) -> tuple:
+    for pattern, axes in PARAM_LOGICAL_AXES:
+        if re.search(pattern, path):
+            if len(axes) != ndim:
+                raise ValueError(f"sharding rule {pattern!r} has {len(axes)} axes but {path} has {ndim} dims")
+            return axes
+    raise ValueError(f"no sharding rule for parameter {path!r}; add one to jaxrl_rm/parallel/rules.py")
+
+
+def _mesh_size(mesh: Mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def spec_for(shape: tuple, logical: tuple, mesh: Mesh) -> P:
+    """PartitionSpec for an array of `shape` with logical axes; non-divisible dims replicate."""
+    parts = []
+    for dim, name in zip(shape, logical):
+        axes = LOGICAL_TO_MESH[name]
+        size = _mesh_size(mesh, axes)
+        parts.append(axes if size > 1 and dim % size == 0 else None)
+    return P(*parts)
+
+
+def _path_str(path) -> str:
+    keys = []
+    for k in path:
+        key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        keys.append(str(key))
+    return "/".join(keys)
+
+
+def param_shardings(params, mesh: Mesh):
+    """Pytree of `NamedSharding` for a parameter pytree (NNX state or pure dict)."""
+
+    def one(path, x):
+        p = _path_str(path)
+        if p.endswith("/value"):  # nnx.Variable leaves flatten to .../value in some versions
+            p = p[: -len("/value")]
+        return NamedSharding(mesh, spec_for(x.shape, logical_axes_for(p, len(x.shape)), mesh))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch arrays `[B, ...]`: leading dim over (data, fsdp), the rest replicated."""
+    return NamedSharding(mesh, P(LOGICAL_TO_MESH["batch"], *([None] * (ndim - 1))))
+
+
+def shard_batch(batch, mesh: Mesh):
+    """Place a host batch (dict of numpy arrays, leading dim = global batch) on the mesh.
+
+    Single-process: `device_put`. Multi-process: each process passes its local rows and the
+    global array is assembled with `jax.make_array_from_process_local_data`.
+    """
+
+    def put(x):
+        sharding = batch_sharding(mesh, np.ndim(x))
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree.map(put, batch)

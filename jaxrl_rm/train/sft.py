@@ -1,0 +1,111 @@
+"""Supervised fine-tuning: next-token loss on response tokens only.
+
+Used to make tiny policies and judges. Records: `SFTRecord(prompt, response)` from JSONL (fields
+named by `data.prompt_field` / `data.response_field`) or a synthetic task. Prompts go through the
+tokenizer's chat template when it has one; rows are padded, or packed with segment masks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+from jaxrl_rm.data.pipeline import BatchStream, pack_examples, pad_examples, tokenize_sft
+from jaxrl_rm.data.records import SFTRecord
+from jaxrl_rm.data.tokenizer import load_or_build_tokenizer
+from jaxrl_rm.kernels import token_logprobs
+from jaxrl_rm.models.factory import build_model
+from jaxrl_rm.parallel.mesh import mesh_from_config
+from jaxrl_rm.parallel.rules import shard_batch
+from jaxrl_rm.train.loop import prepare_run_dir, summarize, to_float_dict, train_loop, write_summary
+from jaxrl_rm.train.state import Trainer, abstract_like, build_eval_step, build_train_step, make_optimizer
+
+
+def next_token_loss(model, batch):
+    """Summed response-token NLL and its token count.
+
+    batch: input_ids `[B, T]` int32, loss_mask `[B, T]` bool (True on tokens to predict),
+    attention_mask `[B, T]`, optional segment_ids / positions `[B, T]` (packing).
+    Returns (nll_sum, n_tokens, {}) — sums, so micro-batching is exact.
+    """
+    ids = batch["input_ids"]
+    hidden = model.hidden_states(ids, attention_mask=batch["attention_mask"],
+                                 segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
+    b, t, d = hidden.shape
+    logp = token_logprobs(hidden[:, :-1].reshape(b * (t - 1), d), model.lm_head_weight(),
+                          ids[:, 1:].reshape(-1)).reshape(b, t - 1)
+    mask = batch["loss_mask"][:, 1:].astype(logp.dtype)
+    return -(logp * mask).sum(), mask.sum(), {}
+
+
+def load_sft_records(source: str, cfg, *, seed: int, split: str):
+    """Records from a JSONL path or `synthetic:<task>`; returns (records, bad-row counts)."""
+    from jaxrl_rm.data import synthetic
+
+    task = synthetic.parse_source(source)
+    if task is not None:
+        n = cfg.data.synthetic_size if split == "train" else max(cfg.data.synthetic_size // 8, 64)
+        return synthetic.sft_records(task, n, seed=seed + (0 if split == "train" else 10_000)), {}
+    from jaxrl_rm.data.loaders import load_records
+
+    fmap = {cfg.data.prompt_field: "prompt", cfg.data.response_field: "response"}
+    records, stats = load_records(source, SFTRecord, on_bad_row=cfg.data.on_bad_row,
+                                  field_map={k: v for k, v in fmap.items() if k != v})
+    return records, {"rows_skipped": stats.rows_skipped, "rows_read": stats.rows_read}
+
+
+def tokenized_rows(records, tokenizer, cfg) -> dict:
+    examples = [tokenize_sft(r, tokenizer, cfg.data.max_length, chat_template=cfg.data.chat_template)
+                for r in records]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if cfg.data.packing:
+        return pack_examples(examples, cfg.data.max_length, pad)
+    return pad_examples(examples, cfg.data.max_length, pad)
+
+
+def run_sft(cfg) -> dict:
+    """Train per `cfg` (task=sft); returns the summary written to summary.json."""
+    run_dir = prepare_run_dir(cfg)
+    tokenizer = load_or_build_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    model = build_model(cfg.model, tokenizer, seed=cfg.seed)
+    mesh = mesh_from_config(cfg.mesh)
+
+    train_records, train_stats = load_sft_records(cfg.data.train, cfg, seed=cfg.seed, split="train")
+    eval_source = cfg.data.eval or (cfg.data.train if cfg.data.train.startswith("synthetic:") else "")
+    eval_records = load_sft_records(eval_source, cfg, seed=cfg.seed, split="eval")[0] if eval_source else []
+    train_rows = tokenized_rows(train_records, tokenizer, cfg)
+    stream = BatchStream(train_rows, cfg.train.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
+
+    trainer = Trainer(graphdef=nnx.split(model)[0], optimizer=make_optimizer(cfg.optim, cfg.train.steps),
+                      mesh=mesh)
+    state = trainer.init_state(model, cfg.seed)
+    abstract_state = abstract_like(state)
+    del model
+    step_fn = build_train_step(trainer, next_token_loss, micro_batches=cfg.train.micro_batches)
+    eval_fn = build_eval_step(trainer, next_token_loss)
+
+    def run_step(state, step):
+        host = stream.batch(step)
+        state, metrics = step_fn(state, shard_batch(host, mesh))
+        return state, metrics, int(host["attention_mask"].sum())
+
+    evaluate = None
+    if eval_records:
+        eval_rows = tokenized_rows(eval_records, tokenizer, cfg)
+        eval_stream = BatchStream(eval_rows, cfg.train.batch_size, shuffle=False)
+        n_batches = min(cfg.train.eval_batches, max(1, int(np.ceil(eval_stream.steps_per_epoch))))
+
+        def evaluate(state):
+            total, count = 0.0, 0.0
+            for i in range(n_batches):
+                loss_sum, denom, _ = eval_fn(state["params"], shard_batch(eval_stream.batch(i), mesh))
+                total, count = total + float(loss_sum), count + float(denom)
+            return {"eval_loss": total / max(count, 1.0)}
+
+    result = train_loop(cfg=cfg, state=state, abstract_state=abstract_state, run_step=run_step,
+                        evaluate=evaluate, desc="sft")
+    summary = summarize(result.eval_before, result.eval_after, task="sft", steps=result.step,
+                        preempted=result.preempted, train_examples=len(train_records),
+                        **{f"data/{k}": v for k, v in train_stats.items()})
+    write_summary(cfg, summary)
+    return summary

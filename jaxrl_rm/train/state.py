@@ -1,0 +1,137 @@
+"""Train state, optimizer, and the one jitted update step every trainer uses.
+
+The train state is a plain pytree `{"params", "opt_state", "step", "rng"}` (params as a pure dict,
+so orbax and shardings see ordinary nested dicts); the model's `graphdef` is static. A trainer
+supplies a loss function
+
+    loss_fn(model, batch) -> (loss_sum, denominator, metric_sums)
+
+returning *sums* and a denominator, so that gradient accumulation over micro-batches computes
+exactly the full-batch loss: loss = Σ loss_sum / Σ denominator (grads likewise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxrl_rm.parallel.rules import param_shardings
+
+LossFn = Callable[[Any, dict], tuple[jax.Array, jax.Array, dict]]
+
+
+def make_schedule(cfg, total_steps: int) -> optax.Schedule:
+    """Warmup then constant / cosine / linear decay to `end_lr_fraction * learning_rate`."""
+    lr, warm = cfg.learning_rate, cfg.warmup_steps
+    decay_steps = max(total_steps - warm, 1)
+    end = lr * cfg.end_lr_fraction
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(lr)
+    elif cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(lr, decay_steps, alpha=cfg.end_lr_fraction)
+    else:
+        after = optax.linear_schedule(lr, end, decay_steps)
+    if warm == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), after], [warm])
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with the configured schedule and global-norm clipping (`cfg`: OptimConfig)."""
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(optax.adamw(make_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Holds what is static about a training run: model graph, optimizer, mesh, jitted step."""
+
+    graphdef: Any
+    optimizer: optax.GradientTransformation
+    mesh: Any
+    state_sharding: Any = None
+
+    def init_state(self, model, seed: int) -> dict:
+        """Split `model`, place params and a fresh optimizer state on the mesh."""
+        _, params = nnx.split(model)
+        params = nnx.to_pure_dict(params)
+        shardings = param_shardings(params, self.mesh)
+        params = jax.device_put(params, shardings)
+        opt_state = jax.jit(self.optimizer.init)(params)
+        state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
+                 "rng": jax.random.key_data(jax.random.key(seed))}
+        self.state_sharding = jax.tree.map(lambda x: x.sharding, state)
+        return state
+
+    def model(self, state_or_params) -> nnx.Module:
+        params = state_or_params.get("params", state_or_params)
+        return nnx.merge(self.graphdef, params)
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs (with shardings) of a pytree of arrays: the restore target of a checkpoint."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def build_train_step(trainer: Trainer, loss_fn: LossFn, *, micro_batches: int = 1):
+    """Jitted `step(state, batch) -> (state, metrics)`; state donated.
+
+    The batch (dict of `[B, ...]` arrays) is split into `micro_batches` along B and scanned:
+    loss sums, denominators and gradients are summed, then divided once. A step whose loss or
+    gradient is non-finite leaves params and optimizer state untouched (`metrics["skipped"] = 1`).
+    """
+    graphdef, optimizer = trainer.graphdef, trainer.optimizer
+
+    def sums(params, batch):
+        loss_sum, denom, metric_sums = loss_fn(nnx.merge(graphdef, params), batch)
+        return loss_sum, (denom, metric_sums)
+
+    grad_fn = jax.value_and_grad(sums, has_aux=True)
+
+    def step(state, batch):
+        params = state["params"]
+        if micro_batches == 1:
+            (loss_sum, (denom, metric_sums)), grads = grad_fn(params, batch)
+        else:
+            split = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]),
+                                 batch)
+
+            def body(carry, micro):
+                (l, (d, m)), g = grad_fn(params, micro)
+                return jax.tree.map(jnp.add, carry, (l, d, m, g)), None
+
+            (l0, (d0, m0)), g0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], split))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, d0, m0, g0))
+            (loss_sum, denom, metric_sums, grads), _ = jax.lax.scan(body, zeros, split)
+        denom = jnp.maximum(denom.astype(jnp.float32), 1e-8)
+        loss = loss_sum / denom
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        metrics = {k: v / denom for k, v in metric_sums.items()}
+        metrics.update(loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
+        new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt, state["opt_state"]),
+                     "step": state["step"] + 1, "rng": state["rng"]}
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(trainer.state_sharding, None))
+
+
+def build_eval_step(trainer: Trainer, loss_fn: LossFn):
+    """Jitted `eval(params, batch) -> (loss_sum, denominator, metric_sums)`."""
+    graphdef = trainer.graphdef
+
+    def evaluate(params, batch):
+        return loss_fn(nnx.merge(graphdef, params), batch)
+
+    return jax.jit(evaluate)

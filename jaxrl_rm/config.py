@@ -162,9 +162,122 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass
+class RewardSpec:
+    """One reward source of a task; the task's reward is the weighted sum of its sources."""
+
+    #: verifier | exact_match | ranking | bt_rm | polar_rm | judge | self_judge (see jaxrl_rm.rewards.sources).
+    type: str = "verifier"
+    weight: float = 1.0
+    #: Model directory for model-backed sources (bt_rm, polar_rm, judge).
+    path: str = ""
+    #: Source-specific keyword options (e.g. judge mode, template, answer formats).
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class TaskSpec:
+    """A prompt source of the RL mixture, with its own prompt format and reward."""
+
+    name: str = "math"
+    #: verifiable ({prompt, answer}) | open ({prompt, reference?}) | ranking ({prompt, responses, gold_scores})
+    #: | judgment ({prompt, response, label}: the policy judges; J1).
+    kind: Literal["verifiable", "open", "ranking", "judgment"] = "verifiable"
+    #: JSONL(.gz) path or synthetic:<task>.
+    data: str = "synthetic:arithmetic"
+    #: Held-out prompts for evaluation (same forms); empty: a held-out synthetic split, or none.
+    eval_data: str = ""
+    #: Share of each batch (normalised over the active tasks).
+    ratio: float = 1.0
+    #: Curriculum: the task joins the mixture at this step.
+    start_step: int = 0
+    rewards: list[RewardSpec] = dataclasses.field(default_factory=lambda: [RewardSpec()])
+    #: Options of the task's prompt format (e.g. judge template for ranking/judgment tasks).
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    #: G: completions sampled per prompt.
+    num_samples: int = 8
+    #: B: prompts per RL step (the batch is B x G completions).
+    prompts_per_step: int = 16
+    #: Prompt token budget (longer prompts keep their tail).
+    max_prompt_length: int = 32
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    #: PPO clip range: ratio clipped to [1 - clip_low, 1 + clip_high] (DAPO clip-higher: 0.2 / 0.28).
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    #: Dual-clip constant for negative advantages (0: off).
+    clip_ratio_c: float = 0.0
+    #: token (GRPO/DAPO) | sequence (GSPO).
+    ratio_level: Literal["token", "sequence"] = "token"
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                           "seq-mean-token-sum-norm"] = "token-mean"
+    #: Dr.GRPO constant normaliser for seq-mean-token-sum-norm (0: max_new_tokens).
+    loss_norm_length: int = 0
+    #: grpo (mean/std) | drgrpo (no std) | rloo (leave-one-out).
+    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"
+    #: KL to a frozen reference policy (0: off, as in DAPO / URPO).
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    #: Passes over each step's samples, and optimizer steps per pass.
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    #: Truncated importance weights against the sampler's log-probs (0: off).
+    tis_cap: float = 0.0
+    #: DAPO dynamic sampling: drop zero-variance groups and sample more prompts to refill.
+    dynamic_sampling: bool = False
+    #: Cap on extra generation rounds per step for dynamic sampling.
+    max_sampling_rounds: int = 3
+    #: DAPO soft overlong punishment: the last `overlong_buffer` tokens before max_new_tokens ramp
+    #: the penalty from 0 to `overlong_penalty` (0: off).
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    #: Exclude truncated samples (no stop token) from the loss.
+    mask_truncated: bool = False
+    #: Held-out evaluation prompts per task.
+    eval_size: int = 128
+    tasks: list[TaskSpec] = dataclasses.field(default_factory=lambda: [TaskSpec()])
+
+    def validate(self, key="grpo"):
+        check(self.num_samples >= 2, f"{key}.num_samples", "must be >= 2 for group-relative advantages")
+        check(self.prompts_per_step > 0, f"{key}.prompts_per_step", "must be > 0")
+        check(self.max_new_tokens > 0 and self.max_prompt_length > 0, f"{key}.max_new_tokens",
+              "max_new_tokens and max_prompt_length must be > 0")
+        check(self.temperature > 0, f"{key}.temperature", "must be > 0")
+        check(0 < self.top_p <= 1, f"{key}.top_p", "must be in (0, 1]")
+        check(self.top_k >= 0, f"{key}.top_k", "must be >= 0")
+        check(0 <= self.clip_low < 1, f"{key}.clip_low", "must be in [0, 1)")
+        check(self.clip_high >= self.clip_low, f"{key}.clip_high", f"must be >= clip_low={self.clip_low}")
+        check(self.clip_ratio_c == 0 or self.clip_ratio_c > 1 + self.clip_high, f"{key}.clip_ratio_c",
+              "must be 0 (off) or > 1 + clip_high")
+        check(self.kl_coef >= 0, f"{key}.kl_coef", "must be >= 0")
+        check(self.ppo_epochs >= 1, f"{key}.ppo_epochs", "must be >= 1")
+        rows = self.num_samples * self.prompts_per_step
+        check(self.mini_batches >= 1 and rows % self.mini_batches == 0, f"{key}.mini_batches",
+              f"must divide num_samples * prompts_per_step = {rows}")
+        check(0 <= self.overlong_buffer < self.max_new_tokens, f"{key}.overlong_buffer",
+              f"must be in [0, max_new_tokens={self.max_new_tokens})")
+        check(self.max_sampling_rounds >= 0, f"{key}.max_sampling_rounds", "must be >= 0")
+        check(bool(self.tasks), f"{key}.tasks", "needs at least one task")
+        names = [t.name for t in self.tasks]
+        check(len(set(names)) == len(names), f"{key}.tasks", f"task names must be unique, got {names}")
+        for i, t in enumerate(self.tasks):
+            check(t.ratio > 0, f"{key}.tasks[{i}].ratio", "must be > 0")
+            check(t.start_step >= 0, f"{key}.tasks[{i}].start_step", "must be >= 0")
+            check(bool(t.rewards), f"{key}.tasks[{i}].rewards", "needs at least one reward source")
+        check(any(t.start_step == 0 for t in self.tasks), f"{key}.tasks",
+              "at least one task must start at step 0 (start_step=0)")
+
+
+@dataclasses.dataclass
 class Config:
     #: Which pipeline runs: sft (more arrive with the reward-model and RL pipelines).
-    task: Literal["sft"] = "sft"
+    task: Literal["sft", "grpo"] = "sft"
     #: Output directory (config.yaml, metrics.jsonl, TensorBoard, summary.json, checkpoints/).
     run_dir: str = "runs/default"
     seed: int = 0
@@ -178,6 +291,7 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
 
     def validate(self) -> "Config":
         check(bool(self.run_dir), "run_dir", "must not be empty")

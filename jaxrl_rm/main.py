@@ -16,9 +16,10 @@ from jaxrl_rm.configlib import ConfigError, describe
 
 def _pipelines():
     """task name -> runner(cfg) -> summary dict. Imported lazily: `--help` stays fast."""
+    from jaxrl_rm.train.grpo import run_grpo
     from jaxrl_rm.train.sft import run_sft
 
-    return {"sft": run_sft}
+    return {"sft": run_sft, "grpo": run_grpo}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,3 +42,211 @@ def sft_records(task: str, n: int, *, seed: int) -> list[SFTRecord]:
 def parse_source(source: str) -> str | None:
     """`synthetic:arithmetic` -> `arithmetic`; a file path -> None."""
     return source[len(SYNTHETIC_PREFIX):] if source.startswith(SYNTHETIC_PREFIX) else None
+
+
+def prompt_items(task: str, spec, *, split: str, seed: int, size: int):
+    """RL prompts (`PromptItem`s) of a synthetic task for a `TaskSpec`; eval uses a disjoint seed."""
+    from jaxrl_rm.rewards.sources import PromptItem
+
+    if task not in TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; available: {sorted(TASKS)}")
+    split_seed = seed + (0 if split == "train" else 10_000)
+    return [PromptItem(task=spec.name, prompt=p.prompt, answer=p.answer, id=p.id)
+            for p in TASKS[task](size, seed=split_seed)]
+
+
+# --- Reward-model tasks: preference pairs and a synthetic policy pool for POLAR -------------------
+# `synthetic:<name>` in the reward-model pipelines (task rm_bt / polar_pretrain / polar_finetune)
+# resolves through `RM_TASKS`; `synthetic:style:<k>` in a POLAR data-synthesis policy list is
+# policy k of `style_policy_pool(STYLE_POOL_SIZE, seed=STYLE_POOL_SEED)`.
+import dataclasses as _dc
+from typing import Sequence
+
+from jaxrl_rm.data.records import PolarQuad, PreferencePair, RankedTriple
+
+STYLE_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+STYLE_SEPS = (" ", "-", "_", ".", ",", "+", "/", ":")
+STYLE_CASES = ("lower", "upper", "title")
+#: The fixed "world" of style policies the POLAR tasks draw from; the last STYLE_HELDOUT are never
+#: trained on (held-out policies for evaluation).
+STYLE_POOL_SEED, STYLE_POOL_SIZE, STYLE_HELDOUT = 20250705, 12, 2
+_TOPICS = ("sea", "sun", "tree", "rock", "city", "road", "rain", "star", "fire", "moon", "bird", "lake",
+           "snow", "wind", "corn", "gold", "salt", "iron", "wolf", "bear", "ship", "bell", "door", "lamp")
+
+
+@_dc.dataclass(frozen=True)
+class StylePolicy:
+    """A synthetic policy: a sampling procedure with a recognisable style.
+
+    A response is `n_words` words (uniform in the inclusive range) of `word_len` letters each,
+    letters drawn from the policy's own 6-letter alphabet with probabilities `probs ** (1/T)`
+    (renormalised), joined by `sep` and cased by `case`; the prompt's topic (its last word) is
+    echoed at a random position, so answers depend on the prompt but the style does not.
+    Two samples of one policy share alphabet, letter frequencies, separator, casing and lengths;
+    two policies usually differ in several of these.
+    """
+
+    name: str
+    letters: str
+    probs: tuple[float, ...]
+    sep: str
+    case: str
+    word_len: tuple[int, int]
+    n_words: tuple[int, int]
+    temperature: float = 1.0
+
+    def sample(self, prompt, rng: np.random.Generator) -> str:
+        p = np.asarray(self.probs, np.float64) ** (1.0 / self.temperature)
+        p /= p.sum()
+        letters = np.asarray(list(self.letters))
+        n = int(rng.integers(self.n_words[0], self.n_words[1] + 1))
+        words = ["".join(rng.choice(letters, size=int(rng.integers(self.word_len[0], self.word_len[1] + 1)), p=p))
+                 for _ in range(n)]
+        words.insert(int(rng.integers(0, n + 1)), _topic(prompt))
+        cased = {"lower": str.lower, "upper": str.upper, "title": str.title}[self.case]
+        return self.sep.join(cased(w) for w in words)
+
+    def variant(self, *, seed: int) -> "StylePolicy":
+        """The same alphabet and letter frequencies with another separator and casing (a "near" policy)."""
+        rng = np.random.default_rng([seed, 7])
+        seps = [s for s in STYLE_SEPS if s != self.sep]
+        cases = [c for c in STYLE_CASES if c != self.case]
+        return _dc.replace(self, name=f"{self.name}~v{seed}", sep=str(rng.choice(seps)), case=str(rng.choice(cases)))
+
+
+def _topic(prompt) -> str:
+    text = prompt if isinstance(prompt, str) else " ".join(m["content"] for m in prompt)
+    words = text.split()
+    return words[-1].strip("?.!,").lower() if words else "it"
+
+
+def style_policy_pool(n: int = STYLE_POOL_SIZE, *, seed: int = STYLE_POOL_SEED) -> list[StylePolicy]:
+    """`n` style policies (see `StylePolicy`) drawn from a seed: alphabet (6 of 26 letters),
+    Dirichlet(1) letter frequencies, separator (8 kinds), casing (3), word length (2-6), words
+    per answer (2-6) and sampling temperature (0.7 / 1.0 / 1.5)."""
+    pool = []
+    for k in range(n):
+        rng = np.random.default_rng([seed, k])
+        letters = "".join(sorted(rng.choice(list(STYLE_LETTERS), size=6, replace=False)))
+        wl = int(rng.integers(2, 5))
+        nw = int(rng.integers(2, 4))
+        pool.append(StylePolicy(
+            name=f"style{k}", letters=letters, probs=tuple(float(x) for x in rng.dirichlet(np.ones(6))),
+            sep=str(rng.choice(STYLE_SEPS)), case=str(rng.choice(STYLE_CASES)),
+            word_len=(wl, wl + int(rng.integers(0, 3))), n_words=(nw, nw + int(rng.integers(0, 3))),
+            temperature=float(rng.choice([0.7, 1.0, 1.5]))))
+    return pool
+
+
+def style_prompts(n: int, *, seed: int) -> list[str]:
+    """Short instruction-like prompts, e.g. `tell me about the rain`; distinct seeds, distinct draws."""
+    rng = np.random.default_rng([seed, 3])
+    verbs = ("tell me about", "write about", "describe", "what is", "say something on", "a poem on")
+    return [f"{verbs[int(rng.integers(len(verbs)))]} the {_TOPICS[int(rng.integers(len(_TOPICS)))]}"
+            for _ in range(n)]
+
+
+def pick_policy_pair(seed: int, index: int, n_policies: int, *,
+                     must_include: Sequence[int] = ()) -> tuple[int, int]:
+    """The (A, B) policy indices of prompt `index` of a POLAR data run: two different policies,
+    uniformly, from `np.random.default_rng([seed, index])` (so each prompt's choice is independent
+    of batching and resumption). With `must_include`, one of the two is drawn from that set."""
+    rng = np.random.default_rng([seed, index, 11])
+    if must_include:
+        special = int(rng.choice(list(must_include)))
+        other = int(rng.choice([k for k in range(n_policies) if k != special]))
+        return (special, other) if rng.random() < 0.5 else (other, special)
+    a, b = rng.choice(n_policies, size=2, replace=False)
+    return int(a), int(b)
+
+
+def style_quads(n: int, *, seed: int, split: str = "train") -> list[PolarQuad]:
+    """POLAR pretraining quads from the style pool: for each prompt pick policies A != B, sample
+    a1, a2 from A and b1 from B (`pick_policy_pair`).
+
+    split="train": prompts from `seed`, policies from the first STYLE_POOL_SIZE - STYLE_HELDOUT.
+    split="eval": prompts from `seed + 10_000` (held-out prompts) and every quad involves a
+      held-out policy, as A or as B (the other one from the whole pool).
+    """
+    pool = style_policy_pool()
+    n_train = STYLE_POOL_SIZE - STYLE_HELDOUT
+    if split == "train":
+        policies, held, pseed = pool[:n_train], (), seed
+    else:
+        policies, held, pseed = pool, tuple(range(n_train, STYLE_POOL_SIZE)), seed + 10_000
+    prompts = style_prompts(n, seed=pseed)
+    out = []
+    for i, prompt in enumerate(prompts):
+        a, b = pick_policy_pair(pseed, i, len(policies), must_include=held)
+        rng = np.random.default_rng([pseed, i, 13])
+        pa, pb = policies[a], policies[b]
+        out.append(PolarQuad(prompt=prompt, a1=pa.sample(prompt, rng), a2=pa.sample(prompt, rng),
+                             b1=pb.sample(prompt, rng), policy_a=pa.name, policy_b=pb.name,
+                             id=f"style-{split}-{pseed}-{i}"))
+    return out
+
+
+def style_triples(n: int, *, seed: int, split: str = "train") -> list[RankedTriple]:
+    """POLAR fine-tuning triples `reference ≻ chosen ≻ rejected` ranked by closeness to a target
+    policy T: reference ~ T, chosen ~ a near variant of T (same letters and frequencies, other
+    separator and casing), rejected ~ another policy. Train: training policies and prompts from
+    `seed`; eval: held-out prompts (`seed + 10_000`), targets among all policies."""
+    pool = style_policy_pool()
+    n_train = STYLE_POOL_SIZE - STYLE_HELDOUT
+    policies = pool[:n_train] if split == "train" else pool
+    pseed = seed if split == "train" else seed + 10_000
+    out = []
+    for i, prompt in enumerate(style_prompts(n, seed=pseed)):
+        t, o = pick_policy_pair(pseed, i, len(policies))
+        rng = np.random.default_rng([pseed, i, 17])
+        target = policies[t]
+        near = target.variant(seed=pseed * 1_000_003 + i)
+        out.append(RankedTriple(prompt=prompt, reference=target.sample(prompt, rng), chosen=near.sample(prompt, rng),
+                                rejected=policies[o].sample(prompt, rng), id=f"style3-{split}-{pseed}-{i}"))
+    return out
+
+
+def style_pairs(n: int, *, seed: int, split: str = "train") -> list[PreferencePair]:
+    """Bradley–Terry pairs with an absolute preference: answers of policy `style0` (the "house
+    style") are preferred to answers of any other policy on the same prompt."""
+    pool = style_policy_pool()
+    pseed = seed if split == "train" else seed + 10_000
+    out = []
+    for i, prompt in enumerate(style_prompts(n, seed=pseed)):
+        rng = np.random.default_rng([pseed, i, 19])
+        other = pool[1 + int(rng.integers(len(pool) - 1))]
+        out.append(PreferencePair(prompt=prompt, chosen=pool[0].sample(prompt, rng),
+                                  rejected=other.sample(prompt, rng), subset=other.name,
+                                  id=f"stylepair-{split}-{pseed}-{i}"))
+    return out
+
+
+def arithmetic_pairs(n: int, *, seed: int, split: str = "train", digits: int = 1) -> list[PreferencePair]:
+    """`a+b=` with the correct sum preferred to a sum off by 1-3 (subset: `off_by_<k>`)."""
+    pseed = seed if split == "train" else seed + 10_000
+    rng = np.random.default_rng([pseed, 23])
+    hi = 10 ** digits
+    out = []
+    for i in range(n):
+        a, b = (int(v) for v in rng.integers(0, hi, size=2))
+        k = int(rng.integers(1, 4))
+        wrong = a + b + (k if rng.random() < 0.5 or a + b < k else -k)
+        out.append(PreferencePair(prompt=f"{a}+{b}=", chosen=str(a + b), rejected=str(wrong), subset=f"off_by_{k}",
+                                  id=f"arithpair-{split}-{pseed}-{i}"))
+    return out
+
+
+#: Reward-model synthetic tasks: name -> (record type name, fn(n, *, seed, split) -> records).
+RM_TASKS = {
+    "style_quads": ("PolarQuad", style_quads),
+    "style_triples": ("RankedTriple", style_triples),
+    "style_pairs": ("PreferencePair", style_pairs),
+    "arithmetic_pairs": ("PreferencePair", arithmetic_pairs),
+}
+
+
+def rm_records(task: str, n: int, *, seed: int, split: str = "train") -> list:
+    """Records of a reward-model synthetic task (see `RM_TASKS`); split "eval" is held out."""
+    if task not in RM_TASKS:
+        raise ValueError(f"unknown synthetic reward-model task {task!r}; available: {sorted(RM_TASKS)}")
+    return RM_TASKS[task][1](n, seed=seed, split=split)

@@ -1,18 +1,39 @@
-"""Run-directory writers: metrics.jsonl, TensorBoard events, summary.json, progress bar.
+"""Run-directory writers: metrics.jsonl, TensorBoard events, summary.json, progress bar, and an
+optional Weights & Biases mirror.
 
 Only process 0 writes; other processes get a logger that does nothing, so multi-host runs
-produce one set of files.
+produce one set of files. Run directories may be local paths or URLs such as `gs://bucket/run`
+(written through etils.epath; object stores cannot append, so there metrics.jsonl is rewritten
+whole at each log — fine for a few thousand rows).
+
+W&B is used only when `logging.wandb_project` is set *and* the `wandb` package is installed;
+otherwise it is never imported and nothing touches the network.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+
+
+def run_path(path):
+    """A local `Path`, or an `etils.epath.Path` for URLs (`gs://...`) — `pathlib` would turn
+    `gs://b/r` into `gs:/b/r`."""
+    if "://" in str(path):
+        from etils import epath
+
+        return epath.Path(str(path))
+    return Path(path)
+
+
+def is_remote(path) -> bool:
+    return "://" in str(path)
 
 
 def _scalar(v):
@@ -25,49 +46,126 @@ def _scalar(v):
     return v
 
 
-class RunLogger:
-    """`log(step, metrics)` appends to metrics.jsonl and TensorBoard; `summary(d)` writes summary.json."""
+def _number(v):
+    """The float a metric row holds (including the "nan"/"inf" strings), or None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str) and v in ("nan", "inf", "-inf"):
+        return float(v)
+    return None
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True):
-        self.run_dir = Path(run_dir)
+
+class _WandB:
+    """Mirror of metrics.jsonl / summary.json into a W&B run; resumes the same W&B run id."""
+
+    def __init__(self, wandb, run_dir, project: str, entity: str, config: dict | None):
+        id_file = run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        if not id_file.exists():
+            id_file.write_text(run_id + "\n")
+        self.wandb = wandb
+        self.run = wandb.init(project=project, entity=entity or None, id=run_id, resume="allow",
+                              name=Path(str(run_dir)).name, config=config or {},
+                              dir=str(run_dir) if not is_remote(run_dir) else None)
+
+    def log(self, step: int, row: dict) -> None:
+        self.run.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
+
+    def summary(self, summary: dict) -> None:
+        for k, v in summary.items():
+            self.run.summary[k] = v
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class RunLogger:
+    """`log(step, metrics)` appends to metrics.jsonl, TensorBoard (and W&B when configured);
+    `summary(d)` writes summary.json.
+
+    `wandb_project`: W&B project name; empty = off. `config`: dict recorded as the W&B run config.
+    """
+
+    def __init__(self, run_dir, *, tensorboard: bool = True, wandb_project: str = "", wandb_entity: str = "",
+                 config: dict | None = None):
+        self.run_dir = run_path(run_dir)
+        self.remote = is_remote(run_dir)
         self.active = jax.process_index() == 0
         self._tb = None
+        self._wandb = None
+        self._jsonl = None
         if self.active:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
+            path = self.run_dir / "metrics.jsonl"
+            if self.remote:
+                self._rows = path.read_text().splitlines() if path.exists() else []
+            else:
+                self._jsonl = open(path, "a")
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            if wandb_project:
+                try:
+                    import wandb
+                except ImportError:
+                    print("[jaxrl_rm] logging.wandb_project is set but wandb is not installed "
+                          "(pip install wandb); logging to the run directory only.", file=sys.stderr)
+                else:
+                    self._wandb = _WandB(wandb, self.run_dir, wandb_project, wandb_entity, config)
+
+    @classmethod
+    def for_config(cls, cfg, *, tensorboard: bool | None = None) -> "RunLogger":
+        """The logger a pipeline's `cfg` asks for (run_dir, logging.*)."""
+        from jaxrl_rm.configlib import to_dict
+
+        log = cfg.logging
+        return cls(cfg.run_dir, tensorboard=log.tensorboard if tensorboard is None else tensorboard,
+                   wandb_project=getattr(log, "wandb_project", ""), wandb_entity=getattr(log, "wandb_entity", ""),
+                   config=to_dict(cfg))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.active:
             return
         row = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        line = json.dumps(row)
+        if self.remote:
+            self._rows.append(line)
+            (self.run_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in self._rows))
+        else:
+            self._jsonl.write(line + "\n")
+            self._jsonl.flush()
+        numeric = {k: x for k, v in row.items() if k != "step" and (x := _number(v)) is not None}
         if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, int(step))
+            for k, x in numeric.items():  # the same numbers as metrics.jsonl (nan/inf included)
+                self._tb.add_scalar(k, x, int(step))
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(step, numeric)
 
     def summary(self, summary: dict) -> None:
         if self.active:
             clean = {k: _scalar(v) for k, v in summary.items()}
             (self.run_dir / "summary.json").write_text(json.dumps(clean, indent=2, sort_keys=True))
+            if self._wandb is not None:
+                self._wandb.summary(clean)
 
     def close(self) -> None:
         if self.active:
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+            if self._wandb is not None:
+                self._wandb.close()
 
 
 def truncate_metrics_after(run_dir: str | Path, step: int) -> None:
     """On resume from `step`, drop metric rows logged after it (they will be logged again)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists() or jax.process_index() != 0:
+    path = run_path(run_dir) / "metrics.jsonl"
+    if jax.process_index() != 0 or not path.exists():
         return
     rows = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [r for r in rows if json.loads(r).get("step", 0) <= step]

@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrl_rm.parallel.rules import param_shardings
 
-LossFn = Callable[[Any, dict], tuple[jax.Array, jax.Array, dict]]
+LossFn = Callable[[Any, dict], tuple[jax.Array, jax.Array, Any]]
 
 
 def make_schedule(cfg, total_steps: int) -> optax.Schedule:
@@ -65,10 +66,15 @@ class Trainer:
         shardings = param_shardings(params, self.mesh)
         params = jax.device_put(params, shardings)
         opt_state = jax.jit(self.optimizer.init)(params)
-        state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
-                 "rng": jax.random.key_data(jax.random.key(seed))}
-        self.state_sharding = jax.tree.map(lambda x: x.sharding, state)
-        return state
+        replicated = NamedSharding(self.mesh, P())
+        scalars = jax.device_put({"step": jnp.zeros((), jnp.int32),
+                                  "rng": jax.random.key_data(jax.random.key(seed))}, replicated)
+        state = {"params": params, "opt_state": opt_state, **scalars}
+        # Commit every leaf to a mesh sharding so that the first and later steps (whose inputs
+        # are the jitted outputs) see identical input shardings: one compilation, not two.
+        self.state_sharding = jax.tree.map(
+            lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, state)
+        return jax.device_put(state, self.state_sharding)
 
     def model(self, state_or_params) -> nnx.Module:
         params = state_or_params.get("params", state_or_params)
@@ -80,37 +86,52 @@ def abstract_like(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _combine_aux(stacked):
+    """Reduce per-micro-batch aux stacked on a leading axis (sum, or the aux's own rule)."""
+    if hasattr(stacked, "sum_leading_axis"):
+        return stacked.sum_leading_axis()
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0), stacked)
+
+
+def _finalize_metrics(aux, denom) -> dict:
+    """Metric sums -> metrics: the aux's own `metrics()` (e.g. `LossTerms`), else sum / denominator."""
+    if hasattr(aux, "metrics"):
+        return dict(aux.metrics())
+    return {k: v / denom for k, v in aux.items()}
+
+
 def build_train_step(trainer: Trainer, loss_fn: LossFn, *, micro_batches: int = 1):
     """Jitted `step(state, batch) -> (state, metrics)`; state donated.
 
-    The batch (dict of `[B, ...]` arrays) is split into `micro_batches` along B and scanned:
-    loss sums, denominators and gradients are summed, then divided once. A step whose loss or
-    gradient is non-finite leaves params and optimizer state untouched (`metrics["skipped"] = 1`).
+    `loss_fn(model, batch) -> (loss_sum, denominator, aux)`; aux is a dict of metric sums
+    (reported as sum / denominator) or an object with `sum_leading_axis()` and `metrics()`
+    (`jaxrl_rm.objectives.LossTerms`). The batch (dict of `[B, ...]` arrays) is split into
+    `micro_batches` along B and scanned: loss sums, denominators and gradients are summed, then
+    divided once, so accumulation equals the full batch exactly. A step whose loss or gradient is
+    non-finite leaves params and optimizer state untouched (`metrics["skipped"] = 1`).
     """
     graphdef, optimizer = trainer.graphdef, trainer.optimizer
 
     def sums(params, batch):
-        loss_sum, denom, metric_sums = loss_fn(nnx.merge(graphdef, params), batch)
-        return loss_sum, (denom, metric_sums)
+        loss_sum, denom, aux = loss_fn(nnx.merge(graphdef, params), batch)
+        return loss_sum, (denom, aux)
 
     grad_fn = jax.value_and_grad(sums, has_aux=True)
 
     def step(state, batch):
         params = state["params"]
-        if micro_batches == 1:
-            (loss_sum, (denom, metric_sums)), grads = grad_fn(params, batch)
-        else:
-            split = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]),
-                                 batch)
+        split = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]),
+                             batch)
 
-            def body(carry, micro):
-                (l, (d, m)), g = grad_fn(params, micro)
-                return jax.tree.map(jnp.add, carry, (l, d, m, g)), None
+        def body(carry, micro):
+            (l, (d, aux)), g = grad_fn(params, micro)
+            loss_sum, denom, grads = carry
+            return (loss_sum + l, denom + d, jax.tree.map(jnp.add, grads, g)), aux
 
-            (l0, (d0, m0)), g0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], split))
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, d0, m0, g0))
-            (loss_sum, denom, metric_sums, grads), _ = jax.lax.scan(body, zeros, split)
-        denom = jnp.maximum(denom.astype(jnp.float32), 1e-8)
+        zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss_sum, denom, grads), stacked_aux = jax.lax.scan(body, zeros, split)
+        aux = _combine_aux(stacked_aux)
+        denom = jnp.maximum(denom, 1e-8)
         loss = loss_sum / denom
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.global_norm(grads)
@@ -118,7 +139,7 @@ def build_train_step(trainer: Trainer, loss_fn: LossFn, *, micro_batches: int = 
         updates, new_opt = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        metrics = {k: v / denom for k, v in metric_sums.items()}
+        metrics = _finalize_metrics(aux, denom)
         metrics.update(loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
         new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt, state["opt_state"]),
                      "step": state["step"] + 1, "rng": state["rng"]}

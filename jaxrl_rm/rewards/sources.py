@@ -1,0 +1,176 @@
+"""Reward sources: one interface for everything that scores rollouts.
+
+A `RewardSource` is called with the step's `Rollouts` (B prompts x G completions) and returns
+`(rewards [B, G] float32, metrics)`. Verifiers, scalar RMs, POLAR, generative judges and the
+policy judging itself all implement it, so the GRPO loop never knows which one it is using.
+Sources are built from config (`RewardSpec`) through `REGISTRY`; model-backed sources register
+themselves from their own modules (`register("bt_rm", factory)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptItem:
+    """One prompt of a task, with whatever its reward needs (never shown to the policy but `prompt`).
+
+    task: task name (mixtures, per-task metrics). prompt: str or chat messages.
+    answer: gold answer (verifiable tasks). reference: reference response (POLAR).
+    responses / gold_scores: candidates and their gold scores (ranking tasks).
+    label: teacher label (judge training). id: source record id.
+    """
+
+    task: str
+    prompt: Any
+    answer: str | None = None
+    reference: str | None = None
+    responses: tuple | None = None
+    gold_scores: tuple | None = None
+    label: Any = None
+    id: Any = None
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """The step's samples. B prompts, G completions each, T = max new tokens.
+
+    completion_ids / completion_mask: `[B, G, T]`; lengths `[B, G]`; truncated `[B, G]` bool
+    (stopped by the length limit, not by a stop token).
+    """
+
+    items: list[PromptItem]
+    prompt_texts: list[str]
+    completions: list[list[str]]
+    completion_ids: np.ndarray
+    completion_mask: np.ndarray
+    lengths: np.ndarray
+    truncated: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.items), len(self.completions[0]) if self.completions else 0
+
+    def subset(self, rows: Sequence[int]) -> "Rollouts":
+        rows = list(rows)
+        return Rollouts(items=[self.items[i] for i in rows], prompt_texts=[self.prompt_texts[i] for i in rows],
+                        completions=[self.completions[i] for i in rows],
+                        completion_ids=self.completion_ids[rows], completion_mask=self.completion_mask[rows],
+                        lengths=self.lengths[rows], truncated=self.truncated[rows])
+
+
+class RewardSource(Protocol):
+    name: str
+
+    def __call__(self, rollouts: Rollouts) -> tuple[np.ndarray, dict]:
+        """-> rewards `[B, G]` float32, metrics (scalars)."""
+
+
+# --- rule-based sources -----------------------------------------------------------------------
+class VerifierSource:
+    """Math (math-verify) or exact-match verifier against `item.answer`; guards on by default."""
+
+    def __init__(self, kind: str = "math", *, name: str | None = None, **options):
+        from jaxrl_rm.rewards.verifiers import ExactMatchVerifier, MathVerifier
+
+        self.name = name or f"verifier_{kind}"
+        cls = {"math": MathVerifier, "exact": ExactMatchVerifier}[kind]
+        self.verifier = cls(**options)
+
+    def __call__(self, rollouts: Rollouts):
+        b, g = rollouts.shape
+        responses = [c for row in rollouts.completions for c in row]
+        golds = [item.answer for item in rollouts.items for _ in range(g)]
+        prompts = [item.prompt if isinstance(item.prompt, str) else "" for item in rollouts.items for _ in range(g)]
+        out = self.verifier(responses, golds, prompts=prompts)
+        reasons = [r.reason for r in out.results]
+        rewards = np.asarray(out.rewards, np.float32).reshape(b, g)
+        metrics = {"correct": float(np.mean(rewards > 0))}
+        for reason in sorted(set(reasons)):
+            metrics[f"reason/{reason}"] = reasons.count(reason) / len(reasons)
+        return rewards, metrics
+
+    def guard_report(self) -> dict[str, int]:
+        """How often each reward-hacking guard fired so far (summary's `reward_guard`)."""
+        return self.verifier.guard_report()
+
+
+class RankingSource:
+    """URPO preference-as-ranking: parse `\\boxed{s1, …, sN}` and reward Kendall τ vs gold scores."""
+
+    def __init__(self, *, name: str = "ranking", mapping: str = "raw", min_score: float = 0.0,
+                 max_score: float = 10.0, invalid_reward: float | None = None, require_reasoning: bool = True):
+        self.name, self.mapping, self.invalid_reward = name, mapping, invalid_reward
+        self.parse_options = dict(min_score=min_score, max_score=max_score, require_reasoning=require_reasoning,
+                                  think_tags=None)
+
+    def __call__(self, rollouts: Rollouts):
+        from jaxrl_rm.rewards.judgment import kendall_tau_reward
+        from jaxrl_rm.rewards.parsers import parse_listwise
+
+        b, g = rollouts.shape
+        rewards = np.zeros((b, g), np.float32)
+        invalid = 0
+        for i, item in enumerate(rollouts.items):
+            n = len(item.gold_scores)
+            results = [parse_listwise(text, n, **self.parse_options) for text in rollouts.completions[i]]
+            invalid += sum(not r.valid for r in results)
+            rewards[i] = kendall_tau_reward(results, [item.gold_scores] * g, mapping=self.mapping,
+                                            invalid_reward=self.invalid_reward)
+        return rewards, {"invalid_rate": invalid / max(b * g, 1)}
+
+
+# --- registry ---------------------------------------------------------------------------------
+Factory = Callable[..., RewardSource]
+REGISTRY: dict[str, Factory] = {
+    "verifier": lambda spec, ctx: VerifierSource("math", **spec.options),
+    "exact_match": lambda spec, ctx: VerifierSource("exact", **spec.options),
+    "ranking": lambda spec, ctx: RankingSource(**spec.options),
+}
+
+
+def register(kind: str, factory: Factory) -> None:
+    """Make `type: <kind>` available in `grpo.tasks[].rewards` configs. factory(spec, ctx)."""
+    REGISTRY[kind] = factory
+
+
+def build_source(spec, ctx: dict) -> RewardSource:
+    """`spec`: RewardSpec (type, weight, path, options); ctx: shared objects (policy, tokenizer, mesh)."""
+    if spec.type not in REGISTRY:
+        _load_builtin_sources()
+    if spec.type not in REGISTRY:
+        raise ValueError(f"unknown reward type {spec.type!r}; available: {sorted(REGISTRY)}")
+    return REGISTRY[spec.type](spec, ctx)
+
+
+def _load_builtin_sources() -> None:
+    """Model-backed sources register on import; import them lazily (they pull in models)."""
+    import importlib
+
+    for module in ("jaxrl_rm.rewards.scalar_rm", "jaxrl_rm.rewards.judge_source"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+def combine(weighted: Sequence[tuple[RewardSource, float]], rollouts: Rollouts) -> tuple[np.ndarray, dict]:
+    """Σ weight · source(rollouts) -> rewards `[B, G]` float32 and metrics prefixed by source name."""
+    b, g = rollouts.shape
+    total = np.zeros((b, g), np.float32)
+    metrics: dict[str, float] = {}
+    for source, weight in weighted:
+        r, m = source(rollouts)
+        r = np.asarray(r, np.float32)
+        if r.shape != (b, g):
+            raise ValueError(f"reward source {source.name!r} returned shape {r.shape}, expected {(b, g)}")
+        total += weight * r
+        metrics[f"{source.name}/mean"] = float(r.mean())
+        metrics.update({f"{source.name}/{k}": v for k, v in m.items()})
+    return total, metrics

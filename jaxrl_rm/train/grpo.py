@@ -1,0 +1,372 @@
+"""GRPO post-training with pluggable reward sources (GRPO / DAPO / Dr.GRPO / GSPO settings).
+
+One RL step (`GRPO.run_step`):
+  draw B prompts (task mixture + curriculum) -> sample G completions each (jitted KV-cache
+  sampler) -> rewards [B, G] from each task's weighted reward sources (+ DAPO overlong shaping)
+  -> group-relative advantages -> (dynamic sampling: drop zero-variance groups, sample more,
+  up to a cap) -> old-policy log-probs (the sampler's, when one update per step makes them
+  exact; else a forward pass) and reference log-probs when kl_coef > 0 -> `ppo_epochs` passes of
+  `mini_batches` jitted updates of `objectives.policy_loss_terms` (micro-batched exactly).
+
+Sampling seeds are a function of (seed, step, round), prompts of the mixer's counters, so a
+resumed run reproduces the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrl_rm.data.pipeline import encode, render_prompt
+from jaxrl_rm.data.tokenizer import load_or_build_tokenizer
+from jaxrl_rm.kernels import token_logprobs
+from jaxrl_rm.models.factory import build_model
+from jaxrl_rm.objectives import group_advantages, policy_loss_terms, zero_variance_groups
+from jaxrl_rm.objectives.reduction import LossTerms
+from jaxrl_rm.parallel.mesh import mesh_from_config
+from jaxrl_rm.parallel.rules import shard_batch
+from jaxrl_rm.rewards import sources as reward_sources
+from jaxrl_rm.rewards.shaping import overlong_penalty
+from jaxrl_rm.rewards.sources import PromptItem, Rollouts
+from jaxrl_rm.sampling import generate
+from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
+from jaxrl_rm.train.state import Trainer, abstract_like, build_train_step, make_optimizer
+from jaxrl_rm.train.tasks import TaskMixer, load_task_items
+
+
+def step_seed(seed: int, *parts: int) -> int:
+    """A 31-bit seed derived from (seed, step, round, ...): stable across processes and runs."""
+    h = hashlib.blake2b(repr((seed,) + parts).encode(), digest_size=4).digest()
+    return int.from_bytes(h, "little") & 0x7FFFFFFF
+
+
+def completion_hidden(model, input_ids, attention_mask, prompt_len: int):
+    """Hidden states predicting each completion token: `[N, T, D]` (position P-1+t predicts token P+t)."""
+    hidden = model.hidden_states(input_ids, attention_mask=attention_mask)
+    return hidden[:, prompt_len - 1: input_ids.shape[1] - 1]
+
+
+def completion_logprobs(model, batch, *, prompt_len: int, temperature: float, with_entropy: bool = False):
+    """Teacher-forced log-probs of the completion tokens `[N, T]` float32 (and entropy `[N, T]`)."""
+    h = completion_hidden(model, batch["input_ids"], batch["attention_mask"], prompt_len)
+    n, t, d = h.shape
+    out = token_logprobs(h.reshape(n * t, d), model.lm_head_weight(), batch["completion"].reshape(-1),
+                         temperature=temperature, with_entropy=with_entropy)
+    if with_entropy:
+        return out[0].reshape(n, t), out[1].reshape(n, t)
+    return out.reshape(n, t)
+
+
+def make_grpo_loss(g, *, prompt_len: int):
+    """loss_fn(model, batch) for `build_train_step`, from a GRPOConfig `g`.
+
+    batch: input_ids / attention_mask `[N, P+T]`, completion / loss_mask `[N, T]`,
+    old_logp `[N, T]`, advantages `[N]`, sampler_logp `[N, T]`, optional ref_logp `[N, T]`.
+    """
+    with_entropy = g.entropy_coef > 0
+
+    def loss_fn(model, batch):
+        out = completion_logprobs(model, batch, prompt_len=prompt_len, temperature=g.temperature,
+                                  with_entropy=with_entropy)
+        logp, entropy = out if with_entropy else (out, None)
+        mask = batch["loss_mask"]
+        terms = policy_loss_terms(
+            logp, batch["old_logp"], batch["advantages"], mask,
+            clip_low=g.clip_low, clip_high=g.clip_high, clip_ratio_c=g.clip_ratio_c or None,
+            ratio_level=g.ratio_level, loss_agg_mode=g.loss_agg_mode,
+            loss_norm_length=g.loss_norm_length or g.max_new_tokens,
+            ref_logp=batch.get("ref_logp"), kl_coef=g.kl_coef, kl_estimator=g.kl_estimator,
+            entropy=entropy, entropy_coef=g.entropy_coef,
+            sampler_logp=batch["sampler_logp"] if g.tis_cap > 0 else None, tis_cap=g.tis_cap or 2.0)
+        # train/infer mismatch monitor: |logp - sampler logp| on the sampled tokens
+        gap = jnp.where(mask, jnp.abs(jax.lax.stop_gradient(logp) - batch["sampler_logp"]), 0.0)
+        means = dict(terms.means, sampler_logp_gap=(gap.sum(), mask.sum().astype(jnp.float32)))
+        terms = LossTerms(terms.loss_sum, terms.denominator, means, terms.mins, terms.maxs)
+        return terms.loss_sum, terms.denominator, terms
+
+    return loss_fn
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+    if x.std() == 0 or y.std() == 0:
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+class GRPO:
+    """Holds a GRPO run's static pieces; `run_step` / `evaluate` plug into `train_loop`."""
+
+    def __init__(self, cfg):
+        self.cfg, g = cfg, cfg.grpo
+        self.g = g
+        self.tokenizer = load_or_build_tokenizer(cfg.model.tokenizer or cfg.model.path)
+        model = build_model(cfg.model, self.tokenizer, seed=cfg.seed)
+        self.mesh = mesh_from_config(cfg.mesh)
+        updates = cfg.train.steps * g.ppo_epochs * g.mini_batches
+        self.trainer = Trainer(nnx.split(model)[0], make_optimizer(cfg.optim, max(updates, 1)), self.mesh)
+        self.state = self.trainer.init_state(model, cfg.seed)
+        self.abstract_state = abstract_like(self.state)
+        self.ref_params = jax.tree.map(jnp.copy, self.state["params"]) if g.kl_coef > 0 else None
+        self.eos = [t for t in {self.tokenizer.eos_token_id} if t is not None]
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.P, self.T = g.max_prompt_length, g.max_new_tokens
+        self.tasks = {t.name: t for t in g.tasks}
+        train_items = {t.name: load_task_items(t, split="train", seed=cfg.seed, size=cfg.data.synthetic_size)
+                       for t in g.tasks}
+        self.eval_items = {t.name: load_task_items(t, split="eval", seed=cfg.seed, size=g.eval_size)[: g.eval_size]
+                           for t in g.tasks}
+        self.mixer = TaskMixer(g.tasks, train_items, seed=cfg.seed)
+        ctx = {"tokenizer": self.tokenizer, "mesh": self.mesh, "grpo": self, "seed": cfg.seed}
+        self.sources = {t.name: [(reward_sources.build_source(r, ctx), r.weight) for r in t.rewards]
+                        for t in g.tasks}
+        self.update = build_train_step(self.trainer, make_grpo_loss(g, prompt_len=self.P),
+                                       micro_batches=cfg.train.micro_batches)
+        self._logp = jax.jit(lambda params, batch: completion_logprobs(
+            nnx.merge(self.trainer.graphdef, params), batch, prompt_len=self.P, temperature=g.temperature))
+        self.reuse_sampler_logp = g.ppo_epochs * g.mini_batches == 1 and g.top_p == 1.0 and g.top_k == 0
+        rows = g.prompts_per_step * g.num_samples // g.mini_batches
+        if rows % cfg.train.micro_batches:
+            raise ValueError(f"train.micro_batches={cfg.train.micro_batches} must divide the mini-batch of "
+                             f"{rows} rows (grpo.prompts_per_step * grpo.num_samples / grpo.mini_batches)")
+
+    # --- prompts ---------------------------------------------------------------------------
+    def prompt_text(self, item: PromptItem) -> str:
+        """What the policy sees for an item: the task's prompt format through the chat template."""
+        task = self.tasks[item.task]
+        if task.kind == "ranking":
+            from jaxrl_rm.rewards.judges import get_template
+
+            template = get_template(task.options.get("template", "listwise"))
+            return template.render(self.tokenizer if self.cfg.data.chat_template else None,
+                                   prompt=item.prompt, responses=list(item.responses))
+        if task.kind == "judgment":
+            from jaxrl_rm.rewards.judges import get_template
+
+            template = get_template(task.options.get("template", "pointwise_correctness"))
+            fields = {"reference": item.reference} if template.uses_reference else {}
+            return template.render(self.tokenizer if self.cfg.data.chat_template else None,
+                                   prompt=item.prompt, response=item.responses[0], **fields)
+        return render_prompt(item.prompt, self.tokenizer, chat_template=self.cfg.data.chat_template)
+
+    def sample(self, params, items: list[PromptItem], *, seed: int, num_samples: int, greedy: bool = False):
+        """Generate for `items` -> (Rollouts, GenerationResult)."""
+        texts = [self.prompt_text(it) for it in items]
+        prompts = [encode(self.tokenizer, t)[-self.P:] for t in texts]
+        model = nnx.merge(self.trainer.graphdef, params)
+        res = generate(model, prompts, num_samples=num_samples, max_new_tokens=self.T,
+                       temperature=self.g.temperature, top_p=self.g.top_p, top_k=self.g.top_k,
+                       stop_token_ids=self.eos, seed=seed, greedy=greedy, mesh=self.mesh,
+                       max_prompt_len=self.P, truncate_prompt="left", pad_id=self.pad)
+        tokens, mask = np.asarray(res.tokens), np.asarray(res.mask)
+        b, gsz = len(items), num_samples
+        decoded = self.tokenizer.batch_decode([row[m] for row, m in zip(tokens, mask)], skip_special_tokens=True)
+        rollouts = Rollouts(
+            items=list(items), prompt_texts=texts,
+            completions=[decoded[i * gsz:(i + 1) * gsz] for i in range(b)],
+            completion_ids=tokens.reshape(b, gsz, -1), completion_mask=mask.reshape(b, gsz, -1),
+            lengths=np.asarray(res.lengths).reshape(b, gsz),
+            truncated=(np.asarray(res.finish_reason) == "length").reshape(b, gsz))
+        return rollouts, res, prompts
+
+    def rewards(self, rollouts: Rollouts) -> tuple[np.ndarray, dict]:
+        """Per-task weighted reward sources + overlong shaping -> rewards [B, G], metrics."""
+        b, gsz = rollouts.shape
+        rewards = np.zeros((b, gsz), np.float32)
+        metrics: dict[str, float] = {}
+        by_task: dict[str, list[int]] = {}
+        for i, item in enumerate(rollouts.items):
+            by_task.setdefault(item.task, []).append(i)
+        for task, rows in by_task.items():
+            r, m = reward_sources.combine(self.sources[task], rollouts.subset(rows))
+            rewards[rows] = r
+            metrics.update({f"reward/{task}/{k}": v for k, v in m.items()})
+            metrics[f"reward/{task}/mean"] = float(r.mean())
+        if self.g.overlong_buffer > 0:
+            shaping = overlong_penalty(rollouts.lengths, rollouts.truncated, max_new_tokens=self.T,
+                                       buffer=self.g.overlong_buffer, penalty=self.g.overlong_penalty)
+            rewards = rewards + shaping
+            metrics["reward/overlong_shaping"] = float(shaping.mean())
+        return rewards, metrics
+
+    # --- one RL step -------------------------------------------------------------------------
+    def collect(self, params, step: int):
+        """Sample and score B groups, with DAPO dynamic sampling when enabled.
+
+        Returns (kept parts, metrics); a part is (Rollouts, GenerationResult, prompts, rewards, live)
+        where `live` [b] marks groups that train (False: zero-variance filler when the cap hit).
+        """
+        g, B = self.g, self.g.prompts_per_step
+        parts, kept, generated, dropped, metrics = [], 0, 0, 0, {}
+        for rnd in range(1 + (g.max_sampling_rounds if g.dynamic_sampling else 0)):
+            items = self.mixer.draw(step, B)
+            rollouts, res, prompts = self.sample(params, items, seed=step_seed(self.cfg.seed, step, rnd),
+                                                 num_samples=g.num_samples)
+            rewards, m = self.rewards(rollouts)
+            if rnd == 0:
+                metrics.update(m)
+            zero = np.asarray(zero_variance_groups(jnp.asarray(rewards)))
+            generated += B
+            dropped += int(zero.sum())
+            live = ~zero if g.dynamic_sampling else np.ones(B, bool)
+            take = np.flatnonzero(live)[: B - kept]
+            if g.dynamic_sampling:
+                parts.append((rollouts, res, prompts, rewards, take))
+                kept += len(take)
+                if kept == B:
+                    break
+            else:
+                parts.append((rollouts, res, prompts, rewards, np.arange(B)))
+                kept = B
+        metrics["zero_variance_fraction"] = dropped / generated
+        metrics["sampling_rounds"] = len(parts)
+        if g.dynamic_sampling:
+            metrics["dynamic_sampling/dropped_fraction"] = dropped / generated
+            metrics["dynamic_sampling/filled_fraction"] = kept / B
+        return parts, kept, metrics
+
+    def build_batch(self, parts, kept: int) -> tuple[dict, dict]:
+        """Training rows (B*G) from the kept groups; filler rows (cap reached) have loss_mask 0."""
+        g, B, G, P, T = self.g, self.g.prompts_per_step, self.g.num_samples, self.P, self.T
+        ids, attn, comp, cmask, slogp, rew, live = [], [], [], [], [], [], []
+        all_rewards, all_lengths = [], []
+        for rollouts, res, prompts, rewards, take in parts:
+            tokens, mask = np.asarray(res.tokens), np.asarray(res.mask)
+            logp = np.asarray(res.logprobs)
+            for i in take:
+                for j in range(G):
+                    r = i * G + j
+                    p = prompts[i]
+                    row = np.full(P + T, self.pad, np.int32)
+                    row[P - len(p):P] = p
+                    row[P:] = tokens[r]
+                    am = np.zeros(P + T, bool)
+                    am[P - len(p):P] = True
+                    am[P:] = mask[r]
+                    ids.append(row), attn.append(am), comp.append(tokens[r]), cmask.append(mask[r])
+                    slogp.append(logp[r])
+                rew.append(rewards[i]), live.append(True)
+                all_rewards.append(rewards[i]), all_lengths.append(rollouts.lengths[i])
+        # cap reached: fill with the last round's groups, masked out of the loss
+        filler = parts[-1]
+        f = 0
+        while len(rew) < B:
+            rollouts, res, prompts, rewards, _ = filler
+            i = f % len(prompts)
+            f += 1
+            for j in range(G):
+                r = i * G + j
+                ids.append(np.full(P + T, self.pad, np.int32)), attn.append(np.zeros(P + T, bool))
+                comp.append(np.asarray(res.tokens)[r]), cmask.append(np.zeros(T, bool))
+                slogp.append(np.zeros(T, np.float32))
+            rew.append(np.zeros(G, np.float32)), live.append(False)
+        rewards = np.stack(rew)
+        adv = np.asarray(group_advantages(jnp.asarray(rewards), mode=g.advantage))
+        adv = adv * np.asarray(live)[:, None]
+        loss_mask = np.stack(cmask)
+        truncated = ~np.any(np.stack(cmask) & np.isin(np.stack(comp), self.eos), axis=1)
+        if g.mask_truncated:
+            loss_mask = loss_mask & ~truncated[:, None]
+        batch = {"input_ids": np.stack(ids), "attention_mask": np.stack(attn), "completion": np.stack(comp),
+                 "loss_mask": loss_mask, "advantages": adv.reshape(-1).astype(np.float32),
+                 "sampler_logp": np.stack(slogp).astype(np.float32)}
+        flat_r, flat_len = np.concatenate(all_rewards), np.concatenate(all_lengths)
+        metrics = {"reward_mean": float(flat_r.mean()), "reward_std": float(flat_r.std()),
+                   "reward_min": float(flat_r.min()), "reward_max": float(flat_r.max()),
+                   "response_length": float(flat_len.mean()),
+                   "truncated_fraction": float(truncated[: kept * G].mean()) if kept else 0.0,
+                   "reward_length_correlation": pearson(flat_r, flat_len)}
+        return batch, metrics
+
+    def run_step(self, state, step: int):
+        """One RL step -> (state, metrics, tokens processed)."""
+        t0 = time.perf_counter()
+        parts, kept, metrics = self.collect(state["params"], step)
+        t_sample = time.perf_counter() - t0
+        batch, m = self.build_batch(parts, kept)
+        metrics.update(m)
+        device_batch = shard_batch(batch, self.mesh)
+        if self.reuse_sampler_logp:
+            device_batch["old_logp"] = device_batch["sampler_logp"]
+        else:
+            device_batch["old_logp"] = self._logp(state["params"], device_batch)
+        if self.ref_params is not None:
+            device_batch["ref_logp"] = self._logp(self.ref_params, device_batch)
+        n = batch["input_ids"].shape[0]
+        rows = n // self.g.mini_batches
+        update_metrics = []
+        for epoch in range(self.g.ppo_epochs):
+            order = np.random.default_rng([self.cfg.seed, step, epoch]).permutation(n) \
+                if self.g.mini_batches > 1 else np.arange(n)
+            for k in range(self.g.mini_batches):
+                idx = order[k * rows:(k + 1) * rows]
+                mb = device_batch if self.g.mini_batches == 1 else jax.tree.map(lambda x: x[idx], device_batch)
+                state, um = self.update(state, mb)
+                update_metrics.append(um)
+        um = jax.device_get(update_metrics[-1])
+        metrics.update({k: float(v) for k, v in um.items()})
+        metrics["skipped_updates"] = float(sum(int(u["skipped"]) for u in jax.device_get(update_metrics)))
+        metrics["time/sample_s"] = t_sample
+        metrics["time/step_s"] = time.perf_counter() - t0
+        tokens = int(batch["attention_mask"].sum())
+        return state, metrics, tokens
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, state) -> dict:
+        """Greedy held-out accuracy per verifiable task (`accuracy/<task>`, overall `accuracy`),
+        and mean reward per other task."""
+        out, correct, total = {}, 0.0, 0
+        for name, items in self.eval_items.items():
+            if not items:
+                continue
+            rollouts, _, _ = self.sample(state["params"], items, seed=0, num_samples=1, greedy=True)
+            task = self.tasks[name]
+            if task.kind == "verifiable":
+                from jaxrl_rm.rewards.sources import VerifierSource
+
+                verifier = VerifierSource(task.options.get("verifier", "math"))
+                r, _ = verifier(rollouts)
+                acc = float((r > 0).mean())
+                out[f"accuracy/{name}"] = acc
+                correct, total = correct + acc * len(items), total + len(items)
+            else:
+                r, _ = reward_sources.combine(self.sources[name], rollouts)
+                out[f"eval_reward/{name}"] = float(r.mean())
+        if total:
+            out["accuracy"] = correct / total
+        return out
+
+    def host_state(self) -> dict:
+        return {"mixer": self.mixer.state()}
+
+    def restore_host_state(self, host: dict) -> None:
+        self.mixer.load_state(host.get("mixer", {}))
+
+    def guard_report(self) -> dict:
+        report: dict[str, int] = {}
+        for weighted in self.sources.values():
+            for source, _ in weighted:
+                if hasattr(source, "guard_report"):
+                    for k, v in source.guard_report().items():
+                        report[k] = report.get(k, 0) + int(v)
+        return report
+
+
+def run_grpo(cfg) -> dict:
+    """Train per `cfg` (task=grpo); returns the summary written to summary.json."""
+    prepare_run_dir(cfg)
+    rl = GRPO(cfg)
+    result = train_loop(cfg=cfg, state=rl.state, abstract_state=rl.abstract_state, run_step=rl.run_step,
+                        evaluate=rl.evaluate, host_state=rl.host_state, restore_host_state=rl.restore_host_state,
+                        desc="grpo")
+    summary = summarize(result.eval_before, result.eval_after, task=cfg.task, steps=result.step,
+                        preempted=result.preempted)
+    summary["reward_guard"] = rl.guard_report()
+    write_summary(cfg, summary)
+    rl.final_state = result.state
+    return summary

@@ -1,0 +1,102 @@
+"""RL task mixtures: prompt sources with ratios and a curriculum, drawn deterministically.
+
+Each `TaskSpec` brings its prompts (`PromptItem`s), its prompt format and its reward sources. A
+batch of B prompts is split over the tasks active at this step (`start_step <= step`) in
+proportion to their ratios with largest-remainder rounding, so the mixture holds exactly over
+batches (the URPO P:R:I mix), and open-ended prompts can join after a warm-up.
+Which prompts are drawn is a pure function of (seed, per-task draw counters); the counters are
+the mixer's resumable state.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from jaxrl_rm.rewards.sources import PromptItem
+
+
+def load_task_items(task, *, split: str, seed: int, size: int) -> list[PromptItem]:
+    """PromptItems of a TaskSpec: `task.data` (train) or `task.eval_data` / a held-out synthetic split."""
+    from jaxrl_rm.data import synthetic
+
+    source = task.data if split == "train" else (task.eval_data or (task.data if task.data.startswith("synthetic:") else ""))
+    if not source:
+        return []
+    name = synthetic.parse_source(source)
+    if name is not None:
+        return synthetic.prompt_items(name, task, split=split, seed=seed, size=size)
+    return _load_items_from_file(source, task)
+
+
+def _load_items_from_file(path: str, task) -> list[PromptItem]:
+    from jaxrl_rm.data.loaders import load_records
+    from jaxrl_rm.data.records import JudgmentExample, RankingItem, SFTRecord, VerifiableProblem
+
+    on_bad_row = task.options.get("on_bad_row", "error")
+    if task.kind == "verifiable":
+        records, _ = load_records(path, VerifiableProblem, on_bad_row=on_bad_row,
+                                  field_map=task.options.get("field_map"))
+        return [PromptItem(task=task.name, prompt=r.prompt, answer=r.answer, id=r.id) for r in records]
+    if task.kind == "open":
+        fmap = task.options.get("field_map") or {"reference": "response"}
+        records, _ = load_records(path, SFTRecord, on_bad_row=on_bad_row, field_map=fmap)
+        return [PromptItem(task=task.name, prompt=r.prompt, reference=r.response, id=r.id) for r in records]
+    if task.kind == "ranking":
+        records, _ = load_records(path, RankingItem, on_bad_row=on_bad_row, field_map=task.options.get("field_map"))
+        return [PromptItem(task=task.name, prompt=r.prompt, responses=tuple(r.responses),
+                           gold_scores=tuple(r.gold_scores), id=r.id) for r in records]
+    records, _ = load_records(path, JudgmentExample, on_bad_row=on_bad_row, field_map=task.options.get("field_map"))
+    return [PromptItem(task=task.name, prompt=r.prompt, responses=(r.response,), label=r.label,
+                       reference=r.reference, id=r.id) for r in records]
+
+
+def allocate(batch: int, ratios: list[float]) -> list[int]:
+    """Split `batch` into integer counts proportional to `ratios` (largest remainder, ties to the
+    earlier task)."""
+    total = sum(ratios)
+    exact = [batch * r / total for r in ratios]
+    counts = [int(np.floor(e)) for e in exact]
+    order = sorted(range(len(ratios)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: batch - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+class TaskMixer:
+    """Draws B PromptItems per call from the active tasks; `state()` / `load_state()` resume it."""
+
+    def __init__(self, tasks, items: dict[str, list[PromptItem]], *, seed: int):
+        self.tasks = list(tasks)
+        self.items = items
+        self.seed = seed
+        self.drawn = {t.name: 0 for t in self.tasks}
+        for t in self.tasks:
+            if not items.get(t.name):
+                raise ValueError(f"grpo.tasks: task {t.name!r} has no prompts (data={t.data!r})")
+
+    def active(self, step: int) -> list:
+        return [t for t in self.tasks if t.start_step <= step]
+
+    @functools.lru_cache(maxsize=16)
+    def _perm(self, task: str, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, sum(map(ord, task))]).permutation(len(self.items[task]))
+
+    def draw(self, step: int, batch: int) -> list[PromptItem]:
+        """Next `batch` items, split over the tasks active at `step` by ratio."""
+        active = self.active(step)
+        out = []
+        for task, count in zip(active, allocate(batch, [t.ratio for t in active])):
+            n = len(self.items[task.name])
+            for _ in range(count):
+                k = self.drawn[task.name]
+                out.append(self.items[task.name][int(self._perm(task.name, k // n)[k % n])])
+                self.drawn[task.name] = k + 1
+        return out
+
+    def state(self) -> dict:
+        return {"drawn": dict(self.drawn)}
+
+    def load_state(self, state: dict) -> None:
+        self.drawn.update({k: int(v) for k, v in state.get("drawn", {}).items() if k in self.drawn})

@@ -150,6 +150,10 @@ class LoggingConfig:
     tensorboard: bool = True
     #: Show a progress bar (steps, loss, tokens/s, ETA).
     progress: bool = True
+    #: Also log to this Weights & Biases project (needs `pip install wandb`; empty = off, no network).
+    wandb_project: str = ""
+    #: W&B entity (team or user); empty = your default.
+    wandb_entity: str = ""
 
 
 @dataclasses.dataclass
@@ -275,9 +279,127 @@ class GRPOConfig:
 
 
 @dataclasses.dataclass
+class RMConfig:
+    """Reward-model training: tasks rm_bt, polar_pretrain, polar_finetune (jaxrl_rm.train.reward_model).
+
+    Their `data.train` / `data.eval` name a JSONL(.gz) / parquet file of the stage's records
+    (rm_bt: {prompt, chosen, rejected[, subset]}; polar_pretrain: {prompt, a1, a2, b1};
+    polar_finetune: {prompt, reference, chosen, rejected}), or `hh_rlhf:<file>` (Anthropic
+    transcripts -> pairs), `alpaca_eval:<dir>` (outputs + judge annotations -> ranked triples; for
+    rm_bt the pairs without the reference), or `synthetic:<task>` (jaxrl_rm.data.synthetic.RM_TASKS).
+    """
+
+    #: BT margin m: per-pair loss -log sigmoid(r_chosen - r_rejected - m); 0 = no margin.
+    margin: float = 0.0
+    #: Reward centering: adds center_coef * (r_chosen + r_rejected)^2 per pair (Eisenstein et al. 2023); 0 = off.
+    center_coef: float = 0.0
+    #: End every response with the tokenizer's eos before scoring (a cut response loses it).
+    append_eos: bool = True
+    #: POLAR inputs: prompt tokens kept (its tail, in each copy) when long responses must be cut; -1 = data.max_length // 8.
+    min_prompt_tokens: int = -1
+    #: With data.eval empty and a file source: share of the training prompts held out for evaluation (split by prompt, seeded).
+    eval_fraction: float = 0.1
+    #: Evaluate at most this many held-out pairs / triples / quads (0 = all; a seeded subset otherwise).
+    eval_size: int = 512
+    #: Rows per forward pass when scoring held-out data.
+    eval_batch_size: int = 64
+    #: alpaca_eval sources: minimum gap between two generators' judge preferences to form a ranked pair.
+    alpaca_min_gap: float = 0.1
+    #: After training, write the RM and its tokenizer as an HF directory <run_dir>/hf (loadable by `model.path`).
+    export_hf: bool = True
+
+    def validate(self, key="rm"):
+        check(self.center_coef >= 0, f"{key}.center_coef", "must be >= 0")
+        check(self.min_prompt_tokens >= -1, f"{key}.min_prompt_tokens", "must be -1 (auto) or >= 0")
+        check(0 <= self.eval_fraction < 1, f"{key}.eval_fraction", "must be in [0, 1)")
+        check(self.eval_size >= 0, f"{key}.eval_size", "must be >= 0")
+        check(self.eval_batch_size > 0, f"{key}.eval_batch_size", "must be > 0")
+        check(self.alpaca_min_gap >= 0, f"{key}.alpaca_min_gap", "must be >= 0")
+
+
+@dataclasses.dataclass
+class PolicySpec:
+    """One policy of a POLAR data-synthesis pool, with its own sampling settings."""
+
+    #: Name written into the quads (policy_a / policy_b); empty = derived from `path` (or `seed`).
+    name: str = ""
+    #: An HF causal-LM directory; a run directory (its config.yaml + latest orbax checkpoint, e.g. an
+    #: SFT run); `synthetic:style:<k>` (built-in style policy k); empty = random init of `model.*` with `seed`.
+    path: str = ""
+    #: Seed of a random-init policy (`path` empty).
+    seed: int = 0
+    #: Sampling settings (the paper's: temperature 1.0, top-p 0.9, top-k 50).
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 50
+    #: Completion budget in tokens (a longer answer is cut).
+    max_new_tokens: int = 64
+
+
+def _default_policies() -> list:
+    return [PolicySpec(name="random0", seed=0), PolicySpec(name="random1", seed=1)]
+
+
+@dataclasses.dataclass
+class PolarDataConfig:
+    """POLAR pretraining-data synthesis (task polar_data, jaxrl_rm.train.polar_data): for each prompt
+    pick two different policies, sample two answers from the first and one from the second, write
+    `{prompt, a1, a2, b1, policy_a, policy_b, id}` JSONL. Deterministic given `seed`; resumable."""
+
+    #: Output JSONL of quads; empty = <run_dir>/quads.jsonl. An existing file is resumed (its complete lines are kept).
+    output: str = ""
+    #: Prompt source: JSONL(.gz) of instructions (field data.prompt_field) or of documents (field `text_field`;
+    #: `.txt`: one document per line) for prefix mode, or synthetic:style_prompts.
+    prompts: str = "synthetic:style_prompts"
+    #: instruction: prompts used as given (policies' chat templates applied if `chat_template`) |
+    #: prefix: a random head of min..max_prefix_tokens tokens of each document, continued as raw text.
+    prompt_kind: Literal["instruction", "prefix"] = "instruction"
+    #: Document field of a JSONL corpus (prefix mode).
+    text_field: str = "text"
+    #: Prefix length range in tokens of the `model.tokenizer` (the paper: 1..1024).
+    min_prefix_tokens: int = 1
+    max_prefix_tokens: int = 32
+    #: Prompts to use (0 = the whole source; a synthetic source needs > 0).
+    num_prompts: int = 64
+    #: Prompts per generation chunk (the unit of batching and of resumption).
+    batch_size: int = 16
+    #: Render instruction prompts with each LM policy's chat template (when it has one).
+    chat_template: bool = True
+    #: The policy pool (at least two).
+    policies: list[PolicySpec] = dataclasses.field(default_factory=_default_policies)
+
+    def validate(self, key="polar_data"):
+        check(self.min_prefix_tokens >= 1, f"{key}.min_prefix_tokens", "must be >= 1")
+        check(self.max_prefix_tokens >= self.min_prefix_tokens, f"{key}.max_prefix_tokens",
+              f"must be >= min_prefix_tokens={self.min_prefix_tokens}")
+        check(self.num_prompts >= 0, f"{key}.num_prompts", "must be >= 0")
+        check(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
+        check(len(self.policies) >= 2, f"{key}.policies", f"needs at least two policies, got {len(self.policies)}")
+        for i, p in enumerate(self.policies):
+            check(p.temperature > 0, f"{key}.policies[{i}].temperature", "must be > 0")
+            check(0 < p.top_p <= 1, f"{key}.policies[{i}].top_p", "must be in (0, 1]")
+            check(p.top_k >= 0, f"{key}.policies[{i}].top_k", "must be >= 0")
+            check(p.max_new_tokens > 0, f"{key}.policies[{i}].max_new_tokens", "must be > 0")
+
+
+@dataclasses.dataclass
+class WarmupConfig:
+    """Optional SFT stage before RL (RL pipelines): trains `model` on (prompt -> gold answer) and
+    starts RL from it. The SFT run lives in `<run_dir>/sft_warmup` (its HF export in `.../hf`)."""
+
+    #: SFT steps before RL (0: no warm-up; RL starts from `model.path` or a random init).
+    steps: int = 0
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    #: SFT data; empty: the first task's data.
+    data: str = ""
+
+
+@dataclasses.dataclass
 class Config:
-    #: Which pipeline runs: sft (more arrive with the reward-model and RL pipelines).
-    task: Literal["sft", "grpo"] = "sft"
+    #: Which pipeline runs: sft | grpo | rm_bt (Bradley–Terry RM) | polar_pretrain | polar_finetune (POLAR RM)
+    #: | polar_data (POLAR pretraining-data synthesis).
+    task: Literal["sft", "grpo", "rm_bt", "polar_pretrain", "polar_finetune", "polar_data"] = "sft"
     #: Output directory (config.yaml, metrics.jsonl, TensorBoard, summary.json, checkpoints/).
     run_dir: str = "runs/default"
     seed: int = 0
@@ -292,6 +414,11 @@ class Config:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    warmup: WarmupConfig = dataclasses.field(default_factory=WarmupConfig)
+    #: Reward-model training (tasks rm_bt, polar_pretrain, polar_finetune).
+    rm: RMConfig = dataclasses.field(default_factory=RMConfig)
+    #: POLAR pretraining-data synthesis (task polar_data).
+    polar_data: PolarDataConfig = dataclasses.field(default_factory=PolarDataConfig)
 
     def validate(self) -> "Config":
         check(bool(self.run_dir), "run_dir", "must not be empty")

@@ -3,7 +3,8 @@
 `synthetic:<task>` in a config's data paths resolves here. Tasks produce the same record types as
 the real loaders (`jaxrl_rm.data.records`), so every pipeline runs unchanged on them.
 
-- `arithmetic`: `a+b=` with gold answer `a+b` (digits configurable) -> `VerifiableProblem`;
+- `arithmetic`: `a+b=` with gold answer `a+b` (operand range configurable; train/eval operand
+  pairs disjoint) -> `VerifiableProblem`;
   as SFT data the response is the answer.
 """
 
@@ -16,27 +17,53 @@ from jaxrl_rm.data.records import SFTRecord, VerifiableProblem
 SYNTHETIC_PREFIX = "synthetic:"
 
 
-def arithmetic_problems(n: int, *, seed: int = 0, digits: int = 2, ops: str = "+") -> list[VerifiableProblem]:
-    """`n` problems like `37+45=` with answer `82`; distinct seeds give disjoint-ish draws."""
+def arithmetic_problems(n: int, *, seed: int = 0, max_operand: int = 50, ops: str = "+",
+                        split: str = "train") -> list[VerifiableProblem]:
+    """`n` problems like `37+45=` with answer `82`, operands in [0, max_operand).
+
+    Train and eval problems are disjoint by construction: an operand pair belongs to the eval
+    split iff `(7a + 13b) % 10 == 0` (10 % of pairs), so held-out accuracy is measured on pairs
+    the policy never saw.
+    """
     rng = np.random.default_rng([seed, 1])
-    hi = 10 ** digits
-    out = []
-    for i in range(n):
-        a, b = (int(v) for v in rng.integers(0, hi, size=2))
+    out: list[VerifiableProblem] = []
+    while len(out) < n:
+        a, b = (int(v) for v in rng.integers(0, max_operand, size=2))
+        if ((7 * a + 13 * b) % 10 == 0) != (split == "eval"):
+            continue
         op = ops[int(rng.integers(0, len(ops)))]
         value = {"+": a + b, "-": a - b, "*": a * b}[op]
-        out.append(VerifiableProblem(prompt=f"{a}{op}{b}=", answer=str(value), id=f"arith-{seed}-{i}"))
+        out.append(VerifiableProblem(prompt=f"{a}{op}{b}=", answer=str(value), id=f"arith-{split}-{seed}-{len(out)}"))
     return out
 
 
-TASKS = {"arithmetic": arithmetic_problems}
+def _held_out(text: str) -> bool:
+    """Deterministic 10 % eval split by content (stable across Python runs, unlike hash())."""
+    return sum((i + 1) * ord(c) for i, c in enumerate(text)) % 10 == 0
 
 
-def sft_records(task: str, n: int, *, seed: int) -> list[SFTRecord]:
+def reverse_problems(n: int, *, seed: int = 0, alphabet: str = "abcdefgh", min_len: int = 3,
+                     max_len: int = 6, split: str = "train") -> list[VerifiableProblem]:
+    """`n` problems `reverse:abcd=` with answer `dcba`; train/eval strings disjoint (`_held_out`)."""
+    rng = np.random.default_rng([seed, 2])
+    out: list[VerifiableProblem] = []
+    while len(out) < n:
+        k = int(rng.integers(min_len, max_len + 1))
+        word = "".join(alphabet[int(i)] for i in rng.integers(0, len(alphabet), size=k))
+        if _held_out(word) != (split == "eval"):
+            continue
+        out.append(VerifiableProblem(prompt=f"reverse:{word}=", answer=word[::-1], id=f"rev-{split}-{seed}-{len(out)}"))
+    return out
+
+
+TASKS = {"arithmetic": arithmetic_problems, "reverse": reverse_problems}
+
+
+def sft_records(task: str, n: int, *, seed: int, split: str = "train") -> list[SFTRecord]:
     """SFT records (prompt -> gold answer) of a synthetic task."""
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; available: {sorted(TASKS)}")
-    return [SFTRecord(prompt=p.prompt, response=p.answer, id=p.id) for p in TASKS[task](n, seed=seed)]
+    return [SFTRecord(prompt=p.prompt, response=p.answer, id=p.id) for p in TASKS[task](n, seed=seed, split=split)]
 
 
 def parse_source(source: str) -> str | None:
@@ -50,9 +77,8 @@ def prompt_items(task: str, spec, *, split: str, seed: int, size: int):
 
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; available: {sorted(TASKS)}")
-    split_seed = seed + (0 if split == "train" else 10_000)
     return [PromptItem(task=spec.name, prompt=p.prompt, answer=p.answer, id=p.id)
-            for p in TASKS[task](size, seed=split_seed)]
+            for p in TASKS[task](size, seed=seed, split=split)]
 
 
 # --- Reward-model tasks: preference pairs and a synthetic policy pool for POLAR -------------------
@@ -69,7 +95,7 @@ STYLE_SEPS = (" ", "-", "_", ".", ",", "+", "/", ":")
 STYLE_CASES = ("lower", "upper", "title")
 #: The fixed "world" of style policies the POLAR tasks draw from; the last STYLE_HELDOUT are never
 #: trained on (held-out policies for evaluation).
-STYLE_POOL_SEED, STYLE_POOL_SIZE, STYLE_HELDOUT = 20250705, 12, 2
+STYLE_POOL_SEED, STYLE_POOL_SIZE, STYLE_HELDOUT = 20250705, 256, 16
 _TOPICS = ("sea", "sun", "tree", "rock", "city", "road", "rain", "star", "fire", "moon", "bird", "lake",
            "snow", "wind", "corn", "gold", "salt", "iron", "wolf", "bear", "ship", "bell", "door", "lamp")
 

@@ -14,8 +14,10 @@ resumed run reproduces the uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -234,7 +236,6 @@ class GRPO:
         """Training rows (B*G) from the kept groups; filler rows (cap reached) have loss_mask 0."""
         g, B, G, P, T = self.g, self.g.prompts_per_step, self.g.num_samples, self.P, self.T
         ids, attn, comp, cmask, slogp, rew, live = [], [], [], [], [], [], []
-        all_rewards, all_lengths = [], []
         for rollouts, res, prompts, rewards, take in parts:
             tokens, mask = np.asarray(res.tokens), np.asarray(res.mask)
             logp = np.asarray(res.logprobs)
@@ -251,7 +252,6 @@ class GRPO:
                     ids.append(row), attn.append(am), comp.append(tokens[r]), cmask.append(mask[r])
                     slogp.append(logp[r])
                 rew.append(rewards[i]), live.append(True)
-                all_rewards.append(rewards[i]), all_lengths.append(rollouts.lengths[i])
         # cap reached: fill with the last round's groups, masked out of the loss
         filler = parts[-1]
         f = 0
@@ -275,11 +275,13 @@ class GRPO:
         batch = {"input_ids": np.stack(ids), "attention_mask": np.stack(attn), "completion": np.stack(comp),
                  "loss_mask": loss_mask, "advantages": adv.reshape(-1).astype(np.float32),
                  "sampler_logp": np.stack(slogp).astype(np.float32)}
-        flat_r, flat_len = np.concatenate(all_rewards), np.concatenate(all_lengths)
+        # statistics of everything sampled this step (kept or dropped): what the policy does
+        flat_r = np.concatenate([p[3].ravel() for p in parts])
+        flat_len = np.concatenate([p[0].lengths.ravel() for p in parts])
         metrics = {"reward_mean": float(flat_r.mean()), "reward_std": float(flat_r.std()),
                    "reward_min": float(flat_r.min()), "reward_max": float(flat_r.max()),
                    "response_length": float(flat_len.mean()),
-                   "truncated_fraction": float(truncated[: kept * G].mean()) if kept else 0.0,
+                   "truncated_fraction": float(np.concatenate([p[0].truncated.ravel() for p in parts]).mean()),
                    "reward_length_correlation": pearson(flat_r, flat_len)}
         return batch, metrics
 
@@ -317,24 +319,34 @@ class GRPO:
         return state, metrics, tokens
 
     # --- evaluation ---------------------------------------------------------------------------
+    def verifier_for(self, task):
+        """The task's first rule verifier (its options included), for evaluation."""
+        from jaxrl_rm.rewards.verifiers import ExactMatchVerifier, MathVerifier
+
+        for spec in task.rewards:
+            if spec.type in ("verifier", "exact_match"):
+                return (MathVerifier if spec.type == "verifier" else ExactMatchVerifier)(**spec.options)
+        return MathVerifier()
+
     def evaluate(self, state) -> dict:
         """Greedy held-out accuracy per verifiable task (`accuracy/<task>`, overall `accuracy`),
-        and mean reward per other task."""
+        and mean reward of the task's sources for the other tasks (`eval_reward/<task>`)."""
+        from jaxrl_rm.eval.policy import verifiable_accuracy
+
         out, correct, total = {}, 0.0, 0
+        model = nnx.merge(self.trainer.graphdef, state["params"])
         for name, items in self.eval_items.items():
             if not items:
                 continue
-            rollouts, _, _ = self.sample(state["params"], items, seed=0, num_samples=1, greedy=True)
             task = self.tasks[name]
             if task.kind == "verifiable":
-                from jaxrl_rm.rewards.sources import VerifierSource
-
-                verifier = VerifierSource(task.options.get("verifier", "math"))
-                r, _ = verifier(rollouts)
-                acc = float((r > 0).mean())
+                acc = verifiable_accuracy(model, self.tokenizer, items, self.verifier_for(task),
+                                          max_prompt_length=self.P, max_new_tokens=self.T,
+                                          chat_template=self.cfg.data.chat_template, mesh=self.mesh)
                 out[f"accuracy/{name}"] = acc
                 correct, total = correct + acc * len(items), total + len(items)
             else:
+                rollouts, _, _ = self.sample(state["params"], items, seed=0, num_samples=1, greedy=True)
                 r, _ = reward_sources.combine(self.sources[name], rollouts)
                 out[f"eval_reward/{name}"] = float(r.mean())
         if total:
@@ -357,9 +369,33 @@ class GRPO:
         return report
 
 
+def warm_start(cfg):
+    """Run the SFT warm-up stage when configured; returns cfg with `model.path` at its export
+    (None when the stage was preempted: rerun the command to resume it)."""
+    w = cfg.warmup
+    if w.steps <= 0:
+        return cfg
+    from jaxrl_rm.train.sft import run_sft
+
+    stage_dir = Path(cfg.run_dir) / "sft_warmup"
+    export = stage_dir / "hf"
+    if not (export / "config.json").exists():
+        sft_cfg = dataclasses.replace(
+            cfg, task="sft", run_dir=str(stage_dir),
+            train=dataclasses.replace(cfg.train, steps=w.steps, batch_size=w.batch_size, micro_batches=1),
+            optim=dataclasses.replace(cfg.optim, learning_rate=w.learning_rate),
+            data=dataclasses.replace(cfg.data, train=w.data or cfg.grpo.tasks[0].data, eval=""))
+        if run_sft(sft_cfg).get("preempted"):
+            return None
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(export), tokenizer=str(export)))
+
+
 def run_grpo(cfg) -> dict:
     """Train per `cfg` (task=grpo); returns the summary written to summary.json."""
     prepare_run_dir(cfg)
+    cfg = warm_start(cfg)
+    if cfg is None:
+        return {"task": "grpo", "preempted": True, "stage": "sft_warmup"}
     rl = GRPO(cfg)
     result = train_loop(cfg=cfg, state=rl.state, abstract_state=rl.abstract_state, run_step=rl.run_step,
                         evaluate=rl.evaluate, host_state=rl.host_state, restore_host_state=rl.restore_host_state,

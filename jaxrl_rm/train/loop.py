@@ -27,12 +27,12 @@ import yaml
 
 from jaxrl_rm.configlib import to_dict
 from jaxrl_rm.train.checkpoint import Checkpointer
-from jaxrl_rm.train.logger import Progress, RunLogger, truncate_metrics_after
+from jaxrl_rm.train.logger import Progress, RunLogger, run_path, truncate_metrics_after
 
 
 def prepare_run_dir(cfg) -> Path:
     """Create `run_dir` and write the resolved config (process 0)."""
-    run_dir = Path(cfg.run_dir)
+    run_dir = run_path(cfg.run_dir)  # local Path, or epath for gs:// URLs
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -92,8 +92,8 @@ def train_loop(*, cfg, state, abstract_state, run_step, evaluate=None,
                host_state: Callable[[], dict] | None = None,
                restore_host_state: Callable[[dict], None] | None = None, desc: str = "train") -> LoopResult:
     """Run `cfg.train.steps` steps with resume / logging / checkpoints. See module docstring."""
-    run_dir = Path(cfg.run_dir)
-    logger = RunLogger(run_dir, tensorboard=cfg.logging.tensorboard)
+    run_dir = run_path(cfg.run_dir)
+    logger = RunLogger.for_config(cfg)
     ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
     start, eval_before, extra = 0, {}, {}

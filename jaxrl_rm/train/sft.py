@@ -7,6 +7,7 @@ tokenizer's chat template when it has one; rows are padded, or packed with segme
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -14,8 +15,11 @@ from jaxrl_rm.data.pipeline import BatchStream, pack_examples, pad_examples, tok
 from jaxrl_rm.data.records import SFTRecord
 from jaxrl_rm.data.tokenizer import load_or_build_tokenizer
 from jaxrl_rm.kernels import token_logprobs
+from jaxrl_rm.eval.policy import verifiable_accuracy
 from jaxrl_rm.models.factory import build_model
-from jaxrl_rm.parallel.mesh import mesh_from_config
+from jaxrl_rm.models.hf import save_model
+from jaxrl_rm.rewards.verifiers import ExactMatchVerifier
+from jaxrl_rm.parallel.mesh import fetch_global, mesh_from_config, process_sum
 from jaxrl_rm.parallel.rules import shard_batch
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, to_float_dict, train_loop, write_summary
 from jaxrl_rm.train.state import Trainer, abstract_like, build_eval_step, build_train_step, make_optimizer
@@ -45,7 +49,7 @@ def load_sft_records(source: str, cfg, *, seed: int, split: str):
     task = synthetic.parse_source(source)
     if task is not None:
         n = cfg.data.synthetic_size if split == "train" else max(cfg.data.synthetic_size // 8, 64)
-        return synthetic.sft_records(task, n, seed=seed + (0 if split == "train" else 10_000)), {}
+        return synthetic.sft_records(task, n, seed=seed, split=split), {}
     from jaxrl_rm.data.loaders import load_records
 
     fmap = {cfg.data.prompt_field: "prompt", cfg.data.response_field: "response"}
@@ -87,7 +91,7 @@ def run_sft(cfg) -> dict:
     def run_step(state, step):
         host = stream.batch(step)
         state, metrics = step_fn(state, shard_batch(host, mesh))
-        return state, metrics, int(host["attention_mask"].sum())
+        return state, metrics, process_sum(int(host["attention_mask"].sum()))  # global tokens
 
     evaluate = None
     if eval_records:
@@ -95,12 +99,20 @@ def run_sft(cfg) -> dict:
         eval_stream = BatchStream(eval_rows, cfg.train.batch_size, shuffle=False)
         n_batches = min(cfg.train.eval_batches, max(1, int(np.ceil(eval_stream.steps_per_epoch))))
 
+        accuracy_items = synthetic_eval_problems(cfg)
+
         def evaluate(state):
             total, count = 0.0, 0.0
             for i in range(n_batches):
                 loss_sum, denom, _ = eval_fn(state["params"], shard_batch(eval_stream.batch(i), mesh))
                 total, count = total + float(loss_sum), count + float(denom)
-            return {"eval_loss": total / max(count, 1.0)}
+            out = {"eval_loss": total / max(count, 1.0)}
+            if accuracy_items:
+                out["accuracy"] = verifiable_accuracy(
+                    trainer.model(state), tokenizer, accuracy_items, ExactMatchVerifier(),
+                    max_prompt_length=cfg.grpo.max_prompt_length, max_new_tokens=cfg.grpo.max_new_tokens,
+                    chat_template=cfg.data.chat_template, mesh=mesh)
+            return out
 
     result = train_loop(cfg=cfg, state=state, abstract_state=abstract_state, run_step=run_step,
                         evaluate=evaluate, desc="sft")
@@ -108,4 +120,18 @@ def run_sft(cfg) -> dict:
                         preempted=result.preempted, train_examples=len(train_records),
                         **{f"data/{k}": v for k, v in train_stats.items()})
     write_summary(cfg, summary)
+    if not result.preempted:
+        params = fetch_global(result.state["params"])  # collective: every process takes part
+        if jax.process_index() == 0:
+            save_model(trainer.model(params), run_dir / "hf", tokenizer=tokenizer)
     return summary
+
+
+def synthetic_eval_problems(cfg) -> list:
+    """Held-out problems of a synthetic verifiable training task (for greedy `accuracy`), else []."""
+    from jaxrl_rm.data import synthetic
+
+    task = synthetic.parse_source(cfg.data.train)
+    if task is None or task not in synthetic.TASKS:
+        return []
+    return synthetic.TASKS[task](cfg.grpo.eval_size, seed=cfg.seed, split="eval")

@@ -52,15 +52,24 @@ def _load_items_from_file(path: str, task) -> list[PromptItem]:
                        reference=r.reference, id=r.id) for r in records]
 
 
-def allocate(batch: int, ratios: list[float]) -> list[int]:
-    """Split `batch` into integer counts proportional to `ratios` (largest remainder, ties to the
-    earlier task)."""
+def allocate(batch: int, ratios: list[float], credit: list[float] | None = None) -> list[int]:
+    """Split `batch` into integer counts proportional to `ratios`.
+
+    Largest remainder on `batch * share + credit`, where `credit` carries each task's rounding
+    debt from earlier batches (updated in place): over many batches every task gets exactly its
+    share, even when one batch cannot (10 prompts at 2:1:1)."""
     total = sum(ratios)
-    exact = [batch * r / total for r in ratios]
-    counts = [int(np.floor(e)) for e in exact]
+    credit = credit if credit is not None else [0.0] * len(ratios)
+    exact = [batch * r / total + c for r, c in zip(ratios, credit)]
+    counts = [max(int(np.floor(e)), 0) for e in exact]
     order = sorted(range(len(ratios)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in order[: batch - sum(counts)]:
+    for i in order[: max(batch - sum(counts), 0)]:
         counts[i] += 1
+    while sum(counts) > batch:  # credits can overshoot by rounding: trim the smallest remainders
+        i = max((k for k in range(len(counts)) if counts[k] > 0), key=lambda k: counts[k] - exact[k])
+        counts[i] -= 1
+    for i in range(len(ratios)):
+        credit[i] = exact[i] - counts[i]
     return counts
 
 
@@ -72,6 +81,7 @@ class TaskMixer:
         self.items = items
         self.seed = seed
         self.drawn = {t.name: 0 for t in self.tasks}
+        self.credit = {t.name: 0.0 for t in self.tasks}
         for t in self.tasks:
             if not items.get(t.name):
                 raise ValueError(f"grpo.tasks: task {t.name!r} has no prompts (data={t.data!r})")
@@ -86,8 +96,11 @@ class TaskMixer:
     def draw(self, step: int, batch: int) -> list[PromptItem]:
         """Next `batch` items, split over the tasks active at `step` by ratio."""
         active = self.active(step)
+        credit = [self.credit[t.name] for t in active]
+        counts = allocate(batch, [t.ratio for t in active], credit)
+        self.credit.update({t.name: c for t, c in zip(active, credit)})
         out = []
-        for task, count in zip(active, allocate(batch, [t.ratio for t in active])):
+        for task, count in zip(active, counts):
             n = len(self.items[task.name])
             for _ in range(count):
                 k = self.drawn[task.name]
@@ -96,7 +109,8 @@ class TaskMixer:
         return out
 
     def state(self) -> dict:
-        return {"drawn": dict(self.drawn)}
+        return {"drawn": dict(self.drawn), "credit": dict(self.credit)}
 
     def load_state(self, state: dict) -> None:
         self.drawn.update({k: int(v) for k, v in state.get("drawn", {}).items() if k in self.drawn})
+        self.credit.update({k: float(v) for k, v in state.get("credit", {}).items() if k in self.credit})

@@ -113,6 +113,7 @@ class GRPO:
         updates = cfg.train.steps * g.ppo_epochs * g.mini_batches
         self.trainer = Trainer(nnx.split(model)[0], make_optimizer(cfg.optim, max(updates, 1)), self.mesh)
         self.state = self.trainer.init_state(model, cfg.seed)
+        self.current_params = self.state["params"]
         self.abstract_state = abstract_like(self.state)
         self.ref_params = jax.tree.map(jnp.copy, self.state["params"]) if g.kl_coef > 0 else None
         self.eos = [t for t in {self.tokenizer.eos_token_id} if t is not None]
@@ -204,6 +205,7 @@ class GRPO:
         where `live` [b] marks groups that train (False: zero-variance filler when the cap hit).
         """
         g, B = self.g, self.g.prompts_per_step
+        self.current_params = params  # self-judging reward sources (URPO) score with the live policy
         parts, kept, generated, dropped, metrics = [], 0, 0, 0, {}
         for rnd in range(1 + (g.max_sampling_rounds if g.dynamic_sampling else 0)):
             items = self.mixer.draw(step, B)

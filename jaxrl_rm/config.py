@@ -169,7 +169,8 @@ class DistributedConfig:
 class RewardSpec:
     """One reward source of a task; the task's reward is the weighted sum of its sources."""
 
-    #: verifier | exact_match | ranking | bt_rm | polar_rm | judge | self_judge (see jaxrl_rm.rewards.sources).
+    #: verifier | exact_match | ranking | bt_rm | polar_rm | judge | self_judge | score_match (J1 judge
+    #: training; see jaxrl_rm.rewards.sources and jaxrl_rm.rewards.judge_source).
     type: str = "verifier"
     weight: float = 1.0
     #: Model directory for model-backed sources (bt_rm, polar_rm, judge).
@@ -396,10 +397,99 @@ class WarmupConfig:
 
 
 @dataclasses.dataclass
+class JudgeConfig:
+    """J1 judge training (task judge_j1, jaxrl_rm.train.judge): on-policy judgment data, an optional
+    format warm-up, then GRPO of the judge with the score-match reward (RLLM / J1).
+
+    Stage "data": sample `responses_per_prompt` answers per problem from a sampler, label each with
+    the teacher (a verifier against the gold answer), drop duplicates and empty answers, balance the
+    labels, write `<run_dir>/judge_data/{train,eval}.jsonl` (JudgmentExample). Stage "warmup": SFT
+    of the judge on the training judgments so it emits `<think>..</think><score>..</score>`; the
+    warm-up's scores are the teacher label with probability 1 - `warmup_label_noise`, else random,
+    so it teaches the format without (all of) the labels. Stage "rl": GRPO on a `kind: judgment`
+    task with the `score_match` reward; held-out `judge_accuracy` before and after RL goes to the
+    summary (`judge_accuracy_before/_after/_gain`). `grpo.*` sets the RL (its `tasks` are replaced);
+    `model.*` is the architecture of random-init policy / judge models.
+    """
+
+    #: Problems with gold answers: synthetic:<task> or a JSONL of {prompt, answer} (VerifiableProblem).
+    problems: str = "synthetic:reverse"
+    #: Held-out problems (same forms); empty: the held-out synthetic split (a file source needs one).
+    eval_problems: str = ""
+    #: Training / held-out problems to use.
+    num_train_prompts: int = 1024
+    num_eval_prompts: int = 256
+    #: The policy whose answers are judged (HF dir). Empty: SFT one (random init of `model.*`) on `problems`.
+    policy_path: str = ""
+    #: SFT steps / learning rate / batch size of that policy (when `policy_path` is empty).
+    policy_sft_steps: int = 200
+    policy_sft_lr: float = 3.0e-3
+    policy_sft_batch_size: int = 32
+    #: Who answers the training problems: policy (on-policy J1) | corrupt (off-policy: a rule-based
+    #: "other model" writing gold answers with random edits) | an HF model directory (off-policy).
+    train_sampler: str = "policy"
+    #: Who answers the held-out problems (same choices); the judge is measured where it will be used.
+    eval_sampler: str = "policy"
+    #: corrupt sampler: probability that an answer is the unedited gold one.
+    corrupt_p_correct: float = 0.5
+    #: Answers sampled per problem, and their sampling settings.
+    responses_per_prompt: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 8
+    #: Teacher: exact_match | verifier (math-verify) against the gold answer.
+    teacher: Literal["exact_match", "verifier"] = "exact_match"
+    #: Downsample every label to the rarest label's count (per split).
+    balance: bool = True
+    #: Drop repeated (prompt, response) pairs.
+    dedupe: bool = True
+    #: Supplied judgment data (JSONL of {prompt, response, label[, reference]}): skips sampling and labelling.
+    data: str = ""
+    eval_data: str = ""
+    #: Judge template (pointwise formats; see jaxrl_rm.rewards.judges.TEMPLATE_NAMES).
+    template: str = "pointwise_correctness"
+    #: score_match tolerance |predicted - label|.
+    tolerance: float = 0.0
+    #: Judge initialisation: an HF dir | policy (the response policy) | empty (`model.path`, or random init of `model.*`).
+    judge_init: str = ""
+    #: Judge format warm-up SFT steps (0: none), batch size, learning rate.
+    warmup_steps: int = 100
+    warmup_batch_size: int = 32
+    warmup_lr: float = 3.0e-3
+    #: Share of warm-up targets whose score is random instead of the teacher label (1.0: format only).
+    warmup_label_noise: float = 1.0
+    #: Reasoning in warm-up targets: reference (works out the gold answer) | response (restates the
+    #: judged answer) | fixed (a constant sentence).
+    warmup_think: Literal["reference", "response", "fixed"] = "reference"
+    #: Held-out judgments evaluated before / after RL (0: all).
+    eval_size: int = 256
+
+    def validate(self, key="judge"):
+        check(bool(self.problems) or bool(self.data), f"{key}.problems", "must name problems (or set judge.data)")
+        check(self.num_train_prompts > 0, f"{key}.num_train_prompts", "must be > 0")
+        check(self.num_eval_prompts > 0, f"{key}.num_eval_prompts", "must be > 0")
+        check(self.policy_sft_steps >= 0, f"{key}.policy_sft_steps", "must be >= 0")
+        check(self.responses_per_prompt >= 1, f"{key}.responses_per_prompt", "must be >= 1")
+        check(self.temperature > 0, f"{key}.temperature", "must be > 0")
+        check(self.max_new_tokens > 0, f"{key}.max_new_tokens", "must be > 0")
+        check(0 <= self.corrupt_p_correct <= 1, f"{key}.corrupt_p_correct", "must be in [0, 1]")
+        check(self.tolerance >= 0, f"{key}.tolerance", "must be >= 0")
+        check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
+        check(self.warmup_batch_size > 0, f"{key}.warmup_batch_size", "must be > 0")
+        check(0 <= self.warmup_label_noise <= 1, f"{key}.warmup_label_noise", "must be in [0, 1]")
+        check(self.eval_size >= 0, f"{key}.eval_size", "must be >= 0")
+        check(not self.eval_data or bool(self.data), f"{key}.eval_data", "needs judge.data (supplied training judgments) too")
+        from jaxrl_rm.rewards.judges import TEMPLATE_NAMES
+
+        check(self.template in TEMPLATE_NAMES and not self.template.startswith(("pairwise", "listwise")),
+              f"{key}.template", f"must be a pointwise template, one of "
+              f"{[t for t in TEMPLATE_NAMES if t.startswith('pointwise')]}")
+
+
+@dataclasses.dataclass
 class Config:
     #: Which pipeline runs: sft | grpo | rm_bt (Bradley–Terry RM) | polar_pretrain | polar_finetune (POLAR RM)
-    #: | polar_data (POLAR pretraining-data synthesis).
-    task: Literal["sft", "grpo", "rm_bt", "polar_pretrain", "polar_finetune", "polar_data"] = "sft"
+    #: | polar_data (POLAR pretraining-data synthesis) | judge_j1 (J1 judge training, see `judge`).
+    task: Literal["sft", "grpo", "rm_bt", "polar_pretrain", "polar_finetune", "polar_data", "judge_j1"] = "sft"
     #: Output directory (config.yaml, metrics.jsonl, TensorBoard, summary.json, checkpoints/).
     run_dir: str = "runs/default"
     seed: int = 0
@@ -419,6 +509,8 @@ class Config:
     rm: RMConfig = dataclasses.field(default_factory=RMConfig)
     #: POLAR pretraining-data synthesis (task polar_data).
     polar_data: PolarDataConfig = dataclasses.field(default_factory=PolarDataConfig)
+    #: J1 judge training (task judge_j1).
+    judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
 
     def validate(self) -> "Config":
         check(bool(self.run_dir), "run_dir", "must not be empty")

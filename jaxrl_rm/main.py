@@ -14,12 +14,24 @@ import sys
 from jaxrl_rm.configlib import ConfigError, describe
 
 
-def _pipelines():
-    """task name -> runner(cfg) -> summary dict. Imported lazily: `--help` stays fast."""
-    from jaxrl_rm.train.grpo import run_grpo
-    from jaxrl_rm.train.sft import run_sft
+#: task -> "module:function"; a runner takes the Config and returns the summary dict. Imported
+#: only for the task being run, so `--help` and config errors stay fast.
+PIPELINES = {
+    "sft": "jaxrl_rm.train.sft:run_sft",
+    "grpo": "jaxrl_rm.train.grpo:run_grpo",
+    "rm_bt": "jaxrl_rm.train.reward_model:run_reward_model",
+    "polar_pretrain": "jaxrl_rm.train.reward_model:run_reward_model",
+    "polar_finetune": "jaxrl_rm.train.reward_model:run_reward_model",
+    "polar_data": "jaxrl_rm.train.polar_data:run_polar_data",
+    "judge_j1": "jaxrl_rm.train.judge:run_judge_j1",
+}
 
-    return {"sft": run_sft, "grpo": run_grpo}
+
+def pipeline(task: str):
+    import importlib
+
+    module, function = PIPELINES[task].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     maybe_initialize_distributed(cfg.distributed)
     try:
-        summary = _pipelines()[cfg.task](cfg)
+        summary = pipeline(cfg.task)(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -276,3 +276,35 @@ def rm_records(task: str, n: int, *, seed: int, split: str = "train") -> list:
     if task not in RM_TASKS:
         raise ValueError(f"unknown synthetic reward-model task {task!r}; available: {sorted(RM_TASKS)}")
     return RM_TASKS[task][1](n, seed=seed, split=split)
+
+
+# --- Judge-training samplers: a rule-based "other model" for off-policy J1 data -------------------
+def corrupt_answer(answer: str, rng: np.random.Generator, *, alphabet: str = "abcdefgh") -> str:
+    """`answer` with one random edit: substitute, delete, insert a character, or swap two adjacent
+    ones (an edit that changes nothing is retried; the result is never `answer` nor empty)."""
+    for _ in range(32):
+        s = list(answer)
+        op = int(rng.integers(4))
+        i = int(rng.integers(len(s))) if s else 0
+        if op == 0 and s:
+            s[i] = alphabet[int(rng.integers(len(alphabet)))]
+        elif op == 1 and len(s) > 1:
+            del s[i]
+        elif op == 2:
+            s.insert(int(rng.integers(len(s) + 1)), alphabet[int(rng.integers(len(alphabet)))])
+        elif op == 3 and len(s) > 1:
+            j = min(i, len(s) - 2)
+            s[j], s[j + 1] = s[j + 1], s[j]
+        out = "".join(s)
+        if out and out != answer:
+            return out
+    return answer + alphabet[0]
+
+
+def corrupted_responses(problems, n_per_problem: int, *, seed: int, p_correct: float = 0.5,
+                        alphabet: str = "abcdefgh") -> list[list[str]]:
+    """For each problem, `n_per_problem` answers of a synthetic off-policy "model": the gold answer
+    with probability `p_correct`, else `corrupt_answer(gold)`. Deterministic in `seed`."""
+    rng = np.random.default_rng([seed, 29])
+    return [[p.answer if rng.random() < p_correct else corrupt_answer(p.answer, rng, alphabet=alphabet)
+             for _ in range(n_per_problem)] for p in problems]

@@ -22,7 +22,8 @@ from jaxrl_rm.models.config import ModelConfig
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
 
-# A KV cache: one (k, v) pair per layer, each `[B, S, n_kv_heads, head_dim]`.
+# A KV cache: one (k, v) pair per layer, each `[B, n_kv_heads, S, head_dim]` (head-major, so
+# the decode-step write is contiguous and attention needs no transpose of the cache).
 KVCache = list
 
 
@@ -112,8 +113,8 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
         """x `[B, T, D]`, mask `[B, T, S]` bool (query may see key) -> (`[B, T, D]`, new (k, v)).
 
-        With `kv_cache` (k, v each `[B, S, kv, Dh]`), this step's keys/values are written at
-        slots `cache_index .. cache_index+T` and attention runs over all S slots.
+        With `kv_cache` (k, v each `[B, kv, S, Dh]`, head-major), this step's keys/values are
+        written at slots `cache_index .. cache_index+T` and attention runs over all S slots.
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -123,10 +124,7 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            ck, cv = kv_cache
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+            return self._cached(q, k, v, mask, kv_cache, cache_index)
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
@@ -135,6 +133,31 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out), (k, v)
+
+    def _cached(self, q, k, v, mask, kv_cache, cache_index):
+        """Attention over a head-major KV cache (the sampler's decode path).
+
+        q `[B, T, H, Dh]`, k/v `[B, T, kv, Dh]` (this step), cache k/v `[B, kv, S, Dh]`.
+        The cache is laid out so that (a) the write of this step's keys is one contiguous
+        `dynamic_update_slice` per head (in place inside a donated `while_loop` carry) and
+        (b) both attention contractions are batched over (B, kv) with no transpose of the cache.
+        """
+        b, t, _, dh = q.shape
+        kv, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        ck, cv = kv_cache
+        start = (0, 0, cache_index, 0)
+        ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), start)
+        cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), start)
+        # [B, T, kv, g, Dh] -> [B, kv, g*T, Dh]: query rows of one kv head are contiguous.
+        qh = q.reshape(b, t, kv, groups, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * t, dh)
+        scores = jnp.einsum("bkqd,bksd->bkqs", qh, ck.astype(q.dtype),
+                            preferred_element_type=jnp.float32) / math.sqrt(dh)
+        scores = scores.reshape(b, kv, groups, t, -1)
+        scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cv.dtype).reshape(b, kv, groups * t, -1)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, cv)
+        out = out.reshape(b, kv, groups, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, kv * groups * dh)
+        return self.o_proj(out.astype(q.dtype)), (ck, cv)
 
 
 class MLP(nnx.Module):
@@ -262,9 +285,10 @@ class Transformer(nnx.Module):
                                               attention_mask=attention_mask, segment_ids=segment_ids))
 
     def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
-        """Zeroed KV cache for `batch` rows and `length` slots."""
+        """Zeroed KV cache for `batch` rows and `length` slots: per layer (k, v), each
+        `[batch, n_kv_heads, length, head_dim]` in `dtype` (default: the compute dtype)."""
         c = self.config
-        shape = (batch, length, c.num_key_value_heads, c.dim_per_head)
+        shape = (batch, c.num_key_value_heads, length, c.dim_per_head)
         dtype = dtype or self.dtype
         return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_hidden_layers)]
 
@@ -277,7 +301,7 @@ class Transformer(nnx.Module):
         Returns (hidden `[B, T, D]`, updated cache). Query t sees slots `<= cache_index + t`.
         """
         b, t = input_ids.shape
-        s = cache[0][0].shape[1]
+        s = cache[0][0].shape[2]
         slots = jnp.arange(s)[None, None, :]
         query_slot = cache_index + jnp.arange(t)[None, :, None]
         mask = (slots <= query_slot) & kv_mask[:, None, :]

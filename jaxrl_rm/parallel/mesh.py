@@ -49,8 +49,13 @@ def mesh_from_config(cfg) -> Mesh:
 
 
 def maybe_initialize_distributed(cfg) -> bool:
-    """Call `jax.distributed.initialize` when configured (or, with `auto`, when the environment
-    names a coordinator: JAX_COORDINATOR_ADDRESS, or a TPU pod / SLURM job that jax detects).
+    """Call `jax.distributed.initialize` when configured.
+
+    `auto` initialises only when a coordinator is named (`cfg.coordinator_address` or env
+    JAX_COORDINATOR_ADDRESS, as `launch/slurm_gpu.sh` exports; process count and id from the
+    config or JAX_NUM_PROCESSES / JAX_PROCESS_ID). `true` always initialises, leaving what is not
+    given to jax's own cluster detection (TPU pod slices, SLURM, ...; `launch/tpu_vm.sh run`
+    passes it). `false` never does.
 
     `cfg` is a `DistributedConfig`. Returns True when multi-process JAX was initialised.
     """
@@ -69,3 +74,49 @@ def maybe_initialize_distributed(cfg) -> bool:
         kwargs["process_id"] = pid
     jax.distributed.initialize(**kwargs)
     return True
+
+
+def spans_processes(mesh: Mesh | None) -> bool:
+    """True when `mesh` holds devices of more than one process (multi-host)."""
+    return mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
+
+
+def replicate(tree, mesh: Mesh | None):
+    """Make every array in `tree` fully replicated over `mesh` when the mesh spans several
+    processes, so that any process can read it (`np.asarray`) — e.g. sampler outputs whose rows
+    are sharded over hosts. A no-op on a single-process mesh. Collective: every process calls it.
+    """
+    if not spans_processes(mesh):
+        return tree
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    out = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: jax.jit(lambda a: a, out_shardings=out)(x) if isinstance(x, jax.Array) else x,
+                        tree)
+
+
+def fetch_global(tree):
+    """Numpy copies of the *global* values of `tree`'s arrays, on every process (params for an
+    HF export, say). Arrays spread over other processes are all-gathered to host memory
+    (`multihost_utils.process_allgather`), so this is collective when any is; others are copied.
+    """
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x) if isinstance(x, jax.Array) else x
+
+    return jax.tree.map(one, tree)
+
+
+def process_sum(value):
+    """Sum of a host-side number over all processes (e.g. tokens in each host's rows of a
+    global batch). Collective when there are several processes; the number itself otherwise."""
+    if jax.process_count() == 1:
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return type(value)(np.sum(multihost_utils.process_allgather(np.asarray(value))))

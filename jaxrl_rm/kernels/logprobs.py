@@ -1,0 +1,279 @@
+"""`token_logprobs`: the log-prob hot loop of RL post-training, behind one call.
+
+Why this exists: every RL step computes `log softmax(hidden @ lm_head / T)[target]` for every
+token (policy, old policy, reference policy), and the dense way materialises `[N, V]` logits
+several times over under autodiff. All fast implementations here share one differentiable
+primitive, `_stats`, that returns per-token statistics `(lse, z_target[, entropy])` and has a
+`jax.custom_vjp` whose backward recomputes blocks of logits instead of saving any `[N, V]`
+buffer. `logp = z_target - lse`; the entropy is returned as is.
+
+Implementations (`impl=`):
+
+* `"reference"`: dense float32 (`reference.py`), the oracle;
+* `"chunked"`: pure JAX streaming over vocab and token blocks (`chunked.py`); default on CPU;
+* `"pallas"`: Pallas kernels, Mosaic on TPU (`pallas_tpu.py`), Triton on GPU (`pallas_gpu.py`),
+  `interpret=True` on CPU (how the tests run them); default on TPU and GPU;
+* vocab-parallel: `token_logprobs_vocab_parallel` (or `token_logprobs(..., mesh=mesh)`) runs
+  any of the above per vocab shard under `jax.shard_map` and combines the partial statistics
+  across the `tensor` axis.
+
+Old-policy / reference log-probs only run the forward (no residuals are used unless
+differentiated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from jaxrl_rm.kernels import chunked as _chunked
+from jaxrl_rm.kernels._math import vary_like
+from jaxrl_rm.kernels.reference import reference_stats, token_logprobs_reference
+
+IMPLS = ("auto", "reference", "chunked", "pallas")
+# Above this hidden size the Triton kernels (which keep a [block, D] tile per program) would
+# spill registers; `impl="auto"` then uses the chunked XLA path (cuBLAS matmuls) on GPU.
+_GPU_PALLAS_MAX_D = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static (hashable) description of one call; the custom VJP's non-differentiable arg."""
+
+    impl: str  # "chunked" | "pallas"
+    temperature: float
+    with_entropy: bool
+    block_tokens: int | None
+    block_vocab: int | None
+    platform: str  # pallas flavour: "tpu" | "gpu" (ignored by chunked)
+    interpret: bool
+
+
+def _blocks(plan: _Plan) -> dict:
+    return {k: v for k, v in (("block_tokens", plan.block_tokens),
+                              ("block_vocab", plan.block_vocab)) if v is not None}
+
+
+def _forward(plan: _Plan, hidden, lm_head, targets):
+    if plan.impl == "chunked":
+        return _chunked.forward(hidden, lm_head, targets, temperature=plan.temperature,
+                                with_entropy=plan.with_entropy, **_blocks(plan))
+    if plan.platform == "tpu":
+        from jaxrl_rm.kernels import pallas_tpu as mod
+    else:
+        from jaxrl_rm.kernels import pallas_gpu as mod
+    return mod.forward(hidden, lm_head, targets, temperature=plan.temperature,
+                       with_entropy=plan.with_entropy, interpret=plan.interpret, **_blocks(plan))
+
+
+def _backward(plan: _Plan, hidden, lm_head, targets, lse, a, b, c):
+    if plan.impl == "chunked":
+        return _chunked.backward(hidden, lm_head, targets, lse, a, b, c,
+                                 temperature=plan.temperature, **_blocks(plan))
+    if plan.platform == "tpu":
+        from jaxrl_rm.kernels import pallas_tpu as mod
+    else:
+        from jaxrl_rm.kernels import pallas_gpu as mod
+    return mod.backward(hidden, lm_head, targets, lse, a, b, c, temperature=plan.temperature,
+                        interpret=plan.interpret, **_blocks(plan))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _stats(plan: _Plan, hidden, lm_head, targets):
+    """`(lse, z_target)` or `(lse, z_target, entropy)`, each `[N] float32`."""
+    out, _ = _stats_fwd(plan, hidden, lm_head, targets)
+    return out
+
+
+def _stats_fwd(plan, hidden, lm_head, targets):
+    lse, zt, ent = _forward(plan, hidden, lm_head, targets)
+    out = (lse, zt, ent) if plan.with_entropy else (lse, zt)
+    return out, (hidden, lm_head, targets, lse, ent)
+
+
+def _stats_bwd(plan, res, cts):
+    hidden, lm_head, targets, lse, ent = res
+    g_lse, g_zt = cts[0], cts[1]
+    inv_t = jnp.float32(1.0 / plan.temperature)
+    a = g_zt * inv_t
+    if plan.with_entropy:
+        g_ent = cts[2]
+        b = (g_lse - g_ent * ent) * inv_t
+        c = -g_ent * inv_t
+    else:
+        b, c = g_lse * inv_t, None
+    d_hidden, d_lm_head = _backward(plan, hidden, lm_head, targets, lse, a, b, c)
+    return d_hidden, d_lm_head, None
+
+
+_stats.defvjp(_stats_fwd, _stats_bwd)
+
+
+def _check_shapes(hidden, lm_head, targets):
+    if hidden.ndim != 2 or lm_head.ndim != 2 or targets.ndim != 1:
+        raise ValueError(
+            f"token_logprobs expects hidden [N, D], lm_head [D, V], targets [N]; got "
+            f"{hidden.shape}, {lm_head.shape}, {targets.shape} (flatten [B, T] to [B*T] first)")
+    if hidden.shape[1] != lm_head.shape[0]:
+        raise ValueError(f"hidden [N, D={hidden.shape[1]}] does not match lm_head "
+                         f"[D={lm_head.shape[0]}, V]")
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"targets has {targets.shape[0]} tokens, hidden has {hidden.shape[0]}")
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise ValueError(f"targets must be integers, got {targets.dtype}")
+
+
+def _resolve(impl: str, d: int, pallas_platform: str | None, interpret: bool | None):
+    """`impl="auto"` -> concrete impl by backend; the Pallas flavour and interpret mode."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+    backend = jax.default_backend()
+    if impl == "auto":
+        if backend == "tpu" or (backend == "gpu" and d <= _GPU_PALLAS_MAX_D):
+            impl = "pallas"
+        else:
+            impl = "chunked"
+    platform = pallas_platform or ("gpu" if backend == "gpu" else "tpu")
+    if platform not in ("tpu", "gpu"):
+        raise ValueError(f"pallas_platform={platform!r}; expected 'tpu' or 'gpu'")
+    if interpret is None:
+        interpret = backend != platform
+    return impl, platform, interpret
+
+
+def token_logprobs(hidden, lm_head, targets, *, temperature: float = 1.0,
+                   with_entropy: bool = False, impl: str = "auto",
+                   block_tokens: int | None = None, block_vocab: int | None = None,
+                   pallas_platform: str | None = None, interpret: bool | None = None,
+                   mesh: jax.sharding.Mesh | None = None, vocab_axis: str = "tensor",
+                   token_axes: Sequence[str] = ("data", "fsdp")):
+    """Log-probability of each target token (and the entropy) under `softmax(h @ W / T)`.
+
+    Args:
+      hidden: `[N, D]` float32 or bf16 final hidden states (flatten `[B, T, D]` first).
+      lm_head: `[D, V]` same dtype family; the unembedding.
+      targets: `[N] int32` token ids; an id outside `[0, V)` matches no column (logit 0).
+      temperature: logits are `hidden @ lm_head / temperature` (static Python float).
+      with_entropy: also return the entropy of the temperature-scaled softmax.
+      impl: `"auto"` (Pallas on TPU/GPU, chunked on CPU), `"reference"`, `"chunked"`,
+        `"pallas"` (interpret mode on CPU).
+      block_tokens, block_vocab: block sizes; None picks the implementation's default.
+      pallas_platform: `"tpu"` (Mosaic) or `"gpu"` (Triton) kernels; None = current backend
+        (the Mosaic kernels on CPU).
+      interpret: run Pallas kernels in interpret mode; None = when the backend is not the
+        kernels' platform (e.g. on CPU).
+      mesh: if given and its `vocab_axis` has size > 1, run vocab-parallel under
+        `jax.shard_map` (`lm_head` sharded over `vocab_axis`, tokens over `token_axes`).
+
+    Returns:
+      `logp: [N] float32`, or `(logp, entropy)` both `[N] float32`. Differentiable w.r.t.
+      `hidden` and `lm_head` (both outputs); float32 accumulation throughout.
+    """
+    _check_shapes(hidden, lm_head, targets)
+    if mesh is not None and mesh.shape.get(vocab_axis, 1) > 1:
+        return token_logprobs_vocab_parallel(
+            hidden, lm_head, targets, mesh=mesh, temperature=temperature,
+            with_entropy=with_entropy, impl=impl, block_tokens=block_tokens,
+            block_vocab=block_vocab, pallas_platform=pallas_platform, interpret=interpret,
+            vocab_axis=vocab_axis, token_axes=token_axes)
+    if impl == "reference":
+        return token_logprobs_reference(hidden, lm_head, targets, temperature=temperature,
+                                        with_entropy=with_entropy)
+    lse, zt, ent = _local_stats(hidden, lm_head, targets, temperature=temperature,
+                                with_entropy=with_entropy, impl=impl,
+                                block_tokens=block_tokens, block_vocab=block_vocab,
+                                pallas_platform=pallas_platform, interpret=interpret)
+    logp = zt - lse
+    return (logp, ent) if with_entropy else logp
+
+
+def _local_stats(hidden, lm_head, targets, *, temperature, with_entropy, impl, block_tokens,
+                 block_vocab, pallas_platform, interpret):
+    """`(lse, z_target, entropy or None)` of the local vocab, `[N] float32` each."""
+    if impl == "reference":  # dense, differentiated by plain autodiff
+        return reference_stats(hidden, lm_head, targets, temperature=temperature,
+                               with_entropy=with_entropy)
+    impl, platform, interpret = _resolve(impl, hidden.shape[1], pallas_platform, interpret)
+    plan = _Plan(impl=impl, temperature=float(temperature), with_entropy=bool(with_entropy),
+                 block_tokens=block_tokens, block_vocab=block_vocab, platform=platform,
+                 interpret=bool(interpret))
+    # Under shard_map, give all operands the same varying axes before the custom VJP (it does
+    # not insert the casts itself); the cast's transpose is the psum of d_hidden over shards.
+    args = (hidden, lm_head, targets.astype(jnp.int32))
+    out = _stats(plan, *(vary_like(x, *args) for x in args))
+    return (out[0], out[1], out[2] if with_entropy else None)
+
+
+def token_logprobs_vocab_parallel(hidden, lm_head, targets, *, mesh: jax.sharding.Mesh,
+                                  temperature: float = 1.0, with_entropy: bool = False,
+                                  impl: str = "auto", block_tokens: int | None = None,
+                                  block_vocab: int | None = None,
+                                  pallas_platform: str | None = None,
+                                  interpret: bool | None = None, vocab_axis: str = "tensor",
+                                  token_axes: Sequence[str] = ("data", "fsdp")):
+    """`token_logprobs` with `lm_head` sharded over the vocab (`mesh` axis `vocab_axis`).
+
+    Each shard computes `(lse_k, z_target_k, H_k)` of its vocab slice with any implementation;
+    shards are combined with `pmax`/`psum` over `vocab_axis`:
+    `lse = m + log sum_k exp(lse_k - m)`, `z_target = sum_k z_target_k` (the target lives in
+    one shard), `H = sum_k a_k (H_k - log a_k)` with `a_k = exp(lse_k - lse)`. Gradients flow
+    through the collectives (the custom VJP runs per shard). Tokens are additionally split
+    over those of `token_axes` that the mesh has.
+
+    Args:
+      hidden: `[N, D]`; lm_head: `[D, V]`, `V` divisible by the `vocab_axis` size;
+      targets: `[N] int32`; `N` divisible by the product of the token axes' sizes.
+      mesh: a `jax.sharding.Mesh` (axes `data`, `fsdp`, `tensor`, `AxisType.Auto`).
+      Other args as `token_logprobs`.
+
+    Returns:
+      `logp: [N] float32` or `(logp, entropy)`, sharded over the token axes.
+    """
+    _check_shapes(hidden, lm_head, targets)
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+    if vocab_axis not in mesh.shape:
+        raise ValueError(f"mesh axes {tuple(mesh.shape)} have no vocab axis {vocab_axis!r}")
+    tp = mesh.shape[vocab_axis]
+    v = lm_head.shape[1]
+    if v % tp:
+        raise ValueError(f"vocab size {v} is not divisible by the {vocab_axis!r} axis size {tp}; "
+                         "pad lm_head's vocab to a multiple (padded columns need a -inf bias, "
+                         "so pad upstream where the model owns the head)")
+    tok_axes = tuple(ax for ax in token_axes if ax in mesh.shape and mesh.shape[ax] > 1)
+    n_tok_shards = 1
+    for ax in tok_axes:
+        n_tok_shards *= mesh.shape[ax]
+    if hidden.shape[0] % n_tok_shards:
+        raise ValueError(f"{hidden.shape[0]} tokens are not divisible over token axes "
+                         f"{tok_axes} of total size {n_tok_shards}")
+    tok_spec = tok_axes if tok_axes else None
+    v_local = v // tp
+
+    def local(h, w, t):
+        offset = lax.axis_index(vocab_axis) * v_local
+        lse_k, zt_k, ent_k = _local_stats(
+            h, w, t.astype(jnp.int32) - offset, temperature=temperature,
+            with_entropy=with_entropy, impl=impl, block_tokens=block_tokens,
+            block_vocab=block_vocab, pallas_platform=pallas_platform, interpret=interpret)
+        m = lax.pmax(lax.stop_gradient(lse_k), vocab_axis)  # any m is exact; this one is safe
+        lse = m + jnp.log(lax.psum(jnp.exp(lse_k - m), vocab_axis))
+        logp = lax.psum(zt_k, vocab_axis) - lse
+        if not with_entropy:
+            return logp
+        log_a = lse_k - lse  # log of the shard's probability mass
+        ent = lax.psum(jnp.exp(log_a) * (ent_k - log_a), vocab_axis)
+        return logp, ent
+
+    out_spec = P(tok_spec)
+    fn = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(P(tok_spec, None), P(None, vocab_axis), P(tok_spec)),
+        out_specs=(out_spec, out_spec) if with_entropy else out_spec)
+    return fn(hidden, lm_head, targets)

@@ -1,0 +1,503 @@
+r"""Generative judges as reward sources: RLLM's LM-as-RM, URPO's self-rewarding, and J1's judge reward.
+
+Three reward types register here (``grpo.tasks[].rewards[].type``):
+
+``judge``
+    A separate judge model: ``path`` is an HF directory (weights + tokenizer), e.g. the ``hf/``
+    export of a ``judge_j1`` run. The judge scores the policy's G rollouts of each prompt.
+``self_judge``
+    URPO (Sec. 3.2.2): the *live* GRPO policy judges its own rollouts (``ctx["grpo"]``'s
+    ``current_params``, updated every step). Default mode ``listwise`` with URPO's template.
+``score_match``
+    J1 / RLLM judge training: the policy *is* the judge (task kind ``judgment``); each rollout is
+    a judgment ``<think>…</think><score>x</score>`` of ``item.responses[0]``, parsed with the
+    task's template; reward 1 when the score equals ``item.label`` (a bool label maps to the
+    template's max / min score, i.e. 1 / 0 for ``pointwise_correctness``; ``tolerance`` allows
+    a numeric gap), else 0; invalid → ``invalid_reward`` (0). Master-key / empty / reasoning-free
+    judge outputs are invalid (the parsers' guards) and counted in ``guard_report()``.
+
+Modes of ``judge`` / ``self_judge`` (``options.mode``), for one group of G rollouts, k =
+``options.num_judgments`` judge samples per judge prompt:
+
+============  =========================================  ==============================  ========================
+mode          judge prompts per group ("calls")          template (default)              reward of rollout i
+============  =========================================  ==============================  ========================
+``pointwise`` G (each rollout alone)                     ``pointwise`` (0–10)            mean of its k normalised scores
+``pairwise``  G(G−1): every ordered pair (i, j), i ≠ j   ``pairwise`` (``[[A]]``/``[[B]]``)  win rate over all its comparisons
+``pivot``     2(G−1): (i, p) and (p, i) for a random     ``pairwise``                    win rate vs the pivot (the pivot:
+              pivot rollout p (seeded)                                                   its win rate vs all others)
+``listwise``  1 (all G in one prompt), or with           ``listwise`` (URPO ``\boxed{}``)  mean of its normalised scores
+              ``subset_size`` s < G: ⌈G/s⌉ per round,
+              ``subset_rounds`` rounds of random subsets
+============  =========================================  ==============================  ========================
+
+Scores are normalised to [0, 1]: ``(s − min_score) / (max_score − min_score)`` of the template.
+Pairwise outcomes: a win 1, a loss 0, a tie (``pairwise_scores`` with equal scores) ``tie_reward``
+(0.5), an invalid verdict ``invalid_verdict`` (0.5, neutral) for both sides. Pointwise / listwise:
+the mean over the *valid* samples; a rollout with none gets ``invalid_reward`` (0).
+
+Guards (``options.guards``, on by default; see :mod:`.guards`): a judged rollout that is empty, a
+master key (``":"``, ``"Thought process:"``…), a repetition or a prompt echo is never shown to the
+judge: its reward is 0, and in pairwise modes every comparison with it is won by the other side
+(no call). Counts are in ``guard_report()`` (the run summary's ``reward_guard``).
+
+Metrics (prefixed by the source name): ``judge_calls`` (judge prompts this step),
+``judge_samples`` (calls × k), ``calls_per_group``, ``invalid_rate`` (invalid parses / samples),
+``position_bias_rate`` (pairwise modes: of the pairs judged in both orders with two valid
+non-tie verdicts, the fraction whose winner flips with the order), ``mean_score`` (mean
+normalised score / win rate of the valid judgments), ``guarded_rate``.
+
+All judge prompts of a step go through :class:`TextJudge`: one ``generate`` call per
+``batch_size`` prompts (jitted, bucketed; prompts keep their *tail* when longer than
+``max_prompt_length``). Sampling seeds and pivots are a pure function of (seed, the step's
+prompts and rollouts), so a resumed run judges identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from jaxrl_rm.rewards.guards import GuardConfig, GuardCounter, check_text
+from jaxrl_rm.rewards.judges import JudgeTemplate, get_template
+from jaxrl_rm.rewards.judgment import score_match_reward
+from jaxrl_rm.rewards.parsers import ParseResult, verdict_from_scores
+from jaxrl_rm.rewards.sources import Rollouts, register
+
+MODES: tuple[str, ...] = ("pointwise", "pairwise", "pivot", "listwise")
+DEFAULT_TEMPLATES = {"pointwise": "pointwise", "pairwise": "pairwise", "pivot": "pairwise", "listwise": "listwise"}
+_MODE_FORMATS = {
+    "pointwise": ("pointwise",),
+    "pairwise": ("pairwise", "pairwise_scores"),
+    "pivot": ("pairwise", "pairwise_scores"),
+    "listwise": ("listwise", "listwise_tags"),
+}
+
+
+# ============================================================================ helpers
+
+
+def prompt_as_text(prompt: Any) -> str:
+    """A prompt for a judge template's ``{prompt}``: strings as they are; a chat message list as
+    ``role: content`` lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in prompt)
+
+
+def content_seed(seed: int, *parts: Any) -> int:
+    """A 31-bit seed from ``seed`` and content (stable across processes and runs)."""
+    h = hashlib.blake2b(repr((seed,) + parts).encode("utf-8", "surrogatepass"), digest_size=4).digest()
+    return int.from_bytes(h, "little") & 0x7FFFFFFF
+
+
+def label_score(label: Any, template: JudgeTemplate) -> float:
+    """Teacher label -> target score: ``True``/``False`` -> the template's max / min score; numbers as they are."""
+    if isinstance(label, (bool, np.bool_)):
+        return float(template.max_score if label else template.min_score)
+    return float(label)
+
+
+def normalise(score: float, template: JudgeTemplate) -> float:
+    """Score in [min_score, max_score] -> [0, 1]."""
+    span = template.max_score - template.min_score
+    return 0.5 if span <= 0 else float((score - template.min_score) / span)
+
+
+def guard_config(value: Any) -> GuardConfig | None:
+    """``options.guards``: true (defaults) | false (off) | a dict of GuardConfig fields."""
+    if value is None or value is True:
+        return GuardConfig()
+    if value is False:
+        return None
+    if isinstance(value, dict):
+        kw = dict(value)
+        if "extra_master_keys" in kw:
+            kw["extra_master_keys"] = tuple(kw["extra_master_keys"])
+        return GuardConfig(**kw)
+    if isinstance(value, GuardConfig):
+        return value
+    raise ValueError(f"judge option guards must be true, false or a dict of GuardConfig fields, got {value!r}")
+
+
+def pairwise_outcome(result: ParseResult) -> float | None:
+    """Outcome for response A of one pairwise judgment: 1 (A wins), 0 (B wins), 0.5 (tie), None (invalid)."""
+    if result.valid and isinstance(result.value, tuple):
+        v = verdict_from_scores(result)
+        if v.valid:
+            return 1.0 if v.value == "A" else 0.0
+        return 0.5 if v.reason == "tie" else None
+    if result.valid:
+        if result.value == "A":
+            return 1.0
+        if result.value == "B":
+            return 0.0
+        return 0.5  # an extra verdict label (e.g. "C" for a tie)
+    return None
+
+
+# ============================================================================ generation
+
+
+class TextJudge:
+    """Samples judge outputs for rendered judge prompts with a language model.
+
+    model_fn: () -> `Transformer` (called once per batch of prompts, so a self-judge sees the
+      current policy weights). Prompts are token-encoded, keep their last `max_prompt_length`
+      tokens, and go through `jaxrl_rm.sampling.generate` in chunks of `batch_size` prompts
+      (one jitted, bucketed call each). Stops at the tokenizer's eos.
+
+    `judge.generate(texts, num_samples=k, seed=s)` -> `[len(texts)][k]` decoded outputs;
+    `judge(texts)` -> one output per text (the protocol `jaxrl_rm.eval.judge` uses).
+    """
+
+    def __init__(self, model_fn: Callable[[], Any], tokenizer, *, max_prompt_length: int = 1024,
+                 max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 greedy: bool = False, batch_size: int = 64, mesh=None, seed: int = 0):
+        self.model_fn, self.tokenizer = model_fn, tokenizer
+        self.max_prompt_length, self.max_new_tokens = int(max_prompt_length), int(max_new_tokens)
+        self.temperature, self.top_p, self.top_k, self.greedy = float(temperature), float(top_p), int(top_k), bool(greedy)
+        self.batch_size, self.mesh, self.seed = max(int(batch_size), 1), mesh, int(seed)
+        self.eos = [t for t in {tokenizer.eos_token_id} if t is not None]
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.generate_calls = 0
+
+    def generate(self, texts: Sequence[str], *, num_samples: int = 1, seed: int | None = None) -> list[list[str]]:
+        from jaxrl_rm.data.pipeline import encode
+        from jaxrl_rm.sampling import generate
+
+        if not texts:
+            return []
+        seed = self.seed if seed is None else int(seed)
+        model = self.model_fn()
+        out: list[list[str]] = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = [encode(self.tokenizer, t)[-self.max_prompt_length:] or [self.pad]
+                     for t in texts[start:start + self.batch_size]]
+            res = generate(model, chunk, num_samples=num_samples, max_new_tokens=self.max_new_tokens,
+                           temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                           stop_token_ids=self.eos, seed=content_seed(seed, start), greedy=self.greedy,
+                           mesh=self.mesh, max_prompt_len=self.max_prompt_length, truncate_prompt="left",
+                           pad_id=self.pad)
+            self.generate_calls += 1
+            tokens, mask = np.asarray(res.tokens), np.asarray(res.mask)
+            decoded = self.tokenizer.batch_decode([row[m] for row, m in zip(tokens, mask)], skip_special_tokens=True)
+            out += [decoded[i * num_samples:(i + 1) * num_samples] for i in range(len(chunk))]
+        return out
+
+    def __call__(self, texts: Sequence[str]) -> list[str]:
+        return [o[0] for o in self.generate(texts, num_samples=1)]
+
+
+# ============================================================================ judge reward source
+
+
+@dataclasses.dataclass
+class _Request:
+    group: int
+    members: tuple[int, ...]  # rollout indices in the order shown (1 for pointwise, 2 for pairwise, n for listwise)
+    text: str
+
+
+class JudgeSource:
+    """Rewards `[B, G]` from a generative judge (see module docstring for modes and options).
+
+    judge: a callable with ``generate(texts, num_samples=, seed=)`` (a :class:`TextJudge`, or a
+      scripted stand-in in tests). tokenizer: renders templates through its chat template
+      (None: plain text).
+    """
+
+    def __init__(self, judge, tokenizer=None, *, name: str = "judge", mode: str = "pointwise",
+                 template: str | JudgeTemplate | None = None, template_options: dict | None = None,
+                 num_judgments: int = 1, subset_size: int = 0, subset_rounds: int = 1, shuffle: bool = False,
+                 use_reference: bool = False, tie_reward: float = 0.5, invalid_verdict: float = 0.5,
+                 invalid_reward: float = 0.0, guards: Any = True, chat_template: bool = True, seed: int = 0):
+        if mode not in MODES:
+            raise ValueError(f"judge option mode must be one of {list(MODES)}, got {mode!r}")
+        if num_judgments < 1:
+            raise ValueError(f"judge option num_judgments must be >= 1, got {num_judgments}")
+        if subset_size < 0 or subset_size == 1:
+            raise ValueError(f"judge option subset_size must be 0 (all G) or >= 2, got {subset_size}")
+        if subset_rounds < 1:
+            raise ValueError(f"judge option subset_rounds must be >= 1, got {subset_rounds}")
+        if isinstance(template, JudgeTemplate):
+            tpl = template
+        else:
+            name_ = template or DEFAULT_TEMPLATES[mode]
+            if use_reference and not name_.endswith("_ref"):
+                name_ += "_ref"
+            tpl = get_template(name_, **(template_options or {}))
+        if tpl.format not in _MODE_FORMATS[mode]:
+            raise ValueError(f"judge mode {mode!r} needs a template of format {list(_MODE_FORMATS[mode])}, "
+                             f"got {tpl.name!r} ({tpl.format})")
+        self.judge, self.tokenizer, self.name, self.mode, self.template = judge, tokenizer, name, mode, tpl
+        self.k, self.subset_size, self.subset_rounds, self.shuffle = int(num_judgments), int(subset_size), int(subset_rounds), bool(shuffle)
+        self.tie_reward, self.invalid_verdict, self.invalid_reward = float(tie_reward), float(invalid_verdict), float(invalid_reward)
+        self.guards = guard_config(guards)
+        self.chat_template, self.seed = chat_template, int(seed)
+        self.counter = GuardCounter()
+        self.total_calls = 0
+
+    # ------------------------------------------------------------------ rendering
+    def render(self, item, **fields) -> str:
+        extra = {}
+        if self.template.uses_reference:
+            if item.reference is None:
+                raise ValueError(f"judge template {self.template.name!r} shows a reference answer but item "
+                                 f"{item.id!r} has none")
+            extra["reference"] = item.reference
+        tok = self.tokenizer if self.chat_template else None
+        return self.template.render(tok, prompt=prompt_as_text(item.prompt), **fields, **extra)
+
+    def _requests(self, rollouts: Rollouts, ok: np.ndarray, rng_seed: int) -> list[_Request]:
+        b, g = rollouts.shape
+        reqs: list[_Request] = []
+        for i, item in enumerate(rollouts.items):
+            resp = rollouts.completions[i]
+            live = [j for j in range(g) if ok[i, j]]
+            rng = np.random.default_rng([rng_seed, i])
+            if self.mode == "pointwise":
+                reqs += [_Request(i, (j,), self.render(item, response=resp[j])) for j in live]
+            elif self.mode in ("pairwise", "pivot"):
+                if self.mode == "pairwise":
+                    pairs = [(a, c) for a in live for c in live if a != c]
+                else:
+                    pairs = []
+                    if len(live) >= 2:
+                        p = live[int(rng.integers(len(live)))]
+                        for x in live:
+                            if x != p:
+                                pairs += [(x, p), (p, x)]
+                reqs += [_Request(i, (a, c), self.render(item, response_a=resp[a], response_b=resp[c]))
+                         for a, c in pairs]
+            else:
+                if not live:
+                    continue
+                size = self.subset_size if 0 < self.subset_size < len(live) else len(live)
+                rounds = self.subset_rounds if size < len(live) else 1
+                for _ in range(rounds):
+                    order = list(rng.permutation(live)) if (size < len(live) or self.shuffle) else list(live)
+                    for s in range(0, len(order), size):
+                        members = tuple(int(x) for x in order[s:s + size])
+                        reqs.append(_Request(i, members, self.render(item, responses=[resp[m] for m in members])))
+        return reqs
+
+    # ------------------------------------------------------------------ scoring
+    def __call__(self, rollouts: Rollouts) -> tuple[np.ndarray, dict]:
+        b, g = rollouts.shape
+        ok = np.ones((b, g), bool)
+        if self.guards is not None:
+            for i, item in enumerate(rollouts.items):
+                q = prompt_as_text(item.prompt)
+                for j, text in enumerate(rollouts.completions[i]):
+                    reason = check_text(text, q, self.guards)
+                    if reason is not None:
+                        ok[i, j] = False
+                        self.counter.add(reason)
+        seed = content_seed(self.seed, rollouts.prompt_texts, rollouts.completions)
+        reqs = self._requests(rollouts, ok, seed)
+        outputs = self.judge.generate([r.text for r in reqs], num_samples=self.k, seed=seed) if reqs else []
+        self.total_calls += len(reqs)
+        n_samples = len(reqs) * self.k
+        results = [[self._parse(o, len(r.members)) for o in outs] for r, outs in zip(reqs, outputs)]
+        invalid = sum(not res.valid for rs in results for res in rs)
+        self.counter.update(res for rs in results for res in rs)
+
+        # per-rollout lists of reward entries
+        entries: list[list[list[float]]] = [[[] for _ in range(g)] for _ in range(b)]
+        valid_scores: list[float] = []
+        bias_flips, bias_pairs = 0, 0
+        if self.mode in ("pairwise", "pivot"):
+            outcome: dict[tuple[int, int, int], list[float | None]] = {}
+            for r, rs in zip(reqs, results):
+                a, c = r.members
+                outs = [pairwise_outcome(res) for res in rs]
+                outcome[(r.group, a, c)] = outs
+                for o in outs:
+                    oa = self.invalid_verdict if o is None else (self.tie_reward if o == 0.5 else o)
+                    oc = self.invalid_verdict if o is None else (self.tie_reward if o == 0.5 else 1.0 - o)
+                    entries[r.group][a].append(oa)
+                    entries[r.group][c].append(oc)
+                    if o is not None:
+                        valid_scores += [oa, oc]
+            for (grp, a, c), outs in outcome.items():
+                if a < c and (grp, c, a) in outcome:
+                    for o1, o2 in zip(outs, outcome[(grp, c, a)]):
+                        if o1 is None or o2 is None or o1 == 0.5 or o2 == 0.5:
+                            continue
+                        bias_pairs += 1
+                        bias_flips += int((o1 == 1.0) != (o2 == 0.0))  # a's win in (a, c) vs a's win in (c, a)
+            # comparisons with a guarded rollout: the other side wins (no judge call)
+            for i in range(b):
+                for j in range(g):
+                    if ok[i, j]:
+                        continue
+                    for x in range(g):
+                        if x != j and ok[i, x] and self.mode == "pairwise":
+                            entries[i][x] += [1.0, 1.0]
+            rewards = np.full((b, g), self.invalid_verdict, np.float32)
+            for i in range(b):
+                for j in range(g):
+                    if entries[i][j]:
+                        rewards[i, j] = float(np.mean(entries[i][j]))
+        else:
+            for r, rs in zip(reqs, results):
+                for res in rs:
+                    if not res.valid:
+                        continue
+                    vals = (res.value,) if self.mode == "pointwise" else tuple(res.value)
+                    for m, v in zip(r.members, vals):
+                        s = normalise(float(v), self.template)
+                        entries[r.group][m].append(s)
+                        valid_scores.append(s)
+            rewards = np.full((b, g), self.invalid_reward, np.float32)
+            for i in range(b):
+                for j in range(g):
+                    if entries[i][j]:
+                        rewards[i, j] = float(np.mean(entries[i][j]))
+        rewards[~ok] = 0.0  # guarded rollouts earn nothing, whatever the judge would say
+        metrics = {
+            "judge_calls": float(len(reqs)),
+            "judge_samples": float(n_samples),
+            "calls_per_group": len(reqs) / max(b, 1),
+            "invalid_rate": invalid / max(n_samples, 1),
+            "mean_score": float(np.mean(valid_scores)) if valid_scores else 0.0,
+            "guarded_rate": float((~ok).mean()) if ok.size else 0.0,
+        }
+        if self.mode in ("pairwise", "pivot"):
+            metrics["position_bias_rate"] = bias_flips / bias_pairs if bias_pairs else 0.0
+            metrics["position_pairs"] = float(bias_pairs)
+        return rewards, metrics
+
+    def _parse(self, text: str, n: int) -> ParseResult:
+        return self.template.parse(text, n if self.template.format.startswith("listwise") else None)
+
+    def guard_report(self) -> dict[str, int]:
+        return self.counter.report()
+
+
+# ============================================================================ J1 score-match source
+
+
+class ScoreMatchSource:
+    """J1 judge-training reward for ``kind: judgment`` tasks (see module docstring).
+
+    The template is ``options.template``, else the task's ``options.template`` (looked up by
+    ``item.task`` in ``tasks``), else ``pointwise_correctness``. Only pointwise formats.
+    """
+
+    def __init__(self, *, name: str = "score_match", template: str | None = None, tolerance: float = 0.0,
+                 invalid_reward: float = 0.0, tasks: dict | None = None):
+        self.name, self.template_name, self.tolerance = name, template, float(tolerance)
+        self.invalid_reward, self.tasks = float(invalid_reward), tasks or {}
+        self.counter = GuardCounter()
+        self._templates: dict[str, JudgeTemplate] = {}
+
+    def template_for(self, task: str) -> JudgeTemplate:
+        if task not in self._templates:
+            spec = self.tasks.get(task)
+            name = self.template_name or (spec.options.get("template") if spec is not None else None) \
+                or "pointwise_correctness"
+            tpl = get_template(name)
+            if tpl.format != "pointwise":
+                raise ValueError(f"score_match: template {name!r} has format {tpl.format!r}; only pointwise "
+                                 "judgments (a <score> per response) can be matched against a label")
+            self._templates[task] = tpl
+        return self._templates[task]
+
+    def __call__(self, rollouts: Rollouts) -> tuple[np.ndarray, dict]:
+        b, g = rollouts.shape
+        rewards = np.zeros((b, g), np.float32)
+        invalid, predicted = 0, []
+        for i, item in enumerate(rollouts.items):
+            if item.label is None:
+                raise ValueError(f"score_match reward needs a teacher label; item {item.id!r} of task "
+                                 f"{item.task!r} has none (task kind 'judgment' with a 'label' field)")
+            tpl = self.template_for(item.task)
+            target = label_score(item.label, tpl)
+            results = [tpl.parse(text) for text in rollouts.completions[i]]
+            invalid += sum(not r.valid for r in results)
+            predicted += [float(r.value) for r in results if r.valid]
+            rewards[i] = score_match_reward(results, [target] * g, tolerance=self.tolerance,
+                                            invalid_reward=self.invalid_reward, counter=self.counter)
+        metrics = {"accuracy": float((rewards >= 1.0).mean()) if rewards.size else 0.0,
+                   "invalid_rate": invalid / max(b * g, 1),
+                   "mean_score": float(np.mean(predicted)) if predicted else 0.0}
+        return rewards, metrics
+
+    def guard_report(self) -> dict[str, int]:
+        return self.counter.report()
+
+
+# ============================================================================ factories
+
+
+_JUDGE_KEYS = ("name", "mode", "template", "template_options", "num_judgments", "subset_size", "subset_rounds",
+               "shuffle", "use_reference", "tie_reward", "invalid_verdict", "invalid_reward", "guards",
+               "chat_template", "seed")
+_GEN_KEYS = ("max_prompt_length", "max_new_tokens", "temperature", "top_p", "top_k", "greedy", "batch_size")
+
+
+def _split_options(kind: str, options: dict) -> tuple[dict, dict]:
+    unknown = sorted(set(options) - set(_JUDGE_KEYS) - set(_GEN_KEYS))
+    if unknown:
+        raise ValueError(f"reward type {kind}: unknown option(s) {unknown}; valid: {sorted(_JUDGE_KEYS + _GEN_KEYS)}")
+    return ({k: v for k, v in options.items() if k in _JUDGE_KEYS},
+            {k: v for k, v in options.items() if k in _GEN_KEYS})
+
+
+def make_judge_source(spec, ctx: dict) -> JudgeSource:
+    """``type: judge`` — a separate judge model loaded from ``spec.path``."""
+    from jaxrl_rm.models.hf import load_model, load_tokenizer
+
+    if not spec.path:
+        raise ValueError("reward type judge: set `path` to an HF judge-model directory (weights + tokenizer)")
+    opts, gen = _split_options("judge", dict(spec.options))
+    model, tokenizer = load_model(spec.path), load_tokenizer(spec.path)
+    opts.setdefault("seed", ctx.get("seed", 0))
+    judge = TextJudge(lambda: model, tokenizer, mesh=ctx.get("mesh"), **gen)
+    return JudgeSource(judge, tokenizer, **{"name": "judge", **opts})
+
+
+def make_self_judge_source(spec, ctx: dict) -> JudgeSource:
+    """``type: self_judge`` — the live GRPO policy (``ctx["grpo"]``) judges its own rollouts (URPO)."""
+    from flax import nnx
+
+    grpo = ctx.get("grpo")
+    if grpo is None:
+        raise ValueError("reward type self_judge needs the GRPO trainer in the source context (ctx['grpo'])")
+    opts, gen = _split_options("self_judge", dict(spec.options))
+    opts.setdefault("mode", "listwise")
+    opts.setdefault("seed", ctx.get("seed", 0))
+    opts.setdefault("chat_template", grpo.cfg.data.chat_template)
+    gen.setdefault("max_prompt_length", grpo.P * 8)
+
+    def model_fn():
+        return nnx.merge(grpo.trainer.graphdef, grpo.current_params)
+
+    judge = TextJudge(model_fn, grpo.tokenizer, mesh=ctx.get("mesh"), **gen)
+    return JudgeSource(judge, grpo.tokenizer, **{"name": "self_judge", **opts})
+
+
+def make_score_match_source(spec, ctx: dict) -> ScoreMatchSource:
+    """``type: score_match`` — J1 reward for ``kind: judgment`` tasks."""
+    opts = dict(spec.options)
+    valid = ("name", "template", "tolerance", "invalid_reward")
+    unknown = sorted(set(opts) - set(valid))
+    if unknown:
+        raise ValueError(f"reward type score_match: unknown option(s) {unknown}; valid: {list(valid)}")
+    grpo = ctx.get("grpo")
+    tasks = dict(getattr(grpo, "tasks", {}) or {})
+    return ScoreMatchSource(tasks=tasks, **opts)
+
+
+register("judge", make_judge_source)
+register("self_judge", make_self_judge_source)
+register("score_match", make_score_match_source)
+
+__all__ = ["MODES", "JudgeSource", "ScoreMatchSource", "TextJudge", "content_seed", "label_score", "normalise",
+           "pairwise_outcome", "prompt_as_text"]

@@ -1,0 +1,440 @@
+"""Batched autoregressive sampling: jitted prefill + `lax.while_loop` decode over a KV cache.
+
+Layout (left padding): prompts are left-padded to a bucketed length `P`, so every row writes
+its next key/value at the same cache slot `P + t`; a row's RoPE positions count only its real
+tokens (`prompt_len + t`), so padding changes nothing numerically. The cache
+(`[B, kv, S, Dh]` per layer, `S = P + N`) and the loop state never leave one jitted function:
+XLA updates the while-loop carry in place (the in-jit equivalent of donating it), and the
+weights are passed in, never donated.
+
+Compilation: one executable per (graphdef, prompt-row bucket, prompt-length bucket,
+generation-length bucket, num_samples, static sampling switches, mesh). `max_new_tokens`,
+temperature, top_p and the seed are runtime values, so a training run recompiles only when a
+batch falls into a new bucket (`bucket_length`).
+
+Sharding: with `mesh=`, prompt rows (and so the cache and every per-row array) are sharded over
+`("data", "fsdp")`; KV heads over `"tensor"` when they divide it. The weights are used with
+whatever sharding they already have (replicated, or tensor-sharded by `jaxrl_rm.parallel`), and
+XLA's partitioner inserts the collectives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxrl_rm.parallel.mesh import replicate
+from jaxrl_rm.sampling.distribution import sample_tokens
+
+FINISH_STOP = "stop"      # the row produced one of `stop_token_ids` (included in the completion)
+FINISH_LENGTH = "length"  # the row reached `max_new_tokens`
+
+BATCH_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """Completions of one `generate` call; row `i * num_samples + j` is sample j of prompt i.
+
+    tokens:      `[N, max_new_tokens]` int32 completion ids, `pad_id` after the end.
+    mask:        `[N, max_new_tokens]` bool, True on generated tokens (a stop token included).
+    logprobs:    `[N, max_new_tokens]` float32 log-prob of each token under the distribution it
+                 was sampled from (temperature, then top-k, then top-p, renormalised; greedy:
+                 temperature 1, unfiltered); 0 where `mask` is False.
+    lengths:     `[N]` int32, `mask.sum(-1)`.
+    finish_reason: `[N]` numpy str array, `"stop"` or `"length"`.
+    prompt_tokens: `[N, P]` int32 the prompts as fed, left-padded with `pad_id` (P = longest
+                 prompt after truncation); `prompt_lengths` `[N]` int32.
+    unfiltered_logprobs: `[N, max_new_tokens]` float32 `log_softmax(logits)` at temperature 1
+                 with no top-k/top-p, when `return_unfiltered_logprobs=True`; else None.
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+    finish_reason: np.ndarray
+    prompt_tokens: jax.Array
+    prompt_lengths: jax.Array
+    unfiltered_logprobs: jax.Array | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def completions(self) -> list[list[int]]:
+        """Per row, the generated ids (stop token included) as Python lists."""
+        toks, lens = np.asarray(self.tokens), np.asarray(self.lengths)
+        return [toks[i, :lens[i]].tolist() for i in range(toks.shape[0])]
+
+    def sequences(self) -> tuple[jax.Array, jax.Array]:
+        """Prompt + completion, left-padded: (ids `[N, P + T]` int32, attention mask bool).
+
+        Feeding these to `model(ids, attention_mask=mask)` (teacher forcing) gives logits whose
+        positions `P-1 .. P+T-2` predict `tokens`; see `teacher_forced_logprobs`.
+        """
+        p = self.prompt_tokens.shape[1]
+        ids = jnp.concatenate([self.prompt_tokens, self.tokens], axis=1)
+        pmask = jnp.arange(p)[None, :] >= (p - self.prompt_lengths)[:, None]
+        return ids, jnp.concatenate([pmask, self.mask], axis=1)
+
+
+# --- buckets ------------------------------------------------------------------------------------
+def bucket_length(n: int, *, minimum: int = 16) -> int:
+    """Shape bucket for a length: powers of two up to 1024, then multiples of 1024."""
+    n = max(int(n), 1)
+    if n <= minimum:
+        return minimum
+    if n <= 1024:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 1024) * 1024
+
+
+def bucket_rows(n: int, multiple: int = 1) -> int:
+    """Row bucket: 1, 2, 4, 8, then multiples of 8; rounded up to a multiple of `multiple`."""
+    n = max(int(n), 1)
+    b = 1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8
+    return -(-b // multiple) * multiple
+
+
+# --- prompts ------------------------------------------------------------------------------------
+def _as_ragged(prompts, prompt_lengths, padding_side) -> list[np.ndarray]:
+    if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) == 2:
+        ids = np.asarray(prompts)
+        if prompt_lengths is None:
+            return [row.astype(np.int64) for row in ids]
+        lens = np.asarray(prompt_lengths).reshape(-1)
+        if lens.shape[0] != ids.shape[0]:
+            raise ValueError(f"prompt_lengths has {lens.shape[0]} entries for {ids.shape[0]} prompts")
+        if (lens < 0).any() or (lens > ids.shape[1]).any():
+            raise ValueError(f"prompt_lengths must be in [0, {ids.shape[1]}], got {lens.tolist()}")
+        if padding_side == "left":
+            return [ids[i, ids.shape[1] - n:] for i, n in enumerate(lens)]
+        if padding_side == "right":
+            return [ids[i, :n] for i, n in enumerate(lens)]
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if prompt_lengths is not None:
+        raise ValueError("prompt_lengths is only used with a padded [B, L] array of prompts")
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) and not hasattr(prompts, "__iter__"):
+        raise TypeError("prompts must be a list of token-id lists or a padded [B, L] array; "
+                        "for text use jaxrl_rm.sampling.generate_text")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            raise TypeError(f"prompts[{i}] is a string; token ids are expected "
+                            "(use jaxrl_rm.sampling.generate_text for text)")
+        out.append(np.asarray(p, dtype=np.int64).reshape(-1))
+    return out
+
+
+def _prepare_prompts(prompts, *, vocab_size, max_prompt_len, truncate, prompt_lengths, padding_side):
+    rows = _as_ragged(prompts, prompt_lengths, padding_side)
+    if not rows:
+        raise ValueError("no prompts given")
+    for i, r in enumerate(rows):
+        if r.size == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+        if r.min() < 0 or r.max() >= vocab_size:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): "
+                             f"min {int(r.min())}, max {int(r.max())}")
+    if max_prompt_len is not None:
+        too_long = [(i, r.size) for i, r in enumerate(rows) if r.size > max_prompt_len]
+        if too_long:
+            if truncate == "left":
+                rows = [r[-max_prompt_len:] for r in rows]
+            elif truncate == "error":
+                i, n = too_long[0]
+                raise ValueError(
+                    f"prompt {i} has {n} tokens > max_prompt_len={max_prompt_len} "
+                    f"({len(too_long)} prompt(s) too long); raise max_prompt_len or pass "
+                    f"truncate_prompt='left' to keep the last {max_prompt_len} tokens")
+            else:
+                raise ValueError(f"truncate_prompt must be 'error' or 'left', got {truncate!r}")
+    return rows
+
+
+# --- the jitted core ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Static part of one compiled sampler (hashable: it keys the jit cache)."""
+
+    rows: int            # prompt rows (bucketed)
+    prompt_len: int      # P (bucketed)
+    gen_len: int         # N (bucketed) - size of the output buffers
+    num_samples: int
+    top_k: int
+    use_top_p: bool
+    greedy: bool
+    num_stop_slots: int  # size of the (runtime) stop-id array, padded with -1
+    pad_id: int
+    unfiltered: bool
+    mesh: Any
+
+
+def _cache_sharding(spec: _Spec, num_kv_heads: int):
+    if spec.mesh is None:
+        return None
+    tensor = spec.mesh.shape.get("tensor", 1)
+    heads = "tensor" if tensor > 1 and num_kv_heads % tensor == 0 else None
+    return NamedSharding(spec.mesh, P(BATCH_AXES, heads, None, None))
+
+
+def _constrain(tree, sharding):
+    return tree if sharding is None else jax.lax.with_sharding_constraint(tree, sharding)
+
+
+class _StaticGraph:
+    """Hashable handle on an NNX GraphDef for `jax.jit`'s static-argument cache.
+
+    GraphDefs compare by value but may not hash (a `ModelConfig` with a `rope_scaling` dict), so
+    hash the config's repr and the graph size, and compare the GraphDefs themselves.
+    """
+
+    __slots__ = ("graphdef", "_hash")
+
+    def __init__(self, graphdef, config):
+        self.graphdef = graphdef
+        self._hash = hash((repr(config), len(repr(type(graphdef))), getattr(graphdef, "num_leaves", 0)))
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return isinstance(other, _StaticGraph) and self._hash == other._hash and self.graphdef == other.graphdef
+
+
+TRACE_COUNT = {"n": 0}  # incremented on every trace of the sampler core (tests check caching)
+
+
+def _generate_core(graphdef, state, prompt_ids, prompt_lens, live, key, temperature, top_p,
+                   max_new_tokens, stops, *, spec: _Spec):
+    """prompt_ids `[R, P]` int32 left-padded; prompt_lens `[R]`; live `[R]` bool (False = filler
+    row of the bucket); key: PRNG key; temperature, top_p: f32 scalars; max_new_tokens: i32 scalar;
+    stops: `[num_stop_slots]` int32 stop ids (-1 = unused slot).
+
+    Returns tokens `[R*n, N]` int32, logp `[R*n, N]` f32, lengths `[R*n]` i32,
+    stopped `[R*n]` bool, and unfiltered logp `[R*n, N]` f32 (or None).
+    """
+    TRACE_COUNT["n"] += 1
+    model = nnx.merge(graphdef.graphdef, state)
+    r, p, n_gen, ns = spec.rows, spec.prompt_len, spec.gen_len, spec.num_samples
+    b = r * ns
+    s = p + n_gen
+    cfg = model.config
+    cache_sh = _cache_sharding(spec, cfg.num_key_value_heads)
+
+    def sample(logits, t):
+        """logits `[B, V]` f32 at step t -> (tok, logp, unfiltered logp or None)."""
+        u = jax.random.uniform(jax.random.fold_in(key, t), (b,), jnp.float32)
+        tok, logp = sample_tokens(logits, u, temperature=temperature, top_k=spec.top_k, top_p=top_p,
+                                  use_top_p=spec.use_top_p, greedy=spec.greedy)
+        base = None
+        if spec.unfiltered:
+            base = (jnp.take_along_axis(logits, tok[:, None], -1)[:, 0]
+                    - jax.nn.logsumexp(logits, axis=-1))
+        return tok, logp, base
+
+    # Prefill the prompts once (a cache of exactly P slots), then give each sample its copy.
+    slots_p = jnp.arange(p)[None, :]
+    pad_start = (p - prompt_lens)[:, None]  # [R, 1] first real slot of each row
+    positions = jnp.maximum(slots_p - pad_start, 0).astype(jnp.int32)
+    pcache = _constrain(model.init_cache(r, p), cache_sh)
+    hidden, pcache = model.decode(prompt_ids, pcache, positions=positions, cache_index=0,
+                                  kv_mask=slots_p >= pad_start)
+    logits = model.logits(hidden[:, -1])  # [R, V] f32: only the last position needs the head
+    if ns > 1:
+        logits = jnp.repeat(logits, ns, axis=0)
+        pcache = jax.tree.map(lambda c: jnp.repeat(c, ns, axis=0), pcache)
+        prompt_lens = jnp.repeat(prompt_lens, ns)
+        live = jnp.repeat(live, ns)
+    cache = [tuple(jnp.pad(c, ((0, 0), (0, 0), (0, n_gen), (0, 0))) for c in kv) for kv in pcache]
+    cache = _constrain(cache, cache_sh)
+    kv_mask = jnp.arange(s)[None, :] >= (p - prompt_lens)[:, None]  # [B, S], fixed for the run
+
+    def record(t, tok, logp, base, finished, lengths, bufs):
+        """Write step t's token for rows still running; update finished / lengths."""
+        active = ~finished
+        tok = jnp.where(active, tok, spec.pad_id)
+        cols = [tok, jnp.where(active, logp, 0.0)]
+        if spec.unfiltered:
+            cols.append(jnp.where(active, base, 0.0))
+        bufs = tuple(jax.lax.dynamic_update_slice(buf, col[None, :].astype(buf.dtype), (t, 0))
+                     for buf, col in zip(bufs, cols))
+        finished = finished | (active & jnp.isin(tok, stops))
+        return tok, finished, lengths + active.astype(jnp.int32), bufs
+
+    # Output buffers are [N, B] (time-major) so each step writes one contiguous row.
+    bufs = (jnp.full((n_gen, b), spec.pad_id, jnp.int32), jnp.zeros((n_gen, b), jnp.float32))
+    if spec.unfiltered:
+        bufs = bufs + (jnp.zeros((n_gen, b), jnp.float32),)
+    bufs = tuple(_constrain(x, None if spec.mesh is None else NamedSharding(spec.mesh, P(None, BATCH_AXES)))
+                 for x in bufs)
+    stopped = ~live  # filler rows start finished so they never hold the loop open
+    tok, logp, base = sample(logits, 0)
+    tok, stopped, lengths, bufs = record(0, tok, logp, base, stopped, jnp.zeros((b,), jnp.int32), bufs)
+
+    def cond(carry):
+        t, _, _, finished, _, _ = carry
+        return (t < max_new_tokens) & ~jnp.all(finished)
+
+    def body(carry):
+        t, tok, cache, finished, lengths, bufs = carry
+        pos = (prompt_lens + t - 1)[:, None].astype(jnp.int32)
+        hidden, cache = model.decode(tok[:, None], cache, positions=pos, cache_index=p + t - 1,
+                                     kv_mask=kv_mask)
+        logits = model.logits(hidden[:, 0])
+        new_tok, logp, base = sample(logits, t)
+        new_tok, finished, lengths, bufs = record(t, new_tok, logp, base, finished, lengths, bufs)
+        return t + 1, new_tok, cache, finished, lengths, bufs
+
+    carry = (jnp.int32(1), tok, cache, stopped, lengths, bufs)
+    _, _, _, stopped, lengths, bufs = jax.lax.while_loop(cond, body, carry)
+    stopped = stopped & live
+    out = [buf.T for buf in bufs]
+    return out[0], out[1], lengths, stopped, (out[2] if spec.unfiltered else None)
+
+
+_generate_jit = jax.jit(_generate_core, static_argnames=("graphdef", "spec"))
+
+
+# --- public API ---------------------------------------------------------------------------------
+def _put_rows(x: np.ndarray, mesh) -> jax.Array:
+    """Global host array -> device array with rows sharded over ("data", "fsdp") (multi-host safe)."""
+    sharding = NamedSharding(mesh, P(BATCH_AXES, *([None] * (x.ndim - 1))))
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _stop_ids(stop_token_ids) -> tuple[int, ...]:
+    if stop_token_ids is None:
+        return ()
+    if isinstance(stop_token_ids, (int, np.integer)):
+        return (int(stop_token_ids),)
+    return tuple(sorted({int(s) for s in stop_token_ids}))
+
+
+def generate(model, prompts, *, num_samples: int = 1, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[int] | int | None = (),
+             seed: int | jax.Array = 0, greedy: bool = False, mesh: jax.sharding.Mesh | None = None,
+             max_prompt_len: int | None = None, truncate_prompt: str = "error",
+             prompt_lengths=None, padding_side: str = "left", pad_id: int | None = None,
+             return_unfiltered_logprobs: bool = False) -> GenerationResult:
+    """Sample `num_samples` completions for each prompt.
+
+    model: `jaxrl_rm.models.Transformer` (any compute dtype; sampler math is float32).
+    prompts: ragged token ids (list of `[L_i]` lists/arrays), or a padded `[B, L]` array with
+        `prompt_lengths` `[B]` and `padding_side` ('left' | 'right'); without lengths every
+        column of the array is a real token.
+    max_new_tokens: completion budget T (the result has T columns).
+    temperature / top_k / top_p: applied in that order (top_k=0 and top_p=1 disable them);
+        greedy=True takes the argmax (temperature and filters ignored).
+    stop_token_ids: ids that end a row (kept in the completion, `finish_reason="stop"`).
+    seed: int or PRNG key. Same seed and same batch -> same samples; rows draw independently.
+    mesh: shard prompt rows over ("data", "fsdp") (rows padded to a multiple of that size).
+    max_prompt_len: a longer prompt is an error, or with truncate_prompt='left' keeps its last
+        `max_prompt_len` tokens. Default: `max_position_embeddings - max_new_tokens`.
+    pad_id: filler id in `tokens` after a row ends (default: model's pad id, else 0).
+    return_unfiltered_logprobs: also return temperature-1 unfiltered log-probs.
+
+    Returns a `GenerationResult` with `B * num_samples` rows (row i*num_samples + j is sample j
+    of prompt i).
+    """
+    cfg = model.config
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not greedy:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if max_prompt_len is None:
+        max_prompt_len = max(cfg.max_position_embeddings - max_new_tokens, 1)
+    rows = _prepare_prompts(prompts, vocab_size=cfg.vocab_size, max_prompt_len=max_prompt_len,
+                            truncate=truncate_prompt, prompt_lengths=prompt_lengths,
+                            padding_side=padding_side)
+    if pad_id is None:
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+
+    shards = 1
+    if mesh is not None:
+        shards = math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+    n_prompts = len(rows)
+    longest = max(r.size for r in rows)
+    r_bucket = bucket_rows(n_prompts, shards)
+    p_bucket = bucket_length(longest)
+    n_bucket = bucket_length(max_new_tokens)
+    ids = np.full((r_bucket, p_bucket), pad_id, np.int32)
+    lens = np.zeros((r_bucket,), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, p_bucket - r.size:] = r
+        lens[i] = r.size
+    lens[n_prompts:] = 1  # filler rows: one pad token, never live
+    live = np.arange(r_bucket) < n_prompts
+
+    stops = _stop_ids(stop_token_ids)
+    stop_arr = np.full((max(4, 1 << (max(len(stops), 1) - 1).bit_length()),), -1, np.int32)
+    stop_arr[:len(stops)] = stops
+    k = top_k if (not greedy and top_k and top_k < cfg.vocab_size) else 0
+    spec = _Spec(rows=r_bucket, prompt_len=p_bucket, gen_len=n_bucket, num_samples=num_samples,
+                 top_k=k, use_top_p=(not greedy and top_p < 1.0), greedy=bool(greedy),
+                 num_stop_slots=len(stop_arr), pad_id=int(pad_id),
+                 unfiltered=bool(return_unfiltered_logprobs), mesh=mesh)
+    key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
+    args = (jnp.asarray(ids), jnp.asarray(lens), jnp.asarray(live))
+    if mesh is not None:  # every process holds the same global prompts; each places its rows
+        args = tuple(_put_rows(np.asarray(a), mesh) for a in args)
+    graphdef, state = nnx.split(model)
+    toks, logp, lengths, stopped, base = _generate_jit(
+        _StaticGraph(graphdef, cfg), state, *args, key, jnp.float32(temperature), jnp.float32(top_p),
+        jnp.int32(max_new_tokens), jnp.asarray(stop_arr), spec=spec)
+    # Multi-host: rows live on different processes; make them readable on every process.
+    toks, logp, lengths, stopped, base = replicate((toks, logp, lengths, stopped, base), mesh)
+
+    nrow = n_prompts * num_samples
+    toks, logp, lengths = toks[:nrow, :max_new_tokens], logp[:nrow, :max_new_tokens], lengths[:nrow]
+    mask = jnp.arange(max_new_tokens)[None, :] < lengths[:, None]
+    finish = np.where(np.asarray(stopped[:nrow]), FINISH_STOP, FINISH_LENGTH)
+    prompt_tokens = jnp.asarray(np.repeat(ids[:n_prompts, p_bucket - longest:], num_samples, axis=0))
+    prompt_lens = jnp.asarray(np.repeat(lens[:n_prompts], num_samples))
+    return GenerationResult(
+        tokens=toks, mask=mask, logprobs=logp, lengths=lengths, finish_reason=finish,
+        prompt_tokens=prompt_tokens, prompt_lengths=prompt_lens,
+        unfiltered_logprobs=None if base is None else base[:nrow, :max_new_tokens])
+
+
+def _teacher_forced_core(graphdef, state, ids, attn, tokens, mask, temperature, *, prompt_len, top_k, top_p):
+    from jaxrl_rm.sampling.distribution import token_logprobs
+
+    model = nnx.merge(graphdef.graphdef, state)
+    t = tokens.shape[1]
+    hidden = model.hidden_states(ids, attention_mask=attn)[:, prompt_len - 1:prompt_len - 1 + t]
+    logp = token_logprobs(model.logits(hidden), tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    return jnp.where(mask, logp, 0.0)
+
+
+_teacher_forced_jit = jax.jit(_teacher_forced_core, static_argnames=("graphdef", "prompt_len", "top_k", "top_p"))
+
+
+def teacher_forced_logprobs(model, result: GenerationResult, *, temperature: float = 1.0,
+                            top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Recompute the completion log-probs with one teacher-forced forward pass over
+    `result.sequences()` (a check of train/infer consistency): `[N, T]` float32, 0 where
+    `result.mask` is False. Same filter definition as the sampler (`distribution.token_logprobs`);
+    with `top_k=0, top_p=1` this is `log_softmax(logits / temperature)` of the chosen tokens.
+    """
+    ids, attn = result.sequences()
+    graphdef, state = nnx.split(model)
+    return _teacher_forced_jit(_StaticGraph(graphdef, model.config), state, ids, attn, result.tokens, result.mask,
+                               jnp.float32(temperature), prompt_len=int(result.prompt_tokens.shape[1]),
+                               top_k=int(top_k), top_p=float(top_p))

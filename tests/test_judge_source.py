@@ -1,0 +1,254 @@
+"""Judge reward sources: modes, call counts, position bias, guards, J1 score match, self-judging."""
+
+import re
+
+import numpy as np
+import pytest
+
+from jaxrl_rm.config import RewardSpec
+from jaxrl_rm.rewards import sources
+from jaxrl_rm.rewards.judge_source import JudgeSource, ScoreMatchSource
+from jaxrl_rm.rewards.sources import PromptItem, Rollouts
+
+_POINT = re.compile(r"\[The Start of the Assistant's Answer\]\n(.*?)\n\[The End of the Assistant's Answer\]", re.S)
+_PAIR = re.compile(r"\[The Start of Assistant ([AB])'s Answer\]\n(.*?)\n\[The End of Assistant \1's Answer\]", re.S)
+_LIST = re.compile(r"\[The Begin of Response (\d+)\](.*?)\[The End of Response \1\]", re.S)
+
+
+def quality(text: str) -> float:
+    """Scripted ground truth: a response "q7 ..." has quality 7."""
+    m = re.match(r"q(\d+)", text)
+    return float(m.group(1)) if m else 0.0
+
+
+class ScriptedJudge:
+    """Reads the rendered (plain-text) judge prompt and answers in the template's format.
+
+    behaviour: "fair" (judges by quality), "always_a" (pairwise: [[A]] whatever is shown),
+    "garbage" (unparseable), "fooled" (score 10 / A for everything).
+    """
+
+    def __init__(self, behaviour: str = "fair"):
+        self.behaviour, self.seen, self.calls = behaviour, [], 0
+
+    def answer(self, text: str) -> str:
+        if self.behaviour == "garbage":
+            return "no idea"
+        if "[The Begin of Response" in text:
+            qs = [quality(r) for _, r in _LIST.findall(text)]
+            if self.behaviour == "fooled":
+                qs = [10.0] * len(qs)
+            return "Compared them. Scores: \\boxed{" + ", ".join(f"{q:g}" for q in qs) + "}"
+        pair = dict(_PAIR.findall(text))
+        if pair:
+            if self.behaviour in ("always_a", "fooled"):
+                return "<think>A looks fine.</think><answer>[[A]]</answer>"
+            v = "A" if quality(pair["A"]) >= quality(pair["B"]) else "B"
+            return f"<think>{v} is better.</think><answer>[[{v}]]</answer>"
+        resp = _POINT.search(text).group(1)
+        q = 10.0 if self.behaviour == "fooled" else quality(resp)
+        return f"<think>Checked it.</think><score>{q:g}</score>"
+
+    def generate(self, texts, *, num_samples=1, seed=0):
+        self.calls += len(texts)
+        self.seen += list(texts)
+        return [[self.answer(t)] * num_samples for t in texts]
+
+
+def make_rollouts(completions, *, labels=None, task="open"):
+    b, g = len(completions), len(completions[0])
+    items = [PromptItem(task=task, prompt=f"question {i}", label=None if labels is None else labels[i],
+                        responses=(f"response {i}",), id=i) for i in range(b)]
+    t = 4
+    return Rollouts(items=items, prompt_texts=[f"question {i}" for i in range(b)], completions=completions,
+                    completion_ids=np.zeros((b, g, t), np.int32), completion_mask=np.ones((b, g, t), bool),
+                    lengths=np.full((b, g), t), truncated=np.zeros((b, g), bool))
+
+
+QUALITIES = [[3, 9, 1, 7, 5, 2], [8, 4, 6, 0, 2, 10], [1, 2, 3, 4, 5, 6]]
+
+
+def rollouts_by_quality():
+    return make_rollouts([[f"q{q} answer" for q in row] for row in QUALITIES])
+
+
+def source(mode, behaviour="fair", **kw):
+    judge = ScriptedJudge(behaviour)
+    return JudgeSource(judge, None, mode=mode, **kw), judge
+
+
+def test_pivot_calls_at_most_2g_and_all_pairs_g_g_minus_1():
+    ro = rollouts_by_quality()
+    b, g = ro.shape
+    src, judge = source("pivot")
+    rewards, m = src(ro)
+    assert rewards.shape == (b, g) and rewards.dtype == np.float32
+    assert judge.calls == m["judge_calls"] == b * 2 * (g - 1)
+    assert m["calls_per_group"] == 2 * (g - 1) <= 2 * g
+    # each group: exactly one pivot, every other rollout compared with it in both orders
+    for i in range(b):
+        q = np.asarray(QUALITIES[i], float)
+        r = rewards[i]
+        non_pivot = np.flatnonzero((r == 0.0) | (r == 1.0))
+        assert len(non_pivot) >= g - 1
+    src, judge = source("pairwise")
+    rewards, m = src(ro)
+    assert judge.calls == m["judge_calls"] == b * g * (g - 1)
+    assert m["calls_per_group"] == g * (g - 1)
+    # fair judge, distinct qualities: win rate = rank / (G - 1)
+    for i in range(b):
+        q = np.asarray(QUALITIES[i], float)
+        expected = np.array([(q < x).sum() for x in q]) / (g - 1)
+        np.testing.assert_allclose(rewards[i], expected, rtol=1e-6)
+    assert m["position_bias_rate"] == 0.0 and m["invalid_rate"] == 0.0
+
+
+def test_pivot_rewards_are_win_rates_against_the_pivot_and_seeded():
+    ro = rollouts_by_quality()
+    src, _ = source("pivot", seed=3)
+    r1, _ = src(ro)
+    r2, _ = source("pivot", seed=3)[0](ro)
+    np.testing.assert_array_equal(r1, r2)  # pivots are a function of (seed, content)
+    for i, q in enumerate(QUALITIES):
+        q = np.asarray(q, float)
+        # the pivot is the rollout whose reward is its win rate over the others, the rest 0/1
+        cands = [p for p in range(len(q))
+                 if np.allclose(np.delete(r1[i], p), (np.delete(q, p) > q[p]).astype(float))]
+        assert cands, (r1[i], q)
+        p = cands[0]
+        assert r1[i, p] == pytest.approx((q[p] > np.delete(q, p)).mean())
+
+
+def test_position_bias_and_invalid_verdicts():
+    ro = rollouts_by_quality()
+    src, _ = source("pairwise", "always_a")
+    rewards, m = src(ro)
+    assert m["position_bias_rate"] == 1.0
+    np.testing.assert_allclose(rewards, 0.5)  # wins once as A, loses once as B, for every pair
+    src, _ = source("pivot", "garbage")
+    rewards, m = src(ro)
+    assert m["invalid_rate"] == 1.0
+    np.testing.assert_allclose(rewards, 0.5)  # invalid verdicts are neutral
+    src, _ = source("pointwise", "garbage")
+    rewards, m = src(ro)
+    np.testing.assert_allclose(rewards, 0.0)
+
+
+def test_pointwise_mean_of_k_samples_and_listwise_modes():
+    ro = rollouts_by_quality()
+    b, g = ro.shape
+    src, judge = source("pointwise", num_judgments=3)
+    rewards, m = src(ro)
+    assert m["judge_calls"] == b * g and m["judge_samples"] == 3 * b * g
+    np.testing.assert_allclose(rewards, np.asarray(QUALITIES) / 10, rtol=1e-6)
+    assert m["mean_score"] == pytest.approx(np.mean(QUALITIES) / 10)
+
+    src, judge = source("listwise")
+    rewards, m = src(ro)
+    assert m["judge_calls"] == b  # all G in one prompt
+    np.testing.assert_allclose(rewards, np.asarray(QUALITIES) / 10, rtol=1e-6)
+
+    src, judge = source("listwise", subset_size=2, subset_rounds=2)
+    rewards, m = src(ro)
+    assert m["judge_calls"] == b * 2 * (g // 2)  # k-wise subsets: G/k prompts per round
+    assert all(t.count("[The Begin of Response") == 2 for t in judge.seen)
+    np.testing.assert_allclose(rewards, np.asarray(QUALITIES) / 10, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "pairwise", "pivot", "listwise"])
+def test_master_key_responses_get_no_reward(mode):
+    """A fooled judge would give a master key the top score: the source never shows it one."""
+    keys = [":", "Thought process:", "", "Let's solve this problem step by step."]
+    comps = [[k, "q5 fine", "q3 meh"] for k in keys]
+    ro = make_rollouts(comps)
+    src, judge = source(mode, "fooled")
+    rewards, m = src(ro)
+    np.testing.assert_array_equal(rewards[:, 0], 0.0)
+    assert (rewards[:, 1:] > 0).all()
+    assert not any(k and (f"\n{k}\n" in t or f"]{k}[" in t) for t in judge.seen for k in keys)
+    rep = src.guard_report()
+    assert rep["master_key"] == 3 and rep["empty"] == 1
+    assert m["guarded_rate"] == pytest.approx(1 / 3)
+
+
+def test_score_match_j1_reward():
+    labels = [True, False, True]
+    comps = [
+        ["<think>dcba is the reverse</think><score>1</score>", "<think>x</think><score>0</score>", ":",
+         "<score>1</score>"],
+        ["<think>wrong order</think><score>0</score>", "<think>ok</think><score>1</score>",
+         "Thought process:", "<think>hmm</think><score>2</score>"],
+        ["<think>same</think> <score> 1 </score>", "",
+         "<think>a</think><score>1</score>" + " and then a lot more text that goes on" * 2,
+         "<think>b</think><score>1</score>"],
+    ]
+    ro = make_rollouts(comps, labels=labels, task="judge")
+    src = sources.build_source(RewardSpec(type="score_match"), {})
+    assert isinstance(src, ScoreMatchSource)
+    rewards, m = src(ro)
+    np.testing.assert_array_equal(rewards, [[1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 1]])
+    rep = src.guard_report()
+    assert rep["master_key"] == 2 and rep["empty"] == 1 and rep["no_reasoning"] == 1
+    assert m["invalid_rate"] == pytest.approx(6 / 12)
+    # numeric labels with a tolerance, on a 0-10 template
+    ro = make_rollouts([["<think>t</think><score>7</score>", "<think>t</think><score>9</score>"]],
+                       labels=[8.0], task="judge")
+    r, _ = ScoreMatchSource(template="pointwise", tolerance=1.0)(ro)
+    np.testing.assert_array_equal(r, [[1, 1]])
+    r, _ = ScoreMatchSource(template="pointwise")(ro)
+    np.testing.assert_array_equal(r, [[0, 0]])
+    with pytest.raises(ValueError, match="only pointwise"):
+        ScoreMatchSource(template="pairwise")(ro)
+
+
+def test_option_errors_name_the_option():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        JudgeSource(ScriptedJudge(), mode="triplets")
+    with pytest.raises(ValueError, match="needs a template of format"):
+        JudgeSource(ScriptedJudge(), mode="pivot", template="pointwise")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['modee'\]"):
+        sources.build_source(RewardSpec(type="judge", path="/nonexistent", options={"modee": "pivot"}), {})
+    with pytest.raises(ValueError, match="set `path`"):
+        sources.build_source(RewardSpec(type="judge"), {})
+
+
+def test_self_judge_and_model_judge_in_grpo(tmp_path):
+    """URPO self-judging with the live GRPO policy, and a separate judge model from an HF directory."""
+    from flax import nnx
+
+    from jaxrl_rm.config import ModelSpec, load_config
+    from jaxrl_rm.data.tokenizer import build_char_tokenizer
+    from jaxrl_rm.models.factory import build_model
+    from jaxrl_rm.models.hf import save_model
+    from jaxrl_rm.train.grpo import GRPO
+
+    tok = build_char_tokenizer()
+    judge_dir = tmp_path / "judge"
+    save_model(build_model(ModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1), tok, seed=1),
+               judge_dir, tokenizer=tok)
+    cfg = load_config(None, ["task=grpo", f"run_dir={tmp_path / 'run'}", "model.hidden_size=32",
+                             "model.intermediate_size=64", "model.num_hidden_layers=1",
+                             "grpo.prompts_per_step=2", "grpo.num_samples=3", "grpo.max_new_tokens=4",
+                             "grpo.max_prompt_length=16", "grpo.eval_size=4", "data.synthetic_size=16",
+                             "logging.progress=false",
+                             "grpo.tasks=[{name: math, rewards: ["
+                             "{type: self_judge, options: {mode: pivot, max_new_tokens: 6, max_prompt_length: 64}},"
+                             f"{{type: judge, path: '{judge_dir}', weight: 0.5, options: {{mode: pointwise, "
+                             "max_new_tokens: 6, max_prompt_length: 64, num_judgments: 2}}]}]"])
+    rl = GRPO(cfg)
+    self_src = rl.sources["math"][0][0]
+    seen = []
+    params_before = rl.current_params
+    orig = self_src.judge.model_fn
+    self_src.judge.model_fn = lambda: seen.append(True) or orig()
+    parts, kept, metrics = rl.collect(rl.state["params"], step=0)
+    assert seen and rl.current_params is rl.state["params"] and params_before is rl.state["params"]
+    assert metrics["reward/math/self_judge/judge_calls"] <= 2 * 2 * (3 - 1)  # B groups x 2(G-1)
+    live = round(6 * (1 - metrics["reward/math/judge/guarded_rate"]))  # guarded rollouts are not judged
+    assert metrics["reward/math/judge/judge_calls"] == live
+    assert metrics["reward/math/judge/judge_samples"] == 2 * live
+    assert 0 <= metrics["reward/math/judge/invalid_rate"] <= 1
+    assert "reward/math/self_judge/position_bias_rate" in metrics
+    rewards = parts[0][3]
+    assert rewards.shape == (2, 3) and np.isfinite(rewards).all()
+    assert isinstance(nnx.merge(rl.trainer.graphdef, rl.current_params), nnx.Module)

@@ -89,7 +89,11 @@ class TrainConfig:
     batch_size: int = 32
     #: Gradient accumulation: the batch is split into this many micro-batches (exact: sums, then one divide).
     micro_batches: int = 1
-    log_every: int = 10
+    #: Log metrics every N steps (loss, grad norm, reward statistics).
+    log_every: int = 1
+    #: Stop with an error after this many consecutive updates with non-finite loss/gradients
+    #: (each is skipped: weights and optimizer state stay as they were).
+    max_consecutive_skips: int = 5
     #: Evaluate every N steps (0: only before and after training).
     eval_every: int = 0
     #: Batches per evaluation.
@@ -101,6 +105,7 @@ class TrainConfig:
         check(self.micro_batches > 0 and self.batch_size % self.micro_batches == 0, f"{key}.micro_batches",
               f"must be > 0 and divide train.batch_size={self.batch_size}")
         check(self.log_every > 0, f"{key}.log_every", "must be > 0")
+        check(self.max_consecutive_skips >= 1, f"{key}.max_consecutive_skips", "must be >= 1")
         check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
 
 
@@ -486,6 +491,12 @@ class JudgeConfig:
 
 
 @dataclasses.dataclass
+class DebugConfig:
+    #: Fault injection for reliability tests: steps (0-based) whose loss and gradients are made NaN.
+    nan_steps: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class Config:
     #: Which pipeline runs: sft | grpo | rm_bt (Bradley–Terry RM) | polar_pretrain | polar_finetune (POLAR RM)
     #: | polar_data (POLAR pretraining-data synthesis) | judge_j1 (J1 judge training, see `judge`).
@@ -505,6 +516,7 @@ class Config:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     warmup: WarmupConfig = dataclasses.field(default_factory=WarmupConfig)
+    debug: DebugConfig = dataclasses.field(default_factory=DebugConfig)
     #: Reward-model training (tasks rm_bt, polar_pretrain, polar_finetune).
     rm: RMConfig = dataclasses.field(default_factory=RMConfig)
     #: POLAR pretraining-data synthesis (task polar_data).

@@ -37,7 +37,7 @@ from jaxrl_rm.rewards.shaping import overlong_penalty
 from jaxrl_rm.rewards.sources import PromptItem, Rollouts
 from jaxrl_rm.sampling import generate
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
-from jaxrl_rm.train.state import Trainer, abstract_like, build_train_step, make_optimizer
+from jaxrl_rm.train.state import Trainer, abstract_like, build_train_step, inject_faults, make_optimizer
 from jaxrl_rm.train.tasks import TaskMixer, load_task_items
 
 
@@ -294,6 +294,7 @@ class GRPO:
         t_sample = time.perf_counter() - t0
         batch, m = self.build_batch(parts, kept)
         metrics.update(m)
+        batch = inject_faults(batch, step, self.cfg.debug.nan_steps)
         device_batch = shard_batch(batch, self.mesh)
         if self.reuse_sampler_logp:
             device_batch["old_logp"] = device_batch["sampler_logp"]
@@ -315,8 +316,12 @@ class GRPO:
         um = jax.device_get(update_metrics[-1])
         metrics.update({k: float(v) for k, v in um.items()})
         metrics["skipped_updates"] = float(sum(int(u["skipped"]) for u in jax.device_get(update_metrics)))
+        metrics["skipped"] = int(metrics["skipped_updates"] > 0)
+        # fingerprint of what was sampled: resumed runs must reproduce it step for step
+        metrics["sample_hash"] = hashlib.blake2b(batch["completion"].tobytes(), digest_size=8).hexdigest()
         metrics["time/sample_s"] = t_sample
         metrics["time/step_s"] = time.perf_counter() - t0
+        metrics["batch_ids"] = [str(it.id) for part in parts for it in part[0].items]
         tokens = int(batch["attention_mask"].sum())
         return state, metrics, tokens
 

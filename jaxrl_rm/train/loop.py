@@ -64,6 +64,28 @@ class PreemptionGuard:
             signal.signal(sig, handler)
 
 
+class DivergenceError(RuntimeError):
+    """Too many consecutive non-finite updates; the message says which steps and checkpoint."""
+
+
+class SkipTracker:
+    """Counts skipped (non-finite) updates; `bad(step)` is True once `limit` come in a row."""
+
+    def __init__(self, limit: int):
+        self.limit, self.run, self.total = limit, 0, 0
+        self.first_bad: int | None = None
+        self.first_ids = None
+
+    def bad(self, step: int) -> bool:
+        self.run, self.total = self.run + 1, self.total + 1
+        if self.first_bad is None:
+            self.first_bad = step
+        return self.run >= self.limit
+
+    def good(self) -> None:
+        self.run, self.first_bad, self.first_ids = 0, None, None
+
+
 @dataclasses.dataclass
 class LoopResult:
     state: object
@@ -108,19 +130,40 @@ def train_loop(*, cfg, state, abstract_state, run_step, evaluate=None,
         eval_before = evaluate(state)
         logger.log(0, eval_before)
 
-    def save(step):
-        payload = {"eval_before": eval_before, "host": host_state() if host_state else {}}
+    def save(step, force=False):
+        if skips.first_bad is not None and not force:
+            return  # never checkpoint inside a run of skipped updates
+        payload = {"eval_before": eval_before, "host": host_state() if host_state else {},
+                   "skipped_updates": skips.total}
         ckpt.save(step, state, payload)
 
     total = cfg.train.steps
     progress = Progress(total, start, enabled=cfg.logging.progress, desc=desc)
     preempted, done = False, start
     t_last, tokens_since = time.perf_counter(), 0
+    skips = SkipTracker(cfg.train.max_consecutive_skips)
     with PreemptionGuard() as guard:
         for step in range(start, total):
             state, metrics, tokens = run_step(state, step)
             done = step + 1
             tokens_since += tokens
+            batch_ids = metrics.pop("batch_ids", None)
+            if int(jax.device_get(metrics.get("skipped", 0))):
+                logger.log(done, {"skipped_update": 1, "loss": jax.device_get(metrics.get("loss")),
+                                  "batch_ids": batch_ids})
+                if skips.bad(done):
+                    if ckpt.latest_step() != skips.first_bad - 1:
+                        save(skips.first_bad - 1, force=True)
+                    ckpt.close()
+                    logger.close()
+                    raise DivergenceError(
+                        f"{skips.limit} consecutive updates with non-finite loss or gradients (steps "
+                        f"{skips.first_bad}..{done}, first batch ids {skips.first_ids or batch_ids}); the "
+                        f"updates were skipped, so the checkpoint at step {skips.first_bad - 1} in "
+                        f"{ckpt.directory} holds the weights from before the first bad step")
+                skips.first_ids = skips.first_ids or batch_ids
+            else:
+                skips.good()
             if done % cfg.train.log_every == 0 or done == total:
                 metrics = jax.device_get(metrics)
                 now = time.perf_counter()

@@ -22,7 +22,7 @@ from jaxrl_rm.rewards.verifiers import ExactMatchVerifier
 from jaxrl_rm.parallel.mesh import fetch_global, mesh_from_config, process_sum
 from jaxrl_rm.parallel.rules import shard_batch
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, to_float_dict, train_loop, write_summary
-from jaxrl_rm.train.state import Trainer, abstract_like, build_eval_step, build_train_step, make_optimizer
+from jaxrl_rm.train.state import Trainer, abstract_like, inject_faults, build_eval_step, build_train_step, make_optimizer
 
 
 def next_token_loss(model, batch):
@@ -89,8 +89,9 @@ def run_sft(cfg) -> dict:
     eval_fn = build_eval_step(trainer, next_token_loss)
 
     def run_step(state, step):
-        host = stream.batch(step)
+        host = inject_faults(stream.batch(step), step, cfg.debug.nan_steps)
         state, metrics = step_fn(state, shard_batch(host, mesh))
+        metrics = {**metrics, "batch_ids": stream.indices(step).tolist()}
         return state, metrics, process_sum(int(host["attention_mask"].sum()))  # global tokens
 
     evaluate = None

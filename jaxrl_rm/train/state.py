@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -81,6 +82,15 @@ class Trainer:
         return nnx.merge(self.graphdef, params)
 
 
+def inject_faults(batch: dict, step: int, nan_steps) -> dict:
+    """Add the `poison` rows (`[B]` float32: NaN at `nan_steps`, else 0) that `build_train_step`
+    folds into the loss; a no-op unless fault injection is configured."""
+    if not nan_steps:
+        return batch
+    rows = len(next(iter(batch.values())))
+    return {**batch, "poison": np.full(rows, np.nan if step in nan_steps else 0.0, np.float32)}
+
+
 def abstract_like(tree):
     """ShapeDtypeStructs (with shardings) of a pytree of arrays: the restore target of a checkpoint."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
@@ -113,7 +123,11 @@ def build_train_step(trainer: Trainer, loss_fn: LossFn, *, micro_batches: int = 
     graphdef, optimizer = trainer.graphdef, trainer.optimizer
 
     def sums(params, batch):
+        batch = dict(batch)
+        poison = batch.pop("poison", None)
         loss_sum, denom, aux = loss_fn(nnx.merge(graphdef, params), batch)
+        if poison is not None:  # fault injection (debug.nan_steps): NaN loss *and* gradients
+            loss_sum = loss_sum * (1.0 + jnp.sum(poison))
         return loss_sum, (denom, aux)
 
     grad_fn = jax.value_and_grad(sums, has_aux=True)

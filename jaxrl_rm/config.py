@@ -497,10 +497,23 @@ class DebugConfig:
 
 
 @dataclasses.dataclass
+class StageSpec:
+    """One stage of a `task: pipeline` run: another config, run in `<run_dir>/<name>`."""
+
+    name: str = "stage"
+    #: Config file of the stage (relative to the working directory, like --config).
+    config: str = ""
+    #: key=value overrides for the stage; `{run_dir}` is replaced by the pipeline's run_dir, so a
+    #: stage can use an earlier stage's output, e.g. `model.path={run_dir}/sft/hf`.
+    overrides: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class Config:
     #: Which pipeline runs: sft | grpo | rm_bt (Bradley–Terry RM) | polar_pretrain | polar_finetune (POLAR RM)
     #: | polar_data (POLAR pretraining-data synthesis) | judge_j1 (J1 judge training, see `judge`).
-    task: Literal["sft", "grpo", "rm_bt", "polar_pretrain", "polar_finetune", "polar_data", "judge_j1"] = "sft"
+    task: Literal["sft", "grpo", "rm_bt", "polar_pretrain", "polar_finetune", "polar_data", "judge_j1",
+                  "pipeline"] = "sft"
     #: Output directory (config.yaml, metrics.jsonl, TensorBoard, summary.json, checkpoints/).
     run_dir: str = "runs/default"
     seed: int = 0
@@ -517,6 +530,8 @@ class Config:
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     warmup: WarmupConfig = dataclasses.field(default_factory=WarmupConfig)
     debug: DebugConfig = dataclasses.field(default_factory=DebugConfig)
+    #: Stages of a `task: pipeline` run (each a config + overrides), run in order.
+    stages: list[StageSpec] = dataclasses.field(default_factory=list)
     #: Reward-model training (tasks rm_bt, polar_pretrain, polar_finetune).
     rm: RMConfig = dataclasses.field(default_factory=RMConfig)
     #: POLAR pretraining-data synthesis (task polar_data).

@@ -24,6 +24,7 @@ PIPELINES = {
     "polar_finetune": "jaxrl_rm.train.reward_model:run_reward_model",
     "polar_data": "jaxrl_rm.train.polar_data:run_polar_data",
     "judge_j1": "jaxrl_rm.train.judge:run_judge_j1",
+    "pipeline": "jaxrl_rm.train.pipeline:run_pipeline",
 }
 
 

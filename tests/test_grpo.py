@@ -1,6 +1,5 @@
 """GRPO loop-level tests on a tiny random policy (CPU)."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrl_rm.config import RewardSpec, TaskSpec, load_config
+from jaxrl_rm.config import TaskSpec, load_config
 from jaxrl_rm.objectives import group_advantages, policy_loss
 from jaxrl_rm.rewards import sources
 from jaxrl_rm.rewards.shaping import overlong_penalty

@@ -37,7 +37,8 @@ from jaxrl_rm.rewards.shaping import overlong_penalty
 from jaxrl_rm.rewards.sources import PromptItem, Rollouts
 from jaxrl_rm.sampling import generate
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
-from jaxrl_rm.train.state import Trainer, abstract_like, build_train_step, inject_faults, make_optimizer
+from jaxrl_rm.train.state import (Trainer, abstract_like, build_train_step, export_hf, inject_faults,
+                                  make_optimizer)
 from jaxrl_rm.train.tasks import TaskMixer, load_task_items
 
 
@@ -411,5 +412,7 @@ def run_grpo(cfg) -> dict:
                         preempted=result.preempted)
     summary["reward_guard"] = rl.guard_report()
     write_summary(cfg, summary)
+    if not result.preempted:
+        export_hf(rl.trainer, result.state["params"], Path(cfg.run_dir) / "hf", rl.tokenizer)
     rl.final_state = result.state
     return summary

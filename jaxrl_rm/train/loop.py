@@ -198,11 +198,3 @@ def write_summary(cfg, summary: dict) -> None:
     logger = RunLogger(cfg.run_dir, tensorboard=False)
     logger.summary(summary)
     logger.close()
-
-
-def to_float_dict(d: dict) -> dict:
-    return {k: float(np.asarray(v)) for k, v in d.items()}
-
-
-def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -139,9 +139,10 @@ def build_policy(spec, index: int, cfg, default_tokenizer):
         model = build_model(dataclasses.replace(cfg.model, path=""), default_tokenizer, seed=spec.seed)
         tokenizer, name = default_tokenizer, spec.name or f"random{spec.seed}"
     elif (Path(path) / "config.json").exists():
-        from jaxrl_rm.models.hf import load_model, load_tokenizer
+        from jaxrl_rm.models.hf import load_model
+        from jaxrl_rm.rewards.scalar_rm import load_tokenizer_exact
 
-        model, tokenizer, name = load_model(path), load_tokenizer(path), spec.name or Path(path).name
+        model, tokenizer, name = load_model(path), load_tokenizer_exact(path), spec.name or Path(path).name
     elif (Path(path) / "config.yaml").exists() and (Path(path) / "checkpoints").is_dir():
         (model, tokenizer), name = load_run_model(path), spec.name or Path(path).name
     else:
@@ -300,8 +301,12 @@ def synthesize(policies: list, prompts: list, output: str | Path, *, seed: int, 
 
 def run_polar_data(cfg) -> dict:
     """Task polar_data: synthesise POLAR pretraining quads per `cfg.polar_data`; returns the summary."""
+    import jax
+
     run_dir = prepare_run_dir(cfg)
     pd = cfg.polar_data
+    if jax.process_index() != 0:  # one writer: synthesis runs on process 0 (each policy on its local devices)
+        return {"task": "polar_data", "process": jax.process_index()}
     tokenizer = load_or_build_tokenizer(cfg.model.tokenizer or cfg.model.path)
     prompts = load_prompts(cfg, tokenizer)
     if not prompts:

@@ -46,7 +46,7 @@ from jaxrl_rm.objectives.reward_model import bradley_terry_loss_terms
 from jaxrl_rm.parallel.mesh import mesh_from_config
 from jaxrl_rm.parallel.rules import shard_batch
 from jaxrl_rm.rewards.scalar_rm import (POLAR_SPECIAL_TOKENS, BTInputBuilder, PolarInputBuilder, RewardScorer,
-                                        pad_sequences)
+                                        load_tokenizer_exact, pad_sequences)
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
 from jaxrl_rm.train.state import Trainer, abstract_like, build_train_step, make_optimizer
 
@@ -225,11 +225,17 @@ def export_hf(model, tokenizer, path) -> Path:
 
 
 # --- pipeline ---------------------------------------------------------------------------------
+def load_rm_tokenizer(path: str):
+    """The built-in character tokenizer (empty path) or a directory's tokenizer exactly as saved
+    (`scalar_rm.load_tokenizer_exact`: an exported RM's tokenizer sits beside its config.json)."""
+    return load_tokenizer_exact(path) if path else load_or_build_tokenizer("")
+
+
 def run_reward_model(cfg) -> dict:
     """Train per `cfg` (task rm_bt | polar_pretrain | polar_finetune); returns the summary."""
     stage = STAGES[cfg.task]
     run_dir = prepare_run_dir(cfg)
-    tokenizer = load_or_build_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = load_rm_tokenizer(cfg.model.tokenizer or cfg.model.path)
     model = build_reward_model(cfg.model, tokenizer, seed=cfg.seed, polar=stage.polar)
     mesh = mesh_from_config(cfg.mesh)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

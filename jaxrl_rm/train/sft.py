@@ -7,7 +7,6 @@ tokenizer's chat template when it has one; rows are padded, or packed with segme
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -17,12 +16,12 @@ from jaxrl_rm.data.tokenizer import load_or_build_tokenizer
 from jaxrl_rm.kernels import token_logprobs
 from jaxrl_rm.eval.policy import verifiable_accuracy
 from jaxrl_rm.models.factory import build_model
-from jaxrl_rm.models.hf import save_model
 from jaxrl_rm.rewards.verifiers import ExactMatchVerifier
-from jaxrl_rm.parallel.mesh import fetch_global, mesh_from_config, process_sum
+from jaxrl_rm.parallel.mesh import mesh_from_config, process_sum
 from jaxrl_rm.parallel.rules import shard_batch
-from jaxrl_rm.train.loop import prepare_run_dir, summarize, to_float_dict, train_loop, write_summary
-from jaxrl_rm.train.state import Trainer, abstract_like, inject_faults, build_eval_step, build_train_step, make_optimizer
+from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
+from jaxrl_rm.train.state import (Trainer, abstract_like, build_eval_step, build_train_step, export_hf,
+                                  inject_faults, make_optimizer)
 
 
 def next_token_loss(model, batch):
@@ -122,9 +121,7 @@ def run_sft(cfg) -> dict:
                         **{f"data/{k}": v for k, v in train_stats.items()})
     write_summary(cfg, summary)
     if not result.preempted:
-        params = fetch_global(result.state["params"])  # collective: every process takes part
-        if jax.process_index() == 0:
-            save_model(trainer.model(params), run_dir / "hf", tokenizer=tokenizer)
+        export_hf(trainer, result.state["params"], run_dir / "hf", tokenizer)
     return summary
 
 

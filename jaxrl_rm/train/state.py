@@ -170,3 +170,14 @@ def build_eval_step(trainer: Trainer, loss_fn: LossFn):
         return loss_fn(nnx.merge(graphdef, params), batch)
 
     return jax.jit(evaluate)
+
+
+def export_hf(trainer: Trainer, params, path, tokenizer=None) -> None:
+    """Write params as an HF directory (`models.hf.save_model`) — collective: every process must
+    call it (sharded params are gathered), process 0 writes."""
+    from jaxrl_rm.models.hf import save_model
+    from jaxrl_rm.parallel.mesh import fetch_global
+
+    params = fetch_global(params)
+    if jax.process_index() == 0:
+        save_model(trainer.model(params), path, tokenizer=tokenizer)

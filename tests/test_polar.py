@@ -195,7 +195,43 @@ def test_polar_data_is_deterministic_and_resumable(tmp_path):
     assert other.read_bytes() != full
 
 
+def test_polar_data_prefix_prompts_from_a_corpus(tmp_path):
+    from jaxrl_rm.train.polar_data import load_prompts
+
+    corpus = tmp_path / "corpus.txt"
+    docs = [f"document number {i} says something rather long about topic {i}" for i in range(12)]
+    corpus.write_text("\n".join(docs) + "\n")
+    cfg = load_config(None, ["task=polar_data", f"polar_data.prompts={corpus}", "polar_data.prompt_kind=prefix",
+                             "polar_data.min_prefix_tokens=3", "polar_data.max_prefix_tokens=20",
+                             "polar_data.num_prompts=10"])
+    prompts = load_prompts(cfg, build_char_tokenizer())
+    assert len(prompts) == 10
+    for p, d in zip(prompts, docs):
+        assert d.startswith(p) and 3 <= len(p) <= 20  # character tokenizer: tokens = characters
+    assert len({len(p) for p in prompts}) > 3  # lengths drawn at random
+    assert load_prompts(cfg, build_char_tokenizer()) == prompts  # seeded
+
+
 # --- slow end to end ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_polar_data_from_an_sft_run_directory(tmp_path):
+    """A pool member given as a run directory (config.yaml + orbax checkpoint) samples from the
+    trained weights."""
+    from jaxrl_rm.main import main
+    from jaxrl_rm.train.polar_data import run_polar_data
+
+    sft = tmp_path / "sft"
+    assert main(["task=sft", f"run_dir={sft}", "train.steps=2", "train.batch_size=8", "data.synthetic_size=64",
+                 "data.max_length=16", "model.hidden_size=32", "model.intermediate_size=64",
+                 "model.num_hidden_layers=1", *QUIET]) == 0
+    cfg = load_config(None, ["task=polar_data", f"run_dir={tmp_path / 'data'}", "polar_data.num_prompts=8",
+                             "polar_data.batch_size=8", *QUIET,
+                             f'polar_data.policies=[{{path: "{sft}", max_new_tokens: 8}}, {{path: "synthetic:style:2"}}]'])
+    s = run_polar_data(cfg)
+    assert s["policies"] == ["sft", "style2"] and s["quads_total"] + s["skipped_empty"] == 8
+
+
+
 def _cli(*args, timeout=1800):
     out = subprocess.run([sys.executable, "-m", "jaxrl_rm.main", *args], cwd=REPO, capture_output=True, text=True,
                          timeout=timeout)

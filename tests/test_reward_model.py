@@ -141,7 +141,8 @@ def test_split_by_prompt_keeps_prompts_together():
 
 @pytest.mark.parametrize("kind", ["bt", "polar"])
 def test_round_trip_orbax_and_hf_preserves_scores(kind, tmp_path):
-    from jaxrl_rm.models.hf import load_model, load_tokenizer, save_model
+    from jaxrl_rm.models.hf import load_model, save_model
+    from jaxrl_rm.rewards.scalar_rm import load_tokenizer_exact
     from jaxrl_rm.parallel.mesh import make_mesh
     from jaxrl_rm.train.checkpoint import Checkpointer
     from jaxrl_rm.train.state import Trainer, abstract_like, make_optimizer
@@ -176,8 +177,10 @@ def test_round_trip_orbax_and_hf_preserves_scores(kind, tmp_path):
     save_model(trainer.model(restored), tmp_path / "hf", tokenizer=t)
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen2ForSequenceClassification"] and cfg["vocab_size"] == len(t)
-    again, t2 = load_model(tmp_path / "hf"), load_tokenizer(tmp_path / "hf")
+    again, t2 = load_model(tmp_path / "hf"), load_tokenizer_exact(tmp_path / "hf")
     assert isinstance(again, RewardModel) and len(t2) == len(t)
+    text = t.apply_chat_template([{"role": "user", "content": "what is the sea"}], tokenize=False)
+    assert t2.encode(text, add_special_tokens=False) == t.encode(text, add_special_tokens=False)  # spaces kept
     np.testing.assert_array_equal(np.asarray(again.score[...]), np.asarray(rm.score[...]))
     np.testing.assert_array_equal(score(make(again, t2)), expected)
     cls = PolarScorer if kind == "polar" else BTScorer
@@ -242,3 +245,33 @@ def test_bt_on_real_hh_rlhf(tmp_path, shared_data):
              f"data.train=hh_rlhf:{shared_data / 'hh_rlhf' / 'harmless_base_test.jsonl.gz'}", "rm.eval_size=0", *QUIET)
     assert s["data/rows_skipped"] == 4 and s["train_pairs"] + s["eval_pairs"] == 2308 and s["eval_pairs"] > 100
     assert 0.0 <= s["eval_accuracy_after"] <= 1.0 and "eval_accuracy/harmless_base_test_after" in s
+
+
+@pytest.mark.slow
+def test_rm_pipeline_on_a_sharded_mesh(tmp_path):
+    """POLAR fine-tuning on 8 fake CPU devices (data x fsdp x tensor = 2 x 2 x 2): trains, evaluates
+    with the sharded params, and the exported RM scores like the mesh-less scorer."""
+    from multidevice import run_with_devices
+
+    out = run_with_devices(f"""
+        import json, numpy as np, jax
+        from jaxrl_rm.main import main
+        from jaxrl_rm.parallel.mesh import make_mesh
+        from jaxrl_rm.rewards.scalar_rm import PolarScorer
+        assert jax.device_count() == 8
+        args = ["task=polar_finetune", "run_dir={tmp_path}", "data.train=synthetic:style_triples",
+                "data.synthetic_size=64", "data.max_length=96", "rm.eval_size=16", "train.steps=3",
+                "train.batch_size=8", "train.micro_batches=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+                "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1",
+                "logging.progress=false", "logging.tensorboard=false"]
+        assert main(args) == 0
+        s = json.load(open("{tmp_path}/summary.json"))
+        assert np.isfinite(s["eval_loss_after"]) and s["eval_count"] == 16
+        plain = PolarScorer.from_pretrained("{tmp_path}/hf", max_length=96, batch_size=8)
+        sharded = PolarScorer.from_pretrained("{tmp_path}/hf", max_length=96, batch_size=8,
+                                              mesh=make_mesh(data=4, fsdp=2, tensor=1))
+        args = (["what is the sea"] * 5, ["sea sea"] * 5, ["a", "b", "c", "sea", "SEA"])
+        np.testing.assert_allclose(sharded.score(*args), plain.score(*args), atol=1e-5)
+        print("OK")
+    """)
+    assert "OK" in out

@@ -133,11 +133,13 @@ class StylePolicy:
         return self.sep.join(cased(w) for w in words)
 
     def variant(self, *, seed: int) -> "StylePolicy":
-        """The same alphabet and letter frequencies with another separator and casing (a "near" policy)."""
+        """A "near" policy: the same alphabet, letter frequencies and casing, another separator and
+        word lengths."""
         rng = np.random.default_rng([seed, 7])
         seps = [s for s in STYLE_SEPS if s != self.sep]
-        cases = [c for c in STYLE_CASES if c != self.case]
-        return _dc.replace(self, name=f"{self.name}~v{seed}", sep=str(rng.choice(seps)), case=str(rng.choice(cases)))
+        lo = int(rng.integers(2, 5))
+        return _dc.replace(self, name=f"{self.name}~v{seed}", sep=str(rng.choice(seps)),
+                           word_len=(lo, lo + int(rng.integers(0, 3))))
 
 
 def _topic(prompt) -> str:
@@ -214,9 +216,10 @@ def style_quads(n: int, *, seed: int, split: str = "train") -> list[PolarQuad]:
 
 def style_triples(n: int, *, seed: int, split: str = "train") -> list[RankedTriple]:
     """POLAR fine-tuning triples `reference ≻ chosen ≻ rejected` ranked by closeness to a target
-    policy T: reference ~ T, chosen ~ a near variant of T (same letters and frequencies, other
-    separator and casing), rejected ~ another policy. Train: training policies and prompts from
-    `seed`; eval: held-out prompts (`seed + 10_000`), targets among all policies."""
+    policy T: reference ~ T, chosen ~ a near variant of T (`StylePolicy.variant`: same letters,
+    frequencies and casing, other separator and word lengths), rejected ~ another policy.
+    Train: training policies and prompts from `seed`; eval: held-out prompts (`seed + 10_000`),
+    targets among all policies."""
     pool = style_policy_pool()
     n_train = STYLE_POOL_SIZE - STYLE_HELDOUT
     policies = pool[:n_train] if split == "train" else pool

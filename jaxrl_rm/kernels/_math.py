@@ -57,6 +57,22 @@ def vary_like(x, *refs):
     return lax.pcast(x, tuple(sorted(missing)), to="varying")
 
 
+def out_struct(shape, dtype, like):
+    """`jax.ShapeDtypeStruct` for a `pallas_call` output that varies like the array `like`.
+
+    Under `shard_map(check_vma=True)` Pallas needs the output's manual-axis type; outside it the
+    plain struct is used.
+    """
+    axes = _varying_axes(like)
+    if not axes:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    try:  # jax >= 0.10
+        return jax.ShapeDtypeStruct(
+            shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
+    except (TypeError, AttributeError):  # older spelling
+        return jax.ShapeDtypeStruct(shape, dtype, vma=axes)
+
+
 def matmul_precision(*dtypes) -> lax.Precision:
     """HIGHEST for float32 operands (true f32 on TPU/GPU), DEFAULT for bf16/f16 operands."""
     if any(jnp.dtype(d) == jnp.float32 for d in dtypes):
@@ -72,7 +88,7 @@ def scaled_logits(h, w, temperature: float, precision=None):
         h, w, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
     )
     if temperature != 1.0:
-        z = z / jnp.float32(temperature)
+        z = z / temperature
     return z
 
 

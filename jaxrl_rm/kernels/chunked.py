@@ -76,9 +76,12 @@ def forward(hidden, lm_head, targets, *, temperature: float = 1.0, with_entropy:
         m, s, we, zt = stats
         z = scaled_logits(h_i, w_j, temperature, precision)
         cols = col0 + lax.broadcasted_iota(jnp.int32, z.shape, 1)
+        is_t = cols == t_i
         if col_lo is not None:  # overlapped last block: columns < col_lo were already seen
-            z = jnp.where(cols >= col_lo, z, NEG)
-        zt = zt + jnp.sum(jnp.where(cols == t_i, z, 0.0), axis=1, keepdims=True)
+            fresh = cols >= col_lo
+            z = jnp.where(fresh, z, NEG)
+            is_t = is_t & fresh
+        zt = zt + jnp.sum(jnp.where(is_t, z, 0.0), axis=1, keepdims=True)
         m, s, we = online_update(z, m, s, we, with_entropy=with_entropy)
         return m, s, we, zt
 

@@ -30,7 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxrl_rm.kernels._math import NEG, finalize, logit_grad, matmul_precision, online_update
+from jaxrl_rm.kernels._math import (NEG, finalize, logit_grad, matmul_precision, online_update,
+                                   out_struct)
 
 DEFAULT_BLOCK_TOKENS = 64
 DEFAULT_BLOCK_VOCAB = 64
@@ -61,7 +62,7 @@ def _dot(a, b, dims, precision):
 
 def _logits(h, w, temperature, precision):
     z = _dot(h, w, _NN, precision)
-    return z / jnp.float32(temperature) if temperature != 1.0 else z
+    return z / temperature if temperature != 1.0 else z
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,7 +86,8 @@ def _fwd_kernel(h_ref, w_ref, t_ref, lse_ref, zt_ref, *ent_ref, n, v, d, bn, bv,
                        other=0.0)
         z = _logits(h, w, temperature, precision)
         z = jnp.where(col_ok[None, :], z, NEG)
-        zt = zt + jnp.sum(jnp.where(cols[None, :] == t[:, None], z, 0.0), axis=1, keepdims=True)
+        is_t = (cols[None, :] == t[:, None]) & col_ok[None, :]  # ids >= V must not hit padding
+        zt = zt + jnp.sum(jnp.where(is_t, z, 0.0), axis=1, keepdims=True)
         m, s, we = online_update(z, m, s, we, with_entropy=with_entropy)
         return m, s, we, zt
 
@@ -125,7 +127,7 @@ def forward(hidden, lm_head, targets, *, temperature: float = 1.0, with_entropy:
                   pl.BlockSpec((d_pad, gv * bv), lambda i: (0, 0)),  # whole head, masked loads
                   vec],
         out_specs=[vec] * n_out,
-        out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)] * n_out,
+        out_shape=[out_struct((n,), jnp.float32, hidden)] * n_out,
         compiler_params=_params(d_pad, interpret),
         interpret=interpret,
         name="token_logprobs_fwd",
@@ -216,7 +218,7 @@ def backward(hidden, lm_head, targets, lse, a, b, c, *, temperature: float = 1.0
                   pl.BlockSpec((d_pad, gv * bv), lambda i: (0, 0))]
         + [pl.BlockSpec((bn,), lambda i: (i,))] * len(side),
         out_specs=pl.BlockSpec((bn, d_pad), lambda i: (i, 0)),
-        out_shape=jax.ShapeDtypeStruct((n, d), hidden.dtype),
+        out_shape=out_struct((n, d), hidden.dtype, hidden),
         compiler_params=_params(d_pad, interpret),
         interpret=interpret,
         name="token_logprobs_bwd_dhidden",
@@ -229,7 +231,7 @@ def backward(hidden, lm_head, targets, lse, a, b, c, *, temperature: float = 1.0
                   pl.BlockSpec((d_pad, bv), lambda j: (0, j))]
         + [pl.BlockSpec((gn * bn,), lambda j: (0,))] * len(side),
         out_specs=pl.BlockSpec((d_pad, bv), lambda j: (0, j)),
-        out_shape=jax.ShapeDtypeStruct((d, v), lm_head.dtype),
+        out_shape=out_struct((d, v), lm_head.dtype, hidden),
         compiler_params=_params(d_pad, interpret),
         interpret=interpret,
         name="token_logprobs_bwd_dlmhead",

@@ -34,7 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxrl_rm.kernels._math import NEG, finalize, logit_grad, matmul_precision, online_update
+from jaxrl_rm.kernels._math import (NEG, finalize, logit_grad, matmul_precision, online_update,
+                                   out_struct)
 
 DEFAULT_BLOCK_TOKENS = 256
 DEFAULT_BLOCK_VOCAB = 512
@@ -70,7 +71,7 @@ def _compiler_params(semantics, vmem_bytes: int, interpret: bool):
 
 def _logits(h, w, temperature, precision):
     z = lax.dot_general(h, w, _NN, precision=precision, preferred_element_type=jnp.float32)
-    return z / jnp.float32(temperature) if temperature != 1.0 else z
+    return z / temperature if temperature != 1.0 else z
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,9 +97,12 @@ def _fwd_kernel(h_ref, w_ref, t_ref, lse_ref, zt_ref, *rest, v: int, bv: int,
 
     z = _logits(h_ref[...], w_ref[...], temperature, precision)  # [bn, bv] f32
     cols = j * bv + lax.broadcasted_iota(jnp.int32, z.shape, 1)
-    if v % bv:
-        z = jnp.where(cols < v, z, NEG)
-    zt_sc[...] += jnp.sum(jnp.where(cols == t_ref[...], z, 0.0), axis=1, keepdims=True)
+    is_t = cols == t_ref[...]
+    if v % bv:  # out-of-bounds columns (a target id >= V, e.g. another vocab shard's, hits them)
+        valid = cols < v
+        z = jnp.where(valid, z, NEG)
+        is_t = is_t & valid
+    zt_sc[...] += jnp.sum(jnp.where(is_t, z, 0.0), axis=1, keepdims=True)
     m, s, we = online_update(z, m_sc[...], s_sc[...], w_sc[...] if with_entropy else None,
                              with_entropy=with_entropy)
     m_sc[...] = m
@@ -144,7 +148,7 @@ def forward(hidden, lm_head, targets, *, temperature: float = 1.0, with_entropy:
                   pl.BlockSpec((d, bv), lambda i, j: (0, j)),
                   row],
         out_specs=[row] * n_out,
-        out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * n_out,
+        out_shape=[out_struct((n, 1), jnp.float32, hidden)] * n_out,
         scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32)] * n_scratch,
         compiler_params=_compiler_params(("parallel", "arbitrary"), vmem, interpret),
         interpret=interpret,
@@ -252,7 +256,7 @@ def backward(hidden, lm_head, targets, lse, a, b, c, *, temperature: float = 1.0
         in_specs=[pl.BlockSpec((bn, d), lambda i, j: (i, 0)),
                   pl.BlockSpec((d, bv), lambda i, j: (0, j))] + [row] * len(side),
         out_specs=pl.BlockSpec((bn, d), lambda i, j: (i, 0)),
-        out_shape=jax.ShapeDtypeStruct((n, d), hidden.dtype),
+        out_shape=out_struct((n, d), hidden.dtype, hidden),
         scratch_shapes=[pltpu.VMEM((bn, d), jnp.float32)],
         compiler_params=_compiler_params(("parallel", "arbitrary"), vmem, interpret),
         interpret=interpret,
@@ -268,7 +272,7 @@ def backward(hidden, lm_head, targets, lse, a, b, c, *, temperature: float = 1.0
         in_specs=[pl.BlockSpec((bn, d), lambda j, i: (i, 0)),
                   pl.BlockSpec((d, bv), lambda j, i: (0, j))] + [row] * len(side),
         out_specs=pl.BlockSpec((d, bv), lambda j, i: (0, j)),
-        out_shape=jax.ShapeDtypeStruct((d, v), lm_head.dtype),
+        out_shape=out_struct((d, v), lm_head.dtype, hidden),
         scratch_shapes=[pltpu.VMEM((d, bv), jnp.float32)],
         compiler_params=_compiler_params(("parallel", "arbitrary"), vmem, interpret),
         interpret=interpret,

@@ -197,7 +197,7 @@ class RewardScorer:
     def __init__(self, model, tokenizer, *, max_length: int, batch_size: int = 32, mesh=None,
                  padding_side: str = "right"):
         self.tokenizer, self.max_length, self.mesh = tokenizer, int(max_length), mesh
-        mult = _batch_multiple(mesh)
+        mult = int(np.lcm(_batch_multiple(mesh), jax.process_count()))
         self.batch_size = -(-int(batch_size) // mult) * mult
         self.padding_side = padding_side
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -220,11 +220,20 @@ class RewardScorer:
             block += [block[0]] * (self.batch_size - n)
             length = length_bucket(max(len(x) for x, _ in block), self.max_length)
             batch = pad_sequences(block, length=length, pad_id=self.pad_id, padding_side=self.padding_side)
+            procs = jax.process_count()
             if self.mesh is not None:
                 from jaxrl_rm.parallel.rules import shard_batch
 
+                if procs > 1:  # every process holds the whole block; each contributes its rows
+                    rows = self.batch_size // procs
+                    p = jax.process_index()
+                    batch = {k: v[p * rows:(p + 1) * rows] for k, v in batch.items()}
                 batch = shard_batch(batch, self.mesh)
             r = self._forward(params, batch["input_ids"], batch["attention_mask"], batch["score_index"])
+            if procs > 1 and not r.is_fully_addressable:
+                from jax.experimental import multihost_utils
+
+                r = multihost_utils.process_allgather(r, tiled=True)
             out[start: start + n] = np.asarray(jax.device_get(r))[:n]
         return out
 
@@ -270,14 +279,34 @@ class BTScorer(RewardScorer):
         return self.score_sequences(self.builder.build_many(prompts, responses), params=params)
 
 
+def load_tokenizer_exact(path):
+    """The tokenizer saved in a local HF directory, exactly as saved.
+
+    With a `tokenizer.json` it is read by `PreTrainedTokenizerFast` itself: transformers 5's
+    `AutoTokenizer` picks the tokenizer class from a `config.json` beside it (e.g. Qwen2Tokenizer
+    for a qwen2 model) and rebuilds that class's pre-tokenizer, which silently changes a custom
+    tokenizer saved next to the model (the character tokenizer then drops spaces). Otherwise
+    `jaxrl_rm.models.hf.load_tokenizer`.
+    """
+    from pathlib import Path
+
+    if (Path(path) / "tokenizer.json").exists():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    from jaxrl_rm.models.hf import load_tokenizer
+
+    return load_tokenizer(path)
+
+
 def _load_rm(path):
-    from jaxrl_rm.models.hf import load_model, load_tokenizer
+    from jaxrl_rm.models.hf import load_model
     from jaxrl_rm.models.reward import RewardModel
 
     model = load_model(path)
     if not isinstance(model, RewardModel):
         raise ValueError(f"{path}: not a reward model (expected a *ForSequenceClassification checkpoint)")
-    return model, load_tokenizer(path)
+    return model, load_tokenizer_exact(path)
 
 
 # --- reward sources for RL (grpo.tasks[].rewards: type bt_rm | polar_rm) -------------------------

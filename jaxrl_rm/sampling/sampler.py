@@ -105,6 +105,15 @@ def bucket_rows(n: int, multiple: int = 1) -> int:
     return -(-b // multiple) * multiple
 
 
+def decode_windows(prompt_len: int, gen_len: int, *, max_phases: int = 4, min_phase: int = 32) -> tuple[int, ...]:
+    """Cache sizes of the decode phases: the cache grows from `prompt_len + gen_len/phases` to
+    `prompt_len + gen_len` in up to `max_phases` steps of at least `min_phase` slots (each phase
+    is one compiled `while_loop`, so more phases trade compile time for less K/V traffic)."""
+    phases = max(1, min(max_phases, gen_len // min_phase))
+    step = -(-gen_len // phases)
+    return tuple(prompt_len + min(gen_len, step * (i + 1)) for i in range(phases))
+
+
 # --- prompts ------------------------------------------------------------------------------------
 def _as_ragged(prompts, prompt_lengths, padding_side) -> list[np.ndarray]:
     if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) == 2:
@@ -177,6 +186,7 @@ class _Spec:
     pad_id: int
     unfiltered: bool
     mesh: Any
+    windows: tuple[int, ...] = ()  # cache sizes of the decode phases (last = prompt_len + gen_len)
 
 
 def _cache_sharding(spec: _Spec, num_kv_heads: int):
@@ -255,8 +265,6 @@ def _generate_core(graphdef, state, prompt_ids, prompt_lens, live, key, temperat
         pcache = jax.tree.map(lambda c: jnp.repeat(c, ns, axis=0), pcache)
         prompt_lens = jnp.repeat(prompt_lens, ns)
         live = jnp.repeat(live, ns)
-    cache = [tuple(jnp.pad(c, ((0, 0), (0, 0), (0, n_gen), (0, 0))) for c in kv) for kv in pcache]
-    cache = _constrain(cache, cache_sh)
     kv_mask = jnp.arange(s)[None, :] >= (p - prompt_lens)[:, None]  # [B, S], fixed for the run
 
     def record(t, tok, logp, base, finished, lengths, bufs):
@@ -281,22 +289,39 @@ def _generate_core(graphdef, state, prompt_ids, prompt_lens, live, key, temperat
     tok, logp, base = sample(logits, 0)
     tok, stopped, lengths, bufs = record(0, tok, logp, base, stopped, jnp.zeros((b,), jnp.int32), bufs)
 
-    def cond(carry):
-        t, _, _, finished, _, _ = carry
-        return (t < max_new_tokens) & ~jnp.all(finished)
+    def grow(cache, size):
+        extra = size - cache[0][0].shape[2]
+        cache = [tuple(jnp.pad(c, ((0, 0), (0, 0), (0, extra), (0, 0))) for c in kv) for kv in cache]
+        return _constrain(cache, cache_sh)
 
-    def body(carry):
-        t, tok, cache, finished, lengths, bufs = carry
-        pos = (prompt_lens + t - 1)[:, None].astype(jnp.int32)
-        hidden, cache = model.decode(tok[:, None], cache, positions=pos, cache_index=p + t - 1,
-                                     kv_mask=kv_mask)
-        logits = model.logits(hidden[:, 0])
-        new_tok, logp, base = sample(logits, t)
-        new_tok, finished, lengths, bufs = record(t, new_tok, logp, base, finished, lengths, bufs)
-        return t + 1, new_tok, cache, finished, lengths, bufs
+    def phase(window):
+        """Decode steps t = .., window - P over a cache of `window` slots (static)."""
+        mask_w = kv_mask[:, :window]
 
-    carry = (jnp.int32(1), tok, cache, stopped, lengths, bufs)
-    _, _, _, stopped, lengths, bufs = jax.lax.while_loop(cond, body, carry)
+        def cond(carry):
+            t, _, _, finished, _, _ = carry
+            return (t < max_new_tokens) & (t <= window - p) & ~jnp.all(finished)
+
+        def body(carry):
+            t, tok, cache, finished, lengths, bufs = carry
+            pos = (prompt_lens + t - 1)[:, None].astype(jnp.int32)
+            hidden, cache = model.decode(tok[:, None], cache, positions=pos, cache_index=p + t - 1,
+                                         kv_mask=mask_w)
+            logits = model.logits(hidden[:, 0])
+            new_tok, logp, base = sample(logits, t)
+            new_tok, finished, lengths, bufs = record(t, new_tok, logp, base, finished, lengths, bufs)
+            return t + 1, new_tok, cache, finished, lengths, bufs
+
+        return cond, body
+
+    # The cache grows between phases so that attention reads only slots that can be filled
+    # (decode is memory-bound on CPU: K/V reads cost as much as the weight reads at S ~ 200).
+    carry = (jnp.int32(1), tok, pcache, stopped, lengths, bufs)
+    for window in spec.windows:
+        t, tok, cache, stopped, lengths, bufs = carry
+        cond, body = phase(window)
+        carry = jax.lax.while_loop(cond, body, (t, tok, grow(cache, window), stopped, lengths, bufs))
+    _, _, _, stopped, lengths, bufs = carry
     stopped = stopped & live
     out = [buf.T for buf in bufs]
     return out[0], out[1], lengths, stopped, (out[2] if spec.unfiltered else None)
@@ -389,7 +414,8 @@ def generate(model, prompts, *, num_samples: int = 1, max_new_tokens: int, tempe
     spec = _Spec(rows=r_bucket, prompt_len=p_bucket, gen_len=n_bucket, num_samples=num_samples,
                  top_k=k, use_top_p=(not greedy and top_p < 1.0), greedy=bool(greedy),
                  num_stop_slots=len(stop_arr), pad_id=int(pad_id),
-                 unfiltered=bool(return_unfiltered_logprobs), mesh=mesh)
+                 unfiltered=bool(return_unfiltered_logprobs), mesh=mesh,
+                 windows=decode_windows(p_bucket, n_bucket))
     key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
     args = (jnp.asarray(ids), jnp.asarray(lens), jnp.asarray(live))
     if mesh is not None:  # every process holds the same global prompts; each places its rows

@@ -15,14 +15,12 @@ the current step, writes a checkpoint, waits for it and returns `preempted=True`
 from __future__ import annotations
 
 import dataclasses
-import json
 import signal
 import time
 from pathlib import Path
 from typing import Callable
 
 import jax
-import numpy as np
 import yaml
 
 from jaxrl_rm.configlib import to_dict

@@ -532,6 +532,10 @@ class Config:
     debug: DebugConfig = dataclasses.field(default_factory=DebugConfig)
     #: Stages of a `task: pipeline` run (each a config + overrides), run in order.
     stages: list[StageSpec] = dataclasses.field(default_factory=list)
+    #: Pipeline stages to compare at the end: results.md table, comparison.png, report/.
+    compare: list[str] = dataclasses.field(default_factory=list)
+    #: Metrics plotted in comparison.png (per step, one line per compared stage).
+    compare_metrics: list[str] = dataclasses.field(default_factory=lambda: ["reward_mean", "accuracy"])
     #: Reward-model training (tasks rm_bt, polar_pretrain, polar_finetune).
     rm: RMConfig = dataclasses.field(default_factory=RMConfig)
     #: POLAR pretraining-data synthesis (task polar_data).

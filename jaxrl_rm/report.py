@@ -176,6 +176,32 @@ def plot_metric(runs: list[Run], metric: str, out_file: Path) -> None:
     plt.close(fig)
 
 
+def plot_panels(runs: list[Run], metrics: list[str], out_file: Path, *, title: str = "") -> Path:
+    """One figure, one panel per metric (value vs step, a line per run) -> `out_file` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 3.6), dpi=100, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for run in runs:
+            points = run.series.get(metric)
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=run.name)
+        ax.set_xlabel("step")
+        ax.set_title(metric)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_file)
+    plt.close(fig)
+    return out_file
+
+
 def build_report(run_dirs: list[str], out: str | Path, *, metrics: list[str] | None = None,
                  names: list[str] | None = None) -> Path:
     """Read `run_dirs`, write `<out>/report.md` and one PNG per metric; returns the report path.

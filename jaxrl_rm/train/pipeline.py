@@ -44,5 +44,37 @@ def run_pipeline(cfg) -> dict:
         if result.get("preempted"):
             summary["preempted"] = True
             break
+    if cfg.compare and not summary.get("preempted"):
+        summary["results_table"] = compare_stages(cfg, summary)
     write_summary(cfg, summary)
     return summary
+
+
+def compare_stages(cfg, summary: dict) -> str:
+    """results.md (before/after/gain of each accuracy metric per compared stage), comparison.png
+    and a full report in `<run_dir>/report/`. Returns the markdown table (also printed)."""
+    from jaxrl_rm.report import build_report, plot_panels, read_run
+
+    unknown = [n for n in cfg.compare if n not in {s.name for s in cfg.stages}]
+    if unknown:
+        from jaxrl_rm.configlib import ConfigError
+
+        raise ConfigError(f"compare: unknown stage(s) {unknown}; stages: {[s.name for s in cfg.stages]}")
+    run_dir = Path(cfg.run_dir)
+    dirs = [str(run_dir / name) for name in cfg.compare]
+    metrics = sorted({k[len(n) + 1:-len("_gain")] for n in cfg.compare for k in summary
+                      if k.startswith(f"{n}/") and k.endswith("_gain")})
+    lines = ["| stage | metric | before | after | gain |", "|---|---|---|---|---|"]
+    for name in cfg.compare:
+        for m in metrics:
+            before, after = summary.get(f"{name}/{m}_before"), summary.get(f"{name}/{m}_after")
+            if before is None or after is None:
+                continue
+            lines.append(f"| {name} | {m} | {before:.3f} | {after:.3f} | {after - before:+.3f} |")
+    table = "\n".join(lines)
+    plot_panels([read_run(d, n) for d, n in zip(dirs, cfg.compare)], list(cfg.compare_metrics),
+                run_dir / "comparison.png", title=" vs ".join(cfg.compare))
+    build_report(dirs, run_dir / "report", names=list(cfg.compare))
+    (run_dir / "results.md").write_text(f"# Results\n\n{table}\n\n![comparison](comparison.png)\n")
+    print(table, flush=True)
+    return table

@@ -72,13 +72,48 @@ def parse_source(source: str) -> str | None:
 
 
 def prompt_items(task: str, spec, *, split: str, seed: int, size: int):
-    """RL prompts (`PromptItem`s) of a synthetic task for a `TaskSpec`; eval uses a disjoint seed."""
+    """RL prompts (`PromptItem`s) of a synthetic task for a `TaskSpec` (train / disjoint eval split).
+
+    Verifiable tasks (`TASKS`) give prompt + gold answer; `reverse_ranking` gives N-way ranking
+    items (URPO preference task); `style_open` gives open-ended prompts with a reference answer in
+    the hidden house style (POLAR RFT / URPO instruction task).
+    """
     from jaxrl_rm.rewards.sources import PromptItem
 
-    if task not in TASKS:
-        raise ValueError(f"unknown synthetic task {task!r}; available: {sorted(TASKS)}")
-    return [PromptItem(task=spec.name, prompt=p.prompt, answer=p.answer, id=p.id)
-            for p in TASKS[task](size, seed=seed, split=split)]
+    if task in TASKS:
+        return [PromptItem(task=spec.name, prompt=p.prompt, answer=p.answer, id=p.id)
+                for p in TASKS[task](size, seed=seed, split=split)]
+    if task == "reverse_ranking":
+        return [PromptItem(task=spec.name, prompt=r.prompt, responses=tuple(r.responses),
+                           gold_scores=tuple(r.gold_scores), id=r.id)
+                for r in reverse_rankings(size, seed=seed, split=split)]
+    if task == "style_open":
+        return [PromptItem(task=spec.name, prompt=p.prompt, reference=p.chosen, id=p.id)
+                for p in style_pairs(size, seed=seed, split=split)]
+    raise ValueError(f"unknown synthetic RL task {task!r}; available: "
+                     f"{sorted(TASKS) + ['reverse_ranking', 'style_open']}")
+
+
+def reverse_rankings(n: int, *, seed: int, split: str = "train", num_responses: int = 4):
+    """N-way ranking items for string reversal: the gold reversal and answers with 1, 2, ...
+    random edits (`corrupt_answer`), shuffled; gold score = -(number of edits), so better answers
+    score higher. Prompts from `reverse_problems` (train/eval disjoint)."""
+    from jaxrl_rm.data.records import RankingItem
+
+    out = []
+    for i, p in enumerate(reverse_problems(n, seed=seed, split=split)):
+        rng = np.random.default_rng([seed, i, 31, split == "eval"])
+        answers, edits = [p.answer], [0]
+        for k in range(1, num_responses):
+            a = p.answer
+            for _ in range(k):
+                a = corrupt_answer(a, rng)
+            answers.append(a)
+            edits.append(k)
+        order = rng.permutation(num_responses)
+        out.append(RankingItem(prompt=p.prompt, responses=tuple(answers[j] for j in order),
+                               gold_scores=tuple(float(-edits[j]) for j in order), id=f"revrank-{split}-{seed}-{i}"))
+    return out
 
 
 # --- Reward-model tasks: preference pairs and a synthetic policy pool for POLAR -------------------

@@ -397,7 +397,8 @@ class WarmupConfig:
     steps: int = 0
     batch_size: int = 32
     learning_rate: float = 3e-3
-    #: SFT data; empty: the first task's data.
+    #: SFT data; empty: demonstrations of every task (gold answers, gold rankings, references; one
+    #: task: its own data source).
     data: str = ""
 
 

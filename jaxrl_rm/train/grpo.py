@@ -39,7 +39,7 @@ from jaxrl_rm.sampling import generate
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
 from jaxrl_rm.train.state import (Trainer, abstract_like, build_train_step, export_hf, inject_faults,
                                   make_optimizer)
-from jaxrl_rm.train.tasks import TaskMixer, load_task_items
+from jaxrl_rm.train.tasks import TaskMixer, load_task_items, ranking_template, warmup_records
 
 
 def step_seed(seed: int, *parts: int) -> int:
@@ -144,11 +144,8 @@ class GRPO:
         """What the policy sees for an item: the task's prompt format through the chat template."""
         task = self.tasks[item.task]
         if task.kind == "ranking":
-            from jaxrl_rm.rewards.judges import get_template
-
-            template = get_template(task.options.get("template", "listwise"))
-            return template.render(self.tokenizer if self.cfg.data.chat_template else None,
-                                   prompt=item.prompt, responses=list(item.responses))
+            return ranking_template(task).render(self.tokenizer if self.cfg.data.chat_template else None,
+                                                 prompt=item.prompt, responses=list(item.responses))
         if task.kind == "judgment":
             from jaxrl_rm.rewards.judges import get_template
 
@@ -388,11 +385,18 @@ def warm_start(cfg):
     stage_dir = Path(cfg.run_dir) / "sft_warmup"
     export = stage_dir / "hf"
     if not (export / "config.json").exists():
+        data = w.data
+        if not data and len(cfg.grpo.tasks) > 1:  # demonstrations of every task, mixed
+            from jaxrl_rm.data.loaders import write_jsonl
+
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            data = str(stage_dir / "demonstrations.jsonl")
+            write_jsonl(data, warmup_records(cfg.grpo.tasks, seed=cfg.seed, size=cfg.data.synthetic_size))
         sft_cfg = dataclasses.replace(
             cfg, task="sft", run_dir=str(stage_dir),
             train=dataclasses.replace(cfg.train, steps=w.steps, batch_size=w.batch_size, micro_batches=1),
             optim=dataclasses.replace(cfg.optim, learning_rate=w.learning_rate),
-            data=dataclasses.replace(cfg.data, train=w.data or cfg.grpo.tasks[0].data, eval=""))
+            data=dataclasses.replace(cfg.data, train=data or cfg.grpo.tasks[0].data, eval=""))
         if run_sft(sft_cfg).get("preempted"):
             return None
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(export), tokenizer=str(export)))

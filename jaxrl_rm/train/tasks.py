@@ -114,3 +114,46 @@ class TaskMixer:
     def load_state(self, state: dict) -> None:
         self.drawn.update({k: int(v) for k, v in state.get("drawn", {}).items() if k in self.drawn})
         self.credit.update({k: float(v) for k, v in state.get("credit", {}).items() if k in self.credit})
+
+
+def ranking_template(task):
+    """The listwise judge template of a ranking task: `options.template` (default URPO's
+    `listwise`) with `options.template_options` overrides (e.g. a compact `user` text)."""
+    from jaxrl_rm.rewards.judges import get_template
+
+    return get_template(task.options.get("template", "listwise"), **task.options.get("template_options", {}))
+
+
+def demonstration(item: PromptItem, task):
+    """An SFT record showing the task's output format (SFT warm-up before RL), or None.
+
+    verifiable: prompt -> gold answer; open: prompt -> reference; ranking: the ranking prompt ->
+    `<best response> \\boxed{s1, ..., sN}` with gold scores mapped to the template's range.
+    """
+    from jaxrl_rm.data.records import SFTRecord
+
+    if task.kind == "verifiable" and item.answer:
+        return SFTRecord(prompt=item.prompt, response=item.answer, id=item.id)
+    if task.kind == "open" and item.reference:
+        return SFTRecord(prompt=item.prompt, response=item.reference, id=item.id)
+    if task.kind == "ranking" and item.gold_scores:
+        template = ranking_template(task)
+        gold = np.asarray(item.gold_scores, np.float64)
+        span = gold.max() - gold.min()
+        unit = (gold - gold.min()) / span if span > 0 else np.ones_like(gold)
+        scores = np.rint(template.min_score + unit * (template.max_score - template.min_score)).astype(int)
+        best = item.responses[int(np.argmax(gold))]
+        messages = tuple(template.messages(prompt=item.prompt, responses=list(item.responses)))
+        return SFTRecord(prompt=messages, response=f"{best} \\boxed{{{', '.join(map(str, scores))}}}", id=item.id)
+    return None
+
+
+def warmup_records(tasks, *, seed: int, size: int) -> list:
+    """Demonstrations of every task, in proportion to the task ratios (SFT warm-up data)."""
+    total = sum(t.ratio for t in tasks)
+    out = []
+    for t in tasks:
+        items = load_task_items(t, split="train", seed=seed, size=max(1, int(size * t.ratio / total)))
+        out += [r for r in (demonstration(it, t) for it in items) if r is not None]
+    order = np.random.default_rng([seed, 41]).permutation(len(out))
+    return [out[i] for i in order]

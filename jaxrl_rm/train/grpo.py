@@ -325,9 +325,14 @@ class GRPO:
 
     # --- evaluation ---------------------------------------------------------------------------
     def verifier_for(self, task):
-        """The task's first rule verifier (its options included), for evaluation."""
+        """The verifier that measures a verifiable task's held-out accuracy: `options.eval_verifier`
+        (verifier | exact_match) when set, else the task's first rule-verifier reward (its options
+        included), else math-verify. Judge-rewarded tasks are still evaluated against gold."""
         from jaxrl_rm.rewards.verifiers import ExactMatchVerifier, MathVerifier
 
+        kind = task.options.get("eval_verifier")
+        if kind:
+            return (MathVerifier if kind == "verifier" else ExactMatchVerifier)()
         for spec in task.rewards:
             if spec.type in ("verifier", "exact_match"):
                 return (MathVerifier if spec.type == "verifier" else ExactMatchVerifier)(**spec.options)

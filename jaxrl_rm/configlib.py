@@ -68,14 +68,34 @@ def apply_override(data: dict, override: str) -> dict:
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
+        if isinstance(node, list):  # `grpo.tasks.1.ratio=2`: an element of a list of sections
+            node = _list_item(node, part, override)
+            continue
         child = node.get(part)
         if child is None:
             child = node[part] = {}
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = value
+    if isinstance(node, list):
+        index = _index(node, parts[-1], override)
+        node[index] = value
+    else:
+        node[parts[-1]] = value
     return data
+
+
+def _index(items: list, part: str, override: str) -> int:
+    if not part.lstrip("-").isdigit() or not -len(items) <= int(part) < len(items):
+        raise ConfigError(f"override {override!r}: {part!r} is not an index of a list of {len(items)} items")
+    return int(part)
+
+
+def _list_item(items: list, part: str, override: str) -> dict:
+    item = items[_index(items, part, override)]
+    if not isinstance(item, dict):
+        raise ConfigError(f"override {override!r}: item {part} is not a section")
+    return item
 
 
 # --- dataclass construction with type checks --------------------------------------------------

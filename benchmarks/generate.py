@@ -7,9 +7,12 @@ What is measured (one run, this machine, CPU):
   * batch 32, 64-token prompts, 128 new tokens, ancestral sampling at temperature 1 (no top-k,
     no top-p, no stop tokens, so every row generates all 128 tokens on both sides);
   * tokens/s = 32 * 128 / wall time of one whole `generate` call (prefill + decode +
-    host transfer), steady state: the JAX side is compiled first (`compile_s` = the first call,
-    reported separately) and the best of `--repeats` calls is taken for each side; the two
-    sides are run alternately so that background load hits both alike;
+    host transfer), steady state: the JAX side is compiled first (`compile_s` = the first call
+    minus a steady one, reported separately), HF gets a short warm-up call, and the best of
+    `--repeats` calls is taken for each side; the two sides run alternately so that background
+    load hits both alike. `*_tokens_per_cpu_s` divide by process CPU time instead (all threads)
+    and `load_avg_1m` is the machine's load at start and end: on a shared machine, torch's
+    OpenMP threads degrade far more than XLA's under contention, so read `ratio` with the load;
   * the matmul roofline of this machine, measured in the same run: the weight matmuls of one
     decode step at this batch size (`[32, D] @ W` for q, k, v, o, gate, up, down of every layer
     and the LM head), run alone in a jitted loop. `roofline_fraction` = time of those matmuls /
@@ -50,32 +53,34 @@ def build_hf(path: str):
     return model
 
 
-def hf_generate(model, prompts: np.ndarray, seed: int) -> float:
+def hf_generate(model, prompts: np.ndarray, seed: int, new: int = NEW) -> tuple[float, float]:
+    """-> (wall s, process CPU s) of one `transformers` generate call."""
     import torch
 
     torch.manual_seed(seed)
     ids = torch.tensor(prompts, dtype=torch.long)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                             temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=NEW,
-                             min_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
-    dt = time.perf_counter() - t0
-    assert out.shape == (BATCH, PROMPT + NEW), out.shape
-    return dt
+                             temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new,
+                             min_new_tokens=new, eos_token_id=None, pad_token_id=0)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    assert out.shape == (BATCH, PROMPT + new), out.shape
+    return wall, cpu
 
 
-def jax_generate(model, prompts, seed: int, new: int = NEW) -> float:
+def jax_generate(model, prompts, seed: int, new: int = NEW) -> tuple[float, float]:
+    """-> (wall s, process CPU s) of one `jaxrl_rm.sampling.generate` call (results on host)."""
     import jax
 
     from jaxrl_rm.sampling import generate
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = generate(model, prompts, max_new_tokens=new, temperature=1.0, seed=seed)
     jax.block_until_ready(res.tokens)
-    dt = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert res.tokens.shape == (BATCH, new) and int(res.lengths.min()) == new
-    return dt
+    return wall, cpu
 
 
 def matmul_roofline(model, steps: int = 64) -> tuple[float, float]:
@@ -133,34 +138,42 @@ def main():
     n_params = count_params(model)
     prompts = np.random.default_rng(0).integers(3, MODEL["vocab_size"], (BATCH, PROMPT)).astype(np.int32)
 
-    t0 = time.perf_counter()
-    jax_generate(model, prompts, seed=0)
-    compile_s = time.perf_counter() - t0
+    load_start = os.getloadavg()[0]
+    compile_s = jax_generate(model, prompts, seed=0)[0]
     jax_generate(model, prompts, seed=0, new=1)  # compiles the 1-token bucket (prefill timing)
+    if torch_model is not None:
+        hf_generate(torch_model, prompts, seed=0, new=2)  # warm-up (lazy initialisation)
 
-    jax_times, hf_times, prefill_times = [], [], []
-    for r in range(args.repeats):
-        jax_times.append(jax_generate(model, prompts, seed=r + 1))
-        prefill_times.append(jax_generate(model, prompts, seed=r + 1, new=1))
+    jax_runs, hf_runs, prefill_runs = [], [], []
+    for r in range(args.repeats):  # alternate the two sides so background load hits both alike
+        jax_runs.append(jax_generate(model, prompts, seed=r + 1))
+        prefill_runs.append(jax_generate(model, prompts, seed=r + 1, new=1))
         if torch_model is not None:
-            hf_times.append(hf_generate(torch_model, prompts, seed=r))
-    compile_s -= min(jax_times)  # first call = compile + one run
-
-    t_jax = min(jax_times)
-    step_s = (t_jax - min(prefill_times)) / (NEW - 1)
+            hf_runs.append(hf_generate(torch_model, prompts, seed=r))
+    t_jax = min(w for w, _ in jax_runs)
+    compile_s -= t_jax  # first call = compile + one run
+    step_s = (t_jax - min(w for w, _ in prefill_runs)) / (NEW - 1)
     mm_s, step_flops = matmul_roofline(model)
+    tokens = BATCH * NEW
+    t_hf = min(w for w, _ in hf_runs) if hf_runs else None
+    cpu_jax = min(c for _, c in jax_runs)
+    cpu_hf = min(c for _, c in hf_runs) if hf_runs else None
     result = {
         "benchmark": "generate",
         "model": f"qwen2-style random weights, {n_params / 1e6:.1f}M params, vocab {MODEL['vocab_size']}, "
                  f"d={MODEL['hidden_size']}, L={MODEL['num_hidden_layers']}, float32",
         "batch": BATCH, "prompt_len": PROMPT, "new_tokens": NEW, "temperature": 1.0,
         "devices": f"{jax.device_count()} x {jax.devices()[0].platform}, {os.cpu_count()} cores",
-        "jax_tokens_per_s": round(BATCH * NEW / t_jax, 1),
-        "hf_tokens_per_s": round(BATCH * NEW / min(hf_times), 1) if hf_times else None,
-        "ratio": round(min(hf_times) / t_jax, 2) if hf_times else None,
+        "jax_tokens_per_s": round(tokens / t_jax, 1),
+        "hf_tokens_per_s": round(tokens / t_hf, 1) if t_hf else None,
+        "ratio": round(t_hf / t_jax, 2) if t_hf else None,
         "compile_s": round(compile_s, 2),
-        "jax_s": round(t_jax, 3), "hf_s": round(min(hf_times), 3) if hf_times else None,
-        "prefill_s": round(min(prefill_times), 4),
+        "jax_s": round(t_jax, 3), "hf_s": round(t_hf, 3) if t_hf else None,
+        # Process CPU time (all threads): less sensitive to other jobs on a shared machine.
+        "jax_tokens_per_cpu_s": round(tokens / cpu_jax, 1),
+        "hf_tokens_per_cpu_s": round(tokens / cpu_hf, 1) if cpu_hf else None,
+        "load_avg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        "prefill_s": round(min(w for w, _ in prefill_runs), 4),
         "decode_step_ms": round(step_s * 1e3, 3),
         "matmul_only_step_ms": round(mm_s * 1e3, 3),
         "matmul_roofline_gflops": round(step_flops / mm_s / 1e9, 1),

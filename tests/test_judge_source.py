@@ -236,7 +236,10 @@ def test_self_judge_and_model_judge_in_grpo(tmp_path):
                              f"{{type: judge, path: '{judge_dir}', weight: 0.5, options: {{mode: pointwise, "
                              "max_new_tokens: 6, max_prompt_length: 64, num_judgments: 2}}]}]"])
     rl = GRPO(cfg)
-    self_src = rl.sources["math"][0][0]
+    self_src, judge_src = rl.sources["math"][0][0], rl.sources["math"][1][0]
+    # the judge's saved character tokenizer still encodes whitespace (judge templates are full of it)
+    text = "[User Question]\nreverse: ab"
+    assert judge_src.tokenizer.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
     seen = []
     params_before = rl.current_params
     orig = self_src.judge.model_fn

@@ -166,7 +166,7 @@ def _synthesis_cfg(tmp_path, out, seed=0):
         "polar_data.num_prompts=20", "polar_data.batch_size=4", *QUIET,
         "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1",
         'polar_data.policies=[{path: "synthetic:style:0"}, {path: "synthetic:style:5"}, '
-        '{name: lm0, seed: 0, max_new_tokens: 8}]'])
+        '{path: "synthetic:style:9"}]'])
 
 
 def test_polar_data_is_deterministic_and_resumable(tmp_path):
@@ -177,9 +177,9 @@ def test_polar_data_is_deterministic_and_resumable(tmp_path):
     summary = run_polar_data(_synthesis_cfg(tmp_path, ref))
     full = ref.read_bytes()
     quads, stats = load_records(ref, PolarQuad)
-    assert len(quads) == summary["quads_total"] == 20 - summary["skipped_empty"] > 10
+    assert len(quads) == summary["quads_total"] == 20 and summary["skipped_empty"] == 0
     for q in quads:
-        assert q.policy_a != q.policy_b and {q.policy_a, q.policy_b} <= {"style0", "style5", "lm0"}
+        assert q.policy_a != q.policy_b and {q.policy_a, q.policy_b} <= {"style0", "style5", "style9"}
     # Same seed: the same bytes. An interrupted file (a chunk and a half written, the last line
     # cut mid-way) resumes to exactly the uninterrupted file.
     lines = full.split(b"\n")
@@ -268,17 +268,25 @@ def test_policy_discrimination_pretraining_generalises(tmp_path):
     ft = _cli("--config", "configs/polar_finetune_tiny.yaml", f"run_dir={tmp_path / 'finetune'}",
               f"model.path={run_dir / 'hf'}", *QUIET)
     print(f"fine-tuning accuracy (held-out triples): {ft['eval_accuracy_before']:.3f} -> {ft['eval_accuracy_after']:.3f}")
-    assert ft["eval_accuracy_after"] >= 0.9 and ft["eval_accuracy_after"] >= ft["eval_accuracy_before"]
+    assert ft["eval_accuracy_after"] >= 0.8 and ft["eval_accuracy_gain"] >= 0.2
 
 
 @pytest.mark.slow
-def test_polar_data_config_runs(tmp_path):
-    s = _cli("--config", "configs/polar_data_tiny.yaml", f"run_dir={tmp_path}", *QUIET)
-    out = tmp_path / "quads.jsonl"
-    assert s["quads_total"] == len(out.read_text().splitlines()) > 0
+def test_polar_data_config_runs_and_resumes(tmp_path):
+    """configs/polar_data_tiny.yaml (two tiny LMs + two style policies): valid quads; an
+    interrupted file resumes to the same bytes (LM samples are seeded per chunk and policy)."""
     from jaxrl_rm.data.loaders import load_records
 
-    load_records(out, PolarQuad)  # every row is a valid quad
+    s = _cli("--config", "configs/polar_data_tiny.yaml", f"run_dir={tmp_path}", *QUIET)
+    out = tmp_path / "quads.jsonl"
+    full = out.read_bytes()
+    assert s["quads_total"] == len(full.splitlines()) > 40
+    quads, _ = load_records(out, PolarQuad)  # every row is a valid quad
+    assert {q.policy_a for q in quads} == {"tiny_lm_a", "tiny_lm_b", "style0", "style1"}
+    lines = full.split(b"\n")
+    out.write_bytes(b"\n".join(lines[:25]) + b"\n" + lines[25][:7])
+    s2 = _cli("--config", "configs/polar_data_tiny.yaml", f"run_dir={tmp_path}", *QUIET)
+    assert s2["resumed_from_prompt"] in (16, 32) and out.read_bytes() == full
 
 
 @pytest.mark.slow

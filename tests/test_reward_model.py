@@ -236,7 +236,8 @@ def _cli(*args, timeout=1800):
 def test_bt_tiny_config_learns(tmp_path):
     s = _cli("--config", "configs/rm_bt_tiny.yaml", f"run_dir={tmp_path}", *QUIET)
     assert s["eval_accuracy_after"] >= 0.9 and s["eval_accuracy_gain"] > 0.2, s
-    assert any(k.startswith("eval_accuracy/style") for k in s)
+    assert s["eval_accuracy_before"] < 0.7
+    assert s["eval_accuracy/in_capitals_after"] >= 0.9 and s["eval_accuracy/in_small_letters_after"] >= 0.9
 
 
 @pytest.mark.slow
@@ -275,3 +276,16 @@ def test_rm_pipeline_on_a_sharded_mesh(tmp_path):
         print("OK")
     """)
     assert "OK" in out
+
+
+def test_source_errors_name_the_key():
+    from jaxrl_rm.config import ConfigError, load_config
+    from jaxrl_rm.train.reward_model import STAGES, load_rm_records
+
+    cfg = load_config(None, ["task=polar_pretrain"])
+    with pytest.raises(ConfigError, match=r"data.train: synthetic:style_pairs makes PreferencePair records"):
+        load_rm_records("synthetic:style_pairs", STAGES["polar_pretrain"], cfg, split="train")
+    with pytest.raises(ConfigError, match=r"data.train: unknown synthetic reward-model task 'nope'"):
+        load_rm_records("synthetic:nope", STAGES["rm_bt"], cfg, split="train")
+    with pytest.raises(ConfigError, match=r"hh_rlhf sources give preference pairs"):
+        load_rm_records("hh_rlhf:x.jsonl", STAGES["polar_finetune"], cfg, split="train")

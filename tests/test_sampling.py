@@ -60,19 +60,21 @@ def _hf_greedy(torch_model, prompts, max_new, eos):
 def test_greedy_matches_transformers(family, tiny):
     torch_model, model, _ = tiny(family)
     prompts = _prompts()
-    expected = _hf_greedy(torch_model, prompts, 12, eos=2)
-    res = generate(model, prompts, max_new_tokens=12, greedy=True, stop_token_ids=[2])
+    # 40 new tokens: a 64-slot generation bucket, decoded in two phases (the cache grows between them)
+    assert len(sampler_mod.decode_windows(16, bucket_length(40))) == 2
+    expected = _hf_greedy(torch_model, prompts, 40, eos=2)
+    res = generate(model, prompts, max_new_tokens=40, greedy=True, stop_token_ids=[2])
     tokens = np.asarray(res.tokens)
     np.testing.assert_array_equal(tokens[:, :expected.shape[1]], expected)
     assert (tokens[:, expected.shape[1]:] == 0).all()
 
     # Stop on a token the model actually emits: HF stops that row at the same place and pads.
     stop = int(expected[0, 3])
-    expected = _hf_greedy(torch_model, prompts, 12, eos=stop)
-    res = generate(model, prompts, max_new_tokens=12, greedy=True, stop_token_ids=[stop])
+    expected = _hf_greedy(torch_model, prompts, 40, eos=stop)
+    res = generate(model, prompts, max_new_tokens=40, greedy=True, stop_token_ids=[stop])
     tokens = np.asarray(res.tokens)
     np.testing.assert_array_equal(tokens[:, :expected.shape[1]], expected)
-    hf_len = np.array([next((j + 1 for j, t in enumerate(row) if t == stop), 12) for row in expected])
+    hf_len = np.array([next((j + 1 for j, t in enumerate(row) if t == stop), 40) for row in expected])
     np.testing.assert_array_equal(np.asarray(res.lengths), hf_len)
     assert res.finish_reason[0] == "stop" and hf_len[0] <= 4
 
@@ -80,8 +82,8 @@ def test_greedy_matches_transformers(family, tiny):
 # --- log-probs ------------------------------------------------------------------------------------
 def test_logprobs_equal_teacher_forced(tiny):
     _, model, _ = tiny("qwen3")
-    res = generate(model, _prompts(1), **{**SAMPLE, "temperature": 0.7}, seed=3)
-    assert res.tokens.shape == (12, 10) and res.logprobs.dtype == jnp.float32
+    res = generate(model, _prompts(1), **{**SAMPLE, "temperature": 0.7, "max_new_tokens": 40}, seed=3)
+    assert res.tokens.shape == (12, 40) and res.logprobs.dtype == jnp.float32
     tf = teacher_forced_logprobs(model, res, temperature=0.7)
     np.testing.assert_allclose(np.asarray(res.logprobs), np.asarray(tf), atol=1e-4, rtol=0)
     tf1 = teacher_forced_logprobs(model, res, temperature=1.0)

@@ -271,16 +271,22 @@ def style_triples(n: int, *, seed: int, split: str = "train") -> list[RankedTrip
 
 
 def style_pairs(n: int, *, seed: int, split: str = "train") -> list[PreferencePair]:
-    """Bradley–Terry pairs with an absolute preference: answers of policy `style0` (the "house
-    style") are preferred to answers of any other policy on the same prompt."""
+    """Bradley–Terry pairs with an instruction-following preference: the prompt asks for an answer
+    `in capitals` or `in small letters` (the subset); chosen = an answer of a random pool policy in
+    the requested casing, rejected = another policy's answer in the other casing. Which casing wins
+    flips with the prompt, so no fixed style scores well: the RM must read the request."""
     pool = style_policy_pool()
     pseed = seed if split == "train" else seed + 10_000
+    requests = (("in capitals", "upper"), ("in small letters", "lower"))
     out = []
     for i, prompt in enumerate(style_prompts(n, seed=pseed)):
         rng = np.random.default_rng([pseed, i, 19])
-        other = pool[1 + int(rng.integers(len(pool) - 1))]
-        out.append(PreferencePair(prompt=prompt, chosen=pool[0].sample(prompt, rng),
-                                  rejected=other.sample(prompt, rng), subset=other.name,
+        (request, case), (_, other_case) = requests if rng.random() < 0.5 else requests[::-1]
+        a, b = rng.choice(len(pool), size=2, replace=False)
+        asked = f"{prompt}, {request}"
+        chosen = _dc.replace(pool[int(a)], case=case).sample(prompt, rng)
+        rejected = _dc.replace(pool[int(b)], case=other_case).sample(prompt, rng)
+        out.append(PreferencePair(prompt=asked, chosen=chosen, rejected=rejected, subset=request.replace(" ", "_"),
                                   id=f"stylepair-{split}-{pseed}-{i}"))
     return out
 

@@ -13,30 +13,39 @@ from jax import lax
 
 def token_logprobs_reference(hidden, lm_head, targets, *, temperature: float = 1.0,
                              with_entropy: bool = False):
-    """Dense reference of `jaxrl_rm.kernels.token_logprobs`.
+    """Dense reference of `jaxrl_rm.kernels.token_logprobs`, written the textbook way
+    (`log_softmax` then `take_along_axis`) so that it shares no formulation with the kernels.
 
     Args:
       hidden: `[N, D]` any float dtype (upcast to float32).
       lm_head: `[D, V]` any float dtype (upcast to float32).
-      targets: `[N] int`; a target outside `[0, V)` matches no column (its logit counts as 0).
+      targets: `[N] int` in `[0, V)`.
       temperature: logits are `hidden @ lm_head / temperature`.
       with_entropy: also return the entropy of the temperature-scaled softmax.
 
     Returns:
       `logp: [N] float32`, or `(logp, entropy)` both `[N] float32`.
     """
-    lse, zt, ent = reference_stats(hidden, lm_head, targets, temperature=temperature,
-                                   with_entropy=with_entropy)
-    logp = zt - lse
-    return (logp, ent) if with_entropy else logp
+    h = hidden.astype(jnp.float32)
+    w = lm_head.astype(jnp.float32)
+    z = jnp.dot(h, w, precision=lax.Precision.HIGHEST) / temperature
+    log_p = jax.nn.log_softmax(z, axis=-1)
+    logp = jnp.take_along_axis(log_p, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    if not with_entropy:
+        return logp
+    return logp, -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
 
 
 def reference_stats(hidden, lm_head, targets, *, temperature: float = 1.0,
                     with_entropy: bool = False):
-    """Dense `(lse, z_target, entropy or None)`, each `[N] float32`; plain autodiff."""
+    """Dense `(lse, z_target, entropy or None)`, each `[N] float32`; plain autodiff.
+
+    The per-vocab-shard form used by the vocab-parallel path with `impl="reference"`: a target
+    outside `[0, V)` (another shard's token) matches no column and contributes a 0 logit.
+    """
     h = hidden.astype(jnp.float32)
     w = lm_head.astype(jnp.float32)
-    z = jnp.dot(h, w, precision=lax.Precision.HIGHEST) / jnp.float32(temperature)
+    z = jnp.dot(h, w, precision=lax.Precision.HIGHEST) / temperature
     lse = jax.nn.logsumexp(z, axis=-1)
     cols = jnp.arange(z.shape[-1], dtype=jnp.int32)
     zt = jnp.sum(jnp.where(cols[None, :] == targets[:, None].astype(jnp.int32), z, 0.0), axis=-1)

@@ -195,14 +195,20 @@ class RewardScorer:
     """
 
     def __init__(self, model, tokenizer, *, max_length: int, batch_size: int = 32, mesh=None,
-                 padding_side: str = "right"):
+                 padding_side: str = "right", keep_params: bool = True):
+        """keep_params=False: hold only the graph; every call must pass `params=` (e.g. a trainer
+        scoring with its train state, without a second copy of the weights)."""
         self.tokenizer, self.max_length, self.mesh = tokenizer, int(max_length), mesh
         mult = int(np.lcm(_batch_multiple(mesh), jax.process_count()))
         self.batch_size = -(-int(batch_size) // mult) * mult
         self.padding_side = padding_side
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         graphdef, state = nnx.split(model)
-        self.graphdef, self.params = graphdef, nnx.to_pure_dict(state)
+        self.graphdef, self.params = graphdef, (nnx.to_pure_dict(state) if keep_params else None)
+        if mesh is not None and keep_params:  # weights sharded by the rules table, like the batches
+            from jaxrl_rm.parallel.rules import param_shardings
+
+            self.params = jax.device_put(self.params, param_shardings(self.params, mesh))
 
         def forward(params, input_ids, attention_mask, score_index):
             m = nnx.merge(graphdef, params)
@@ -213,6 +219,8 @@ class RewardScorer:
     def score_sequences(self, seqs: Sequence[Sequence_], *, params=None) -> np.ndarray:
         """[(ids, head index)] -> rewards `[n]` float32 (input order)."""
         params = self.params if params is None else params
+        if params is None:
+            raise ValueError("this scorer keeps no weights (keep_params=False): pass params=")
         out = np.zeros((len(seqs),), np.float32)
         for start in range(0, len(seqs), self.batch_size):
             block = list(seqs[start: start + self.batch_size])

@@ -1,11 +1,18 @@
 """Batched autoregressive sampling: jitted prefill + `lax.while_loop` decode over a KV cache.
 
 Layout (left padding): prompts are left-padded to a bucketed length `P`, so every row writes
-its next key/value at the same cache slot `P + t`; a row's RoPE positions count only its real
-tokens (`prompt_len + t`), so padding changes nothing numerically. The cache
-(`[B, kv, S, Dh]` per layer, `S = P + N`) and the loop state never leave one jitted function:
-XLA updates the while-loop carry in place (the in-jit equivalent of donating it), and the
-weights are passed in, never donated.
+its next key/value at the same cache slot `P + t` (one `dynamic_update_slice`, in place); a row's
+RoPE positions count only its real tokens (`prompt_len + t`), so padding changes nothing
+numerically. The prompts are prefilled once (`[R, P]`) and the cache is repeated for the
+`num_samples` rows of each prompt; only the last prompt position goes through the LM head.
+
+Decode: a `lax.while_loop` per phase that exits as soon as every row has stopped. The cache is
+head-major (`[B, kv, W, Dh]` per layer, see `models.transformer`) and *grows* between up to four
+phases (`decode_windows`: W = P + N/4, P + N/2, ..., P + N), so attention reads only slots that
+can already be filled - on CPU a decode step is memory-bound and the K/V reads cost about as
+much as the weight reads. The cache and loop state never leave one jitted function: XLA updates
+the while-loop carry in place (the in-jit equivalent of donating it); the weights are passed in,
+never donated. Sampling reads one uniform per row per step (`distribution.sample_tokens`).
 
 Compilation: one executable per (graphdef, prompt-row bucket, prompt-length bucket,
 generation-length bucket, num_samples, static sampling switches, mesh). `max_new_tokens`,
@@ -241,9 +248,14 @@ def _generate_core(graphdef, state, prompt_ids, prompt_lens, live, key, temperat
     cfg = model.config
     cache_sh = _cache_sharding(spec, cfg.num_key_value_heads)
 
+    # One uniform per row and step, drawn up front (`[N, B]`): no PRNG work inside the loop.
+    uniforms = jax.random.uniform(key, (n_gen, b), jnp.float32)
+    if spec.mesh is not None:
+        uniforms = _constrain(uniforms, NamedSharding(spec.mesh, P(None, BATCH_AXES)))
+
     def sample(logits, t):
         """logits `[B, V]` f32 at step t -> (tok, logp, unfiltered logp or None)."""
-        u = jax.random.uniform(jax.random.fold_in(key, t), (b,), jnp.float32)
+        u = jax.lax.dynamic_index_in_dim(uniforms, t, axis=0, keepdims=False)
         tok, logp = sample_tokens(logits, u, temperature=temperature, top_k=spec.top_k, top_p=top_p,
                                   use_top_p=spec.use_top_p, greedy=spec.greedy)
         base = None

@@ -44,7 +44,7 @@ from flax import nnx
 
 from jaxrl_rm.config import RewardSpec, TaskSpec
 from jaxrl_rm.data.records import JudgmentExample, SFTRecord, VerifiableProblem
-from jaxrl_rm.rewards.judge_source import TextJudge, content_seed, label_score, prompt_as_text
+from jaxrl_rm.rewards.judge_source import TextJudge, content_seed, label_score, load_tokenizer, prompt_as_text
 from jaxrl_rm.rewards.judges import get_template
 from jaxrl_rm.train.grpo import GRPO
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
@@ -75,7 +75,7 @@ def policy_responses(path: str, problems, *, n: int, temperature: float, max_new
                      chat_template: bool = True, mesh=None, batch_size: int = 256) -> list[list[str]]:
     """`n` sampled answers per problem from the HF model at `path` (its own tokenizer)."""
     from jaxrl_rm.data.pipeline import encode, render_prompt
-    from jaxrl_rm.models.hf import load_model, load_tokenizer
+    from jaxrl_rm.models.hf import load_model
     from jaxrl_rm.sampling import generate
 
     model, tok = load_model(path), load_tokenizer(path)
@@ -156,6 +156,33 @@ def balance_labels(examples, *, seed: int) -> list:
 def _label_counts(examples) -> dict:
     pos = sum(1 for e in examples if bool(e.label))
     return {"examples": len(examples), "positive": pos, "negative": len(examples) - pos}
+
+
+def with_tokenizer_dir(cfg):
+    """Pin the run's tokenizer to one directory for every stage.
+
+    With the built-in character tokenizer (`model.path` and `model.tokenizer` empty) it is saved
+    to `<run_dir>/tokenizer` (tokenizer files only) and `model.tokenizer` points there. Loading it
+    back from a model export instead would go through AutoTokenizer with the export's
+    `config.json`, which in transformers 5 picks the model family's tokenizer class and drops
+    spaces and newlines (see `jaxrl_rm.rewards.judge_source.load_tokenizer`); judge templates are
+    full of both.
+    """
+    if cfg.model.tokenizer or cfg.model.path:
+        return cfg
+    from jaxrl_rm.data.tokenizer import build_char_tokenizer
+
+    path = Path(cfg.run_dir) / "tokenizer"
+    if jax.process_index() == 0 and not (path / "tokenizer.json").exists():
+        build_char_tokenizer(path)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokenizer=str(path)))
+
+
+def _with_model(cfg, path: str):
+    """cfg.model loading weights from `path`, keeping a pinned tokenizer directory."""
+    if not path:
+        return cfg.model
+    return dataclasses.replace(cfg.model, path=path, tokenizer=cfg.model.tokenizer or path)
 
 
 def ensure_policy(cfg) -> str | None:
@@ -316,7 +343,7 @@ def judge_warmup(cfg, train_path: str, init_path: str) -> str | None:
     if jax.process_index() == 0:
         data_path.parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(data_path, records)
-    model = cfg.model if not init_path else dataclasses.replace(cfg.model, path=init_path, tokenizer=init_path)
+    model = _with_model(cfg, init_path)
     sft_cfg = dataclasses.replace(
         cfg, task="sft", run_dir=str(stage), model=model,
         train=dataclasses.replace(cfg.train, steps=j.warmup_steps, batch_size=j.warmup_batch_size,
@@ -369,6 +396,7 @@ def run_judge_j1(cfg) -> dict:
     from jaxrl_rm.parallel.mesh import fetch_global, mesh_from_config
 
     run_dir = prepare_run_dir(cfg)
+    cfg = with_tokenizer_dir(cfg)
     j = cfg.judge
     needs_policy = not j.data and "policy" in (j.train_sampler, j.eval_sampler)
     policy_path = ensure_policy(cfg) if (needs_policy or j.judge_init == "policy") else None
@@ -380,7 +408,7 @@ def run_judge_j1(cfg) -> dict:
     if judge_path is None:
         return {"task": "judge_j1", "preempted": True, "stage": "judge_warmup"}
 
-    model = cfg.model if not judge_path else dataclasses.replace(cfg.model, path=judge_path, tokenizer=judge_path)
+    model = _with_model(cfg, judge_path)
     rl_cfg = dataclasses.replace(cfg, model=model, grpo=dataclasses.replace(cfg.grpo, tasks=[judge_task(cfg, train_path, eval_path)]),
                                  warmup=dataclasses.replace(cfg.warmup, steps=0))
     eval_examples, _ = load_records(eval_path, JudgmentExample)

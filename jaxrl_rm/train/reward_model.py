@@ -257,8 +257,7 @@ def run_reward_model(cfg) -> dict:
     stream = BatchStream(rows, cfg.train.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
 
     scorer = RewardScorer(model, tokenizer, max_length=cfg.data.max_length, batch_size=cfg.rm.eval_batch_size,
-                          mesh=mesh)
-    scorer.params = None  # always scored with the train state's params
+                          mesh=mesh, keep_params=False)  # scores with the train state's params
     trainer = Trainer(graphdef=nnx.split(model)[0], optimizer=make_optimizer(cfg.optim, cfg.train.steps), mesh=mesh)
     state = trainer.init_state(model, cfg.seed)
     abstract_state = abstract_like(state)

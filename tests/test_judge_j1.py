@@ -1,0 +1,115 @@
+"""J1 judge training: data stage (sampling, teacher labels, balance), warm-up targets, config, and
+(slow) the end-to-end pipeline on the synthetic reversal task."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxrl_rm.config import ConfigError, load_config
+from jaxrl_rm.data import synthetic
+from jaxrl_rm.data.loaders import load_records
+from jaxrl_rm.data.records import JudgmentExample
+from jaxrl_rm.rewards.judges import get_template
+from jaxrl_rm.train.judge import balance_labels, build_judgment_data, label_answers, warmup_records
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_corrupt_sampler_never_returns_the_gold_answer():
+    rng = np.random.default_rng(0)
+    for word in ["a", "ab", "abc", "hgfedcba"]:
+        for _ in range(50):
+            out = synthetic.corrupt_answer(word, rng)
+            assert out and out != word
+    probs = synthetic.reverse_problems(40, seed=0)
+    a1 = synthetic.corrupted_responses(probs, 4, seed=1, p_correct=0.5)
+    assert a1 == synthetic.corrupted_responses(probs, 4, seed=1, p_correct=0.5)
+    share = np.mean([a == p.answer for p, row in zip(probs, a1) for a in row])
+    assert 0.3 < share < 0.7
+
+
+def test_teacher_labels_dedupe_and_balance():
+    probs = list({p.prompt: p for p in synthetic.reverse_problems(40, seed=0)}.values())[:30]  # distinct words
+    answers = [[p.answer, p.answer, p.answer[::-1] + "x", ""] for p in probs]
+    examples, stats = label_answers(probs, answers)
+    assert stats["sampled"] == 120 and stats["empty"] == 30 and stats["duplicates"] == 30
+    assert stats["sampler_accuracy"] == pytest.approx(0.5)
+    assert all(ex.label == (ex.response == ex.reference) for ex in examples)
+    assert all(ex.reference == p.answer for ex, p in zip(examples[::2], probs))
+    unbalanced = examples + [JudgmentExample(prompt="q", response="r", label=False, reference="s")] * 7
+    bal = balance_labels(unbalanced, seed=0)
+    assert sum(e.label for e in bal) == sum(not e.label for e in bal) == 30
+    assert bal == balance_labels(unbalanced, seed=0)
+
+
+@pytest.mark.parametrize("think", ["reference", "response", "fixed"])
+def test_warmup_targets_are_valid_judgments(think):
+    probs = synthetic.reverse_problems(200, seed=0)
+    exs = [JudgmentExample(prompt=p.prompt, response=p.answer if i % 2 else p.answer + "a", label=bool(i % 2),
+                           reference=p.answer) for i, p in enumerate(probs)]
+    tpl = get_template("pointwise_correctness")
+    for noise in (0.0, 1.0):
+        recs = warmup_records(exs, "pointwise_correctness", label_noise=noise, think=think, seed=0)
+        results = [tpl.parse(r.response) for r in recs]
+        assert all(r.valid for r in results)
+        agree = np.mean([r.value == float(e.label) for r, e in zip(results, exs)])
+        if noise == 0.0:
+            assert agree == 1.0
+        else:  # random verdicts: about half agree with the teacher
+            assert 0.35 < agree < 0.65
+        ex, rec = exs[3], recs[3]
+        assert rec.prompt == tpl.fill(prompt=ex.prompt, response=ex.response)[1]
+        inside = results[3].reasoning
+        assert inside == {"reference": ex.reference, "response": ex.response}.get(think, inside)
+
+
+def test_data_stage_with_an_off_policy_sampler(tmp_path):
+    cfg = load_config(None, ["task=judge_j1", f"run_dir={tmp_path}", "judge.train_sampler=corrupt",
+                             "judge.eval_sampler=corrupt", "judge.num_train_prompts=64", "judge.num_eval_prompts=32"])
+    tr, ev, stats = build_judgment_data(cfg, policy_path=None)
+    train, _ = load_records(tr, JudgmentExample)
+    held, _ = load_records(ev, JudgmentExample)
+    for split, exs in (("train", train), ("eval", held)):
+        assert stats[f"{split}_positive"] == stats[f"{split}_negative"] == sum(e.label for e in exs) > 0
+        assert all(e.label == (e.response == e.reference) for e in exs)
+    assert not {e.prompt for e in train} & {e.prompt for e in held}  # held-out problems
+    assert json.loads((tmp_path / "judge_data" / "stats.json").read_text()) == stats
+    assert build_judgment_data(cfg, policy_path=None) == (tr, ev, stats)  # reused, not resampled
+
+    # supplied teacher-labelled judgments: a tenth of the prompts is held out
+    cfg2 = load_config(None, ["task=judge_j1", f"run_dir={tmp_path / 'supplied'}", f"judge.data={tr}"])
+    tr2, ev2, stats2 = build_judgment_data(cfg2, policy_path=None)
+    a, _ = load_records(tr2, JudgmentExample)
+    b, _ = load_records(ev2, JudgmentExample)
+    assert len(a) + len(b) == len(train) and b and not {e.prompt for e in a} & {e.prompt for e in b}
+
+
+def test_judge_config_validation_names_keys(tmp_path):
+    with pytest.raises(ConfigError, match="judge.template"):
+        load_config(None, ["task=judge_j1", "judge.template=pairwise"])
+    with pytest.raises(ConfigError, match="judge.warmup_label_noise"):
+        load_config(None, ["task=judge_j1", "judge.warmup_label_noise=1.5"])
+    with pytest.raises(ConfigError, match="judge.eval_data"):
+        load_config(None, ["task=judge_j1", "judge.eval_data=x.jsonl"])
+    for name in ("judge_j1_tiny.yaml", "judge_j1_offpolicy_tiny.yaml"):
+        cfg = load_config(REPO / "configs" / name)
+        assert cfg.task == "judge_j1"
+
+
+@pytest.mark.slow
+def test_j1_raises_held_out_judgment_accuracy(tmp_path):
+    """Acceptance: the J1 loop raises a tiny judge's held-out judgment accuracy by >= 15 points
+    over the same model before judge RL (configs/judge_j1_tiny.yaml, seed 0)."""
+    from jaxrl_rm.train.judge import run_judge_j1
+
+    cfg = load_config(REPO / "configs" / "judge_j1_tiny.yaml", [f"run_dir={tmp_path}", "logging.progress=false",
+                                                                "logging.tensorboard=false"])
+    summary = run_judge_j1(cfg)
+    assert not summary["preempted"]
+    assert summary["judge_invalid_rate_before"] < 0.2  # the warm-up taught the format
+    assert summary["judge_accuracy_gain"] >= 0.15, summary
+    assert (tmp_path / "hf" / "config.json").exists()
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["judge_accuracy_gain"] == pytest.approx(summary["judge_accuracy_gain"])

@@ -1,0 +1,296 @@
+"""`jaxrl_rm.kernels.token_logprobs`: every implementation against the dense reference.
+
+Values and gradients (w.r.t. hidden and lm_head, through log-probs and entropy, temperature
+!= 1) on shapes that no block size divides; bf16 inputs; the Pallas kernels (Mosaic and Triton
+flavours) in interpret mode; vocab-parallel under shard_map on 8 fake CPU devices (subprocess).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxrl_rm.kernels import IMPLS, token_logprobs, token_logprobs_reference
+from jaxrl_rm.kernels import logprobs as lp
+
+F32_TOL = 1e-5
+# Small blocks so that every kernel runs several token and vocab blocks and ragged edges.
+IMPL_KW = {
+    "chunked": dict(impl="chunked", block_tokens=32, block_vocab=256),
+    "pallas_tpu": dict(impl="pallas", pallas_platform="tpu", block_tokens=32, block_vocab=256),
+    "pallas_gpu": dict(impl="pallas", pallas_platform="gpu", block_tokens=32, block_vocab=128),
+}
+
+
+def _inputs(n, d, v, dtype=jnp.float32, seed=0, scale=0.3):
+    """numpy RNG (no per-shape jax.random compiles): hidden [n, d], lm_head [d, v], targets [n]."""
+    rng = np.random.default_rng(seed)
+    hidden = jnp.asarray(rng.standard_normal((n, d), np.float32)).astype(dtype)
+    lm_head = jnp.asarray(scale * rng.standard_normal((d, v), np.float32)).astype(dtype)
+    targets = jnp.asarray(rng.integers(0, v, n), jnp.int32)
+    return hidden, lm_head, targets
+
+
+def _loss_fn(targets, with_entropy, temperature, **kw):
+    """A scalar with generic per-token cotangents on logp (and entropy), for value+grad tests."""
+    n = targets.shape[0]
+    g_logp = jnp.cos(jnp.arange(n, dtype=jnp.float32))
+    g_ent = jnp.sin(1.0 + jnp.arange(n, dtype=jnp.float32))
+
+    def loss(hidden, lm_head):
+        out = token_logprobs(hidden, lm_head, targets, temperature=temperature,
+                             with_entropy=with_entropy, **kw)
+        if with_entropy:
+            logp, ent = out
+            return jnp.sum(g_logp * logp) + jnp.sum(g_ent * ent), out
+        return jnp.sum(g_logp * out), out
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def assert_close(x, ref, tol, what=""):
+    """Elementwise within `tol` relative, with an absolute floor of `tol * max|ref|`."""
+    x = np.asarray(jnp.asarray(x, jnp.float32))
+    ref = np.asarray(jnp.asarray(ref, jnp.float32))
+    assert x.shape == ref.shape, (what, x.shape, ref.shape)
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    np.testing.assert_allclose(x, ref, rtol=tol, atol=tol * scale, err_msg=what)
+
+
+_REF_CACHE: dict = {}
+
+
+def _reference(hidden, lm_head, targets, with_entropy, temperature):
+    """Reference value+grads, cached: several implementations compare against the same one."""
+    key = tuple(np.asarray(x).tobytes() for x in (hidden, lm_head, targets)) + (
+        hidden.dtype.name, hidden.shape, lm_head.shape, with_entropy, temperature)
+    if key not in _REF_CACHE:
+        _REF_CACHE[key] = _loss_fn(targets, with_entropy, temperature,
+                                   impl="reference")(hidden, lm_head)
+    return _REF_CACHE[key]
+
+
+def _check_against_reference(hidden, lm_head, targets, with_entropy, temperature, tol,
+                             grad_tol=None, **kw):
+    (_, out), grads = _loss_fn(targets, with_entropy, temperature, **kw)(hidden, lm_head)
+    (_, ref_out), ref_grads = _reference(hidden, lm_head, targets, with_entropy, temperature)
+    for name, a, b in zip(("logp", "entropy"), jax.tree.leaves(out), jax.tree.leaves(ref_out)):
+        assert a.dtype == jnp.float32, name
+        assert_close(a, b, tol, name)
+    for name, g, g_ref, x in zip(("d_hidden", "d_lm_head"), grads, ref_grads, (hidden, lm_head)):
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        assert_close(g, g_ref, grad_tol or tol, name)
+
+
+# ---------------------------------------------------------------------------------- float32
+
+
+@pytest.mark.parametrize("shape,temperature,with_entropy", [
+    ((77, 96, 1003), 1.0, False), ((77, 96, 1003), 1.0, True),
+    ((77, 96, 1003), 0.7, False), ((77, 96, 1003), 0.7, True),
+    ((64, 32, 1024), 0.7, True),  # blocks divide V: no overlapped last vocab block
+    ((5, 16, 37), 1.3, True),     # fewer tokens / vocab than one block
+])
+def test_chunked_matches_reference_f32(shape, temperature, with_entropy):
+    hidden, lm_head, targets = _inputs(*shape)
+    _check_against_reference(hidden, lm_head, targets, with_entropy, temperature, F32_TOL,
+                             **IMPL_KW["chunked"])
+
+
+@pytest.mark.parametrize("blocks", [dict(), dict(block_tokens=8, block_vocab=100),
+                                    dict(block_tokens=1000, block_vocab=5000),
+                                    dict(block_tokens=1, block_vocab=1)])
+def test_chunked_block_sizes(blocks):
+    """Defaults, ragged blocks, a single block and degenerate 1x1 blocks all agree."""
+    hidden, lm_head, targets = _inputs(23, 24, 301, seed=3)
+    _check_against_reference(hidden, lm_head, targets, True, 1.3, F32_TOL, impl="chunked",
+                             **blocks)
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("platform", ["pallas_tpu", "pallas_gpu"])
+def test_pallas_interpret_matches_reference_f32(platform, with_entropy):
+    hidden, lm_head, targets = _inputs(77, 96, 1003, seed=1)
+    _check_against_reference(hidden, lm_head, targets, with_entropy, 0.7, F32_TOL,
+                             **IMPL_KW[platform])
+
+
+def test_pallas_tpu_single_block_full_dims():
+    """Blocks larger than the arrays fall back to full-dimension blocks (legal on Mosaic)."""
+    hidden, lm_head, targets = _inputs(13, 40, 200, seed=2)
+    _check_against_reference(hidden, lm_head, targets, True, 1.0, F32_TOL, impl="pallas",
+                             pallas_platform="tpu")
+
+
+def test_large_logits_and_peaked_distributions():
+    """Big logits (no overflow in the online sum-exp) and near-zero entropies stay accurate."""
+    hidden, lm_head, targets = _inputs(40, 32, 500, seed=4, scale=3.0)
+    targets = jnp.argmax(hidden @ lm_head, axis=-1).astype(jnp.int32)  # confident tokens
+    _check_against_reference(hidden, lm_head, targets, True, 0.5, 1e-4, **IMPL_KW["chunked"])
+
+
+@pytest.mark.slow
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), d=st.integers(1, 24), v=st.integers(1, 300),
+       bt=st.integers(1, 48), bv=st.integers(1, 320), ent=st.booleans(),
+       temp=st.sampled_from([0.5, 1.0, 2.0]))
+def test_chunked_property_random_shapes(n, d, v, bt, bv, ent, temp):
+    hidden, lm_head, targets = _inputs(n, d, v, seed=n * 1000 + v)
+    _check_against_reference(hidden, lm_head, targets, ent, temp, 2e-5, impl="chunked",
+                             block_tokens=bt, block_vocab=bv)
+
+
+# ---------------------------------------------------------------------------------- bf16
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas_tpu", "pallas_gpu"])
+def test_bf16_inputs_accumulate_in_float32(impl):
+    """bf16 hidden/head: log-probs and entropy are float32 and match the float32 reference of
+    the same bf16 values closely (products are exact in f32, sums are f32); gradients come back
+    in bf16 (the backward feeds bf16 dz to the matmuls, as on the MXU)."""
+    hidden, lm_head, targets = _inputs(77, 96, 1003, dtype=jnp.bfloat16, seed=5)
+    _check_against_reference(hidden, lm_head, targets, True, 0.7, 1e-4, grad_tol=3e-2,
+                             **IMPL_KW[impl])
+
+
+# ---------------------------------------------------------------------------------- API
+
+
+def test_forward_only_and_dtypes():
+    hidden, lm_head, targets = _inputs(30, 16, 77)
+    logp = jax.jit(lambda h, w: token_logprobs(h, w, targets))(hidden, lm_head)
+    ref = token_logprobs_reference(hidden, lm_head, targets)
+    assert logp.shape == (30,) and logp.dtype == jnp.float32
+    assert_close(logp, ref, F32_TOL)
+    assert bool(jnp.all(logp <= 0))
+
+
+def test_auto_dispatch_on_cpu_is_chunked():
+    assert jax.default_backend() == "cpu"
+    impl, platform, interpret = lp._resolve("auto", 512, None, None)
+    assert impl == "chunked"
+    assert lp._resolve("pallas", 512, None, None) == ("pallas", "tpu", True)
+    assert lp._resolve("pallas", 512, "gpu", None) == ("pallas", "gpu", True)
+    assert set(IMPLS) == {"auto", "reference", "chunked", "pallas"}
+
+
+def test_bad_arguments_raise_clear_errors():
+    hidden, lm_head, targets = _inputs(4, 8, 10)
+    with pytest.raises(ValueError, match="impl="):
+        token_logprobs(hidden, lm_head, targets, impl="fast")
+    with pytest.raises(ValueError, match="does not match"):
+        token_logprobs(hidden, lm_head[:4], targets)
+    with pytest.raises(ValueError, match="tokens"):
+        token_logprobs(hidden, lm_head, targets[:3])
+    with pytest.raises(ValueError, match="flatten"):
+        token_logprobs(hidden[None], lm_head, targets)
+
+
+def test_chunked_backward_saves_no_vocab_sized_buffer():
+    """XLA's temporary buffers of grad(chunked) stay far below one [N, V] float32 array."""
+    n, d, v = 512, 64, 32_000
+    hidden, lm_head, targets = (jax.ShapeDtypeStruct((n, d), jnp.float32),
+                                jax.ShapeDtypeStruct((d, v), jnp.float32),
+                                jax.ShapeDtypeStruct((n,), jnp.int32))
+
+    def temp_bytes(impl, **kw):
+        f = lambda h, w, t: jnp.sum(token_logprobs(h, w, t, impl=impl, with_entropy=True,
+                                                   **kw)[0])
+        lowered = jax.jit(jax.grad(f, argnums=(0, 1))).lower(hidden, lm_head, targets)
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    ref = temp_bytes("reference")
+    chunked = temp_bytes("chunked", block_tokens=512, block_vocab=1024)
+    assert ref >= n * v * 4
+    assert chunked * 16 <= ref, (chunked, ref)
+
+
+# ---------------------------------------------------------------------------------- sharded
+
+_SHARDED_SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jaxrl_rm.kernels import token_logprobs, token_logprobs_vocab_parallel
+    assert jax.device_count() == 8, jax.devices()
+
+    def inputs(n, d, v, seed):
+        rng = np.random.default_rng(seed)
+        return (jnp.asarray(rng.standard_normal((n, d), np.float32)),
+                jnp.asarray(0.3 * rng.standard_normal((d, v), np.float32)),
+                jnp.asarray(rng.integers(0, v, n), jnp.int32))
+
+    def value_and_grads(h, w, t, **kw):
+        gl = jnp.cos(jnp.arange(t.shape[0], dtype=jnp.float32))
+        ge = jnp.sin(1.0 + jnp.arange(t.shape[0], dtype=jnp.float32))
+        def loss(h, w):
+            logp, ent = token_logprobs(h, w, t, temperature=0.7, with_entropy=True, **kw)
+            return jnp.sum(gl * logp) + jnp.sum(ge * ent), (logp, ent)
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(h, w)
+        return [np.asarray(x) for x in (*out, *grads)]
+
+    def close(a, b, tol, what):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.max(np.abs(b)), err_msg=what)
+
+    names = ("logp", "entropy", "d_hidden", "d_lm_head")
+    cases = [
+        # (mesh shape (data, fsdp, tensor), impl kwargs, N, D, V)
+        ((2, 1, 4), dict(impl="chunked", block_tokens=16, block_vocab=128), 80, 48, 1000),
+        ((1, 1, 8), dict(impl="chunked"), 37, 32, 1000),
+        ((2, 2, 2), dict(impl="chunked", block_vocab=96), 64, 24, 502),
+        ((2, 1, 4), dict(impl="pallas", pallas_platform="tpu", block_tokens=16,
+                         block_vocab=128), 32, 32, 1000),
+    ]
+    for shape, kw, n, d, v in cases:
+        h, w, t = inputs(n, d, v, seed=n + v)
+        mesh = jax.make_mesh(shape, ("data", "fsdp", "tensor"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
+        single = value_and_grads(h, w, t, **kw)  # itself checked against the reference above
+        tok = tuple(a for a, s in zip(("data", "fsdp"), shape) if s > 1) or None
+        if n % int(np.prod(shape[:2])) == 0:
+            h = jax.device_put(h, NamedSharding(mesh, P(tok, None)))
+            t = jax.device_put(t, NamedSharding(mesh, P(tok)))
+        else:  # tokens not divisible over data x fsdp: replicate them
+            mesh = jax.make_mesh((1, 1, shape[2]), ("data", "fsdp", "tensor"),
+                                 axis_types=(jax.sharding.AxisType.Auto,) * 3)
+        w = jax.device_put(w, NamedSharding(mesh, P(None, "tensor")))
+        sharded = value_and_grads(h, w, t, mesh=mesh, **kw)
+        for name, a, b in zip(names, sharded, single):
+            close(a, b, 1e-5, f"{shape} {kw} {name} vs single-device")
+        print("ok", shape, kw["impl"])
+
+    # The explicit entry point, forward only, tokens over data and fsdp.
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    h, w, t = inputs(64, 16, 300, seed=7)
+    logp = jax.jit(lambda h, w, t: token_logprobs_vocab_parallel(h, w, t, mesh=mesh))(h, w, t)
+    close(np.asarray(logp), np.asarray(token_logprobs(h, w, t, impl="reference")), 1e-5, "fwd")
+    try:
+        token_logprobs_vocab_parallel(h, w[:, :299], t, mesh=mesh)
+        raise AssertionError("expected ValueError for V % tensor != 0")
+    except ValueError as e:
+        assert "divisible" in str(e)
+    print("ALL OK")
+    """
+)
+
+
+def test_vocab_parallel_shard_map_8_devices():
+    """Vocab-parallel under shard_map on 8 fake CPU devices equals single-device and the
+    reference (values and gradients). A subprocess, because the device count is fixed when jax
+    initialises."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "ALL OK" in proc.stdout, proc.stdout + proc.stderr

@@ -344,6 +344,7 @@ class GRPO:
         from jaxrl_rm.eval.policy import verifiable_accuracy
 
         out, correct, total = {}, 0.0, 0
+        self.current_params = state["params"]  # self-judging sources must not see donated buffers
         model = nnx.merge(self.trainer.graphdef, state["params"])
         for name, items in self.eval_items.items():
             if not items:

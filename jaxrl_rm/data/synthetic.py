@@ -80,8 +80,8 @@ def prompt_items(task: str, spec, *, split: str, seed: int, size: int):
     """
     from jaxrl_rm.rewards.sources import PromptItem
 
-    if task in TASKS:
-        return [PromptItem(task=spec.name, prompt=p.prompt, answer=p.answer, id=p.id)
+    if task in TASKS:  # the gold answer doubles as the reference answer (POLAR RFT)
+        return [PromptItem(task=spec.name, prompt=p.prompt, answer=p.answer, reference=p.answer, id=p.id)
                 for p in TASKS[task](size, seed=seed, split=split)]
     if task == "reverse_ranking":
         return [PromptItem(task=spec.name, prompt=r.prompt, responses=tuple(r.responses),
@@ -352,3 +352,37 @@ def corrupted_responses(problems, n_per_problem: int, *, seed: int, p_correct: f
     rng = np.random.default_rng([seed, 29])
     return [[p.answer if rng.random() < p_correct else corrupt_answer(p.answer, rng, alphabet=alphabet)
              for _ in range(n_per_problem)] for p in problems]
+
+
+# --- String-reversal preferences (RLHF-BT and POLAR-RFT of the reversal policy) ------------------
+def reverse_pairs(n: int, *, seed: int, split: str = "train") -> list[PreferencePair]:
+    """`reverse:abcd=`: the gold reversal preferred to an answer with 1-3 random edits
+    (subset `edits_<k>`); prompts train/eval disjoint as in `reverse_problems`."""
+    out = []
+    for i, p in enumerate(reverse_problems(n, seed=seed, split=split)):
+        rng = np.random.default_rng([seed, i, 37, split == "eval"])
+        k = int(rng.integers(1, 4))
+        wrong = p.answer
+        for _ in range(k):
+            wrong = corrupt_answer(wrong, rng)
+        out.append(PreferencePair(prompt=p.prompt, chosen=p.answer, rejected=wrong, subset=f"edits_{k}",
+                                  id=f"revpair-{split}-{seed}-{i}"))
+    return out
+
+
+def reverse_triples(n: int, *, seed: int, split: str = "train") -> list[RankedTriple]:
+    """POLAR fine-tuning triples for reversal: reference = gold, chosen = gold or one edit away,
+    rejected = two or three edits away (closer to the reference is better)."""
+    out = []
+    for i, p in enumerate(reverse_problems(n, seed=seed, split=split)):
+        rng = np.random.default_rng([seed, i, 43, split == "eval"])
+        chosen = p.answer if rng.random() < 0.5 else corrupt_answer(p.answer, rng)
+        rejected = corrupt_answer(corrupt_answer(p.answer, rng), rng)
+        if rng.random() < 0.5:
+            rejected = corrupt_answer(rejected, rng)
+        out.append(RankedTriple(prompt=p.prompt, reference=p.answer, chosen=chosen, rejected=rejected,
+                                id=f"revtri-{split}-{seed}-{i}"))
+    return out
+
+
+RM_TASKS.update(reverse_pairs=("PreferencePair", reverse_pairs), reverse_triples=("RankedTriple", reverse_triples))

@@ -38,7 +38,8 @@ def _load_items_from_file(path: str, task) -> list[PromptItem]:
     if task.kind == "verifiable":
         records, _ = load_records(path, VerifiableProblem, on_bad_row=on_bad_row,
                                   field_map=task.options.get("field_map"))
-        return [PromptItem(task=task.name, prompt=r.prompt, answer=r.answer, id=r.id) for r in records]
+        return [PromptItem(task=task.name, prompt=r.prompt, answer=r.answer, reference=r.answer, id=r.id)
+                for r in records]
     if task.kind == "open":
         fmap = task.options.get("field_map") or {"reference": "response"}
         records, _ = load_records(path, SFTRecord, on_bad_row=on_bad_row, field_map=fmap)

@@ -11,8 +11,9 @@ What is measured (one run, this machine, CPU):
     minus a steady one, reported separately), HF gets a short warm-up call, and the best of
     `--repeats` calls is taken for each side; the two sides run alternately so that background
     load hits both alike. `*_tokens_per_cpu_s` divide by process CPU time instead (all threads)
-    and `load_avg_1m` is the machine's load at start and end: on a shared machine, torch's
-    OpenMP threads degrade far more than XLA's under contention, so read `ratio` with the load;
+    and `load_avg_1m` is the machine's load at start and end. On a shared machine, torch's
+    spinning OpenMP threads degrade far more than XLA's under contention (5x measured here), so
+    HF then runs with OMP_WAIT_POLICY=PASSIVE, its faster setting under load (`--omp-wait-policy`);
   * the matmul roofline of this machine, measured in the same run: the weight matmuls of one
     decode step at this batch size (`[32, D] @ W` for q, k, v, o, gate, up, down of every layer
     and the LM head), run alone in a jitted loop. `roofline_fraction` = time of those matmuls /
@@ -123,7 +124,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true", help="only time the JAX side")
+    ap.add_argument("--omp-wait-policy", choices=["auto", "active", "passive"], default="auto",
+                    help="torch's OpenMP wait policy (set before torch loads). auto: PASSIVE when "
+                         "the machine is already loaded (1-min load > cores), where spinning OpenMP "
+                         "threads slow torch down many times; else torch's default (ACTIVE)")
     args = ap.parse_args()
+    policy = args.omp_wait_policy
+    if policy == "auto":
+        policy = "passive" if os.getloadavg()[0] > (os.cpu_count() or 1) else "active"
+    os.environ["OMP_WAIT_POLICY"] = policy.upper()
 
     import jax
 
@@ -173,6 +182,7 @@ def main():
         "jax_tokens_per_cpu_s": round(tokens / cpu_jax, 1),
         "hf_tokens_per_cpu_s": round(tokens / cpu_hf, 1) if cpu_hf else None,
         "load_avg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        "hf_omp_wait_policy": policy,
         "prefill_s": round(min(w for w, _ in prefill_runs), 4),
         "decode_step_ms": round(step_s * 1e3, 3),
         "matmul_only_step_ms": round(mm_s * 1e3, 3),

@@ -215,7 +215,8 @@ def main() -> None:
                        "lean_dense_s": round(lean["s"], 3),
                        "lean_dense_cpu_s": round(lean["cpu_s"], 3),
                        "lean_dense_peak_rss_mb": round(lean["peak_rss_mb"], 1)})
-    result.update({k: (round(x, 4) if isinstance(x, float) else x) for k, x in pallas.items()})
+    result.update({k: (round(x, 4) if isinstance(x, float) and not k.endswith("_err") else x)
+                   for k, x in pallas.items()})
 
     print(f"grad of sum(log p) w.r.t. hidden [{args.n}, {args.d}] and lm_head [{args.d}, {args.v}],"
           " float32, CPU:")

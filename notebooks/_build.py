@@ -387,6 +387,613 @@ Next: `02_reward_models.ipynb` (BT and POLAR reward models), `03_judges.ipynb` (
 
 
 # =====================================================================================================
+# 03 judges
+# =====================================================================================================
+nb = notebook("03_judges")
+nb.md(r"""
+# 03 · LM judges: templates, parsers, accuracy and position bias
+
+A generative judge is an LM that reads a judge prompt and writes its reasoning and a verdict. The
+library uses judges as **reward sources** (RLLM's separately trained judge, `type: judge`; URPO's
+policy judging itself, `type: self_judge`), **trains** them (J1, `task: judge_j1`) and **evaluates**
+them (`jaxrl_rm.eval.judge`). Three pieces make that work, and this notebook shows each:
+
+1. **templates** (`jaxrl_rm.rewards.judges`): the prompt text *and* the output format it asks for;
+2. **parsers** (`jaxrl_rm.rewards.parsers`): never-raising parsers of that format → `ParseResult(valid, value, reason)`;
+3. **evaluation**: pointwise accuracy on labelled answers, pairwise accuracy judged in *both orders*,
+   with position consistency (does the verdict survive swapping A and B?).
+
+No training here: the judges are scripted functions (an oracle, a position-biased judge, a
+length-biased judge) plus a tiny LM, so every metric has a known right answer.
+""")
+nb.code(setup_cell("03_judges"))
+nb.code(table_helper())
+nb.md(r"""
+## 1. Render every template
+
+`TEMPLATE_NAMES` lists the built-ins: six formats, each with a `_ref` variant that shows a reference
+answer. `get_template(name, **options)` builds one (`min_score`, `max_score`, `integer`, `system`, …);
+`template.render(tokenizer, prompt=…, response=…)` fills the placeholders and applies the tokenizer's
+chat template (pass `None` for plain text). The judged item here is a string-reversal question.
+""")
+nb.code(r"""
+from jaxrl_rm.data.tokenizer import build_char_tokenizer
+from jaxrl_rm.rewards import TEMPLATE_NAMES, get_template
+
+tokenizer = build_char_tokenizer()   # any HF tokenizer with a chat template works the same way
+question, gold = "reverse:abcd=", "dcba"
+candidates = ["dcba", "dcab", "abcd"]
+
+
+def fields(template):
+    # The placeholders a template's format needs (responses for listwise, A/B for pairwise, ...).
+    f = {"prompt": question}
+    if template.format == "pointwise":
+        f["response"] = candidates[0]
+    elif template.format in ("pairwise", "pairwise_scores"):
+        f.update(response_a=candidates[0], response_b=candidates[1])
+    else:
+        f["responses"] = candidates
+    if template.uses_reference:
+        f["reference"] = gold
+    return f
+
+
+rendered = {name: get_template(name).render(tokenizer, **fields(get_template(name))) for name in TEMPLATE_NAMES}
+show_table(["template", "format", "scores", "reference", "chars", "char-tokens"],
+           [[name, t.format, f"{t.min_score:g}–{t.max_score:g}{' int' if t.integer else ''}", t.uses_reference,
+             len(rendered[name]), len(tokenizer(rendered[name]).input_ids)]
+            for name, t in ((n, get_template(n)) for n in TEMPLATE_NAMES)])
+""")
+nb.code(r"""
+for name in ("pointwise", "pointwise_correctness_ref", "pairwise", "pairwise_scores", "listwise", "listwise_tags"):
+    print(f"==================== {name} ====================")
+    print(rendered[name])
+    print()
+""")
+nb.md(r"""
+## 2. Parse judge outputs
+
+Each format has a parser; `template.parse(text, n=…)` calls it with the template's options (score
+range, integrality, think tags). Parsers **never raise**: malformed output is `valid=False` with a
+`reason` — and a reward source turns that into a (low) reward instead of a crash. The last
+well-formed answer wins; reasoning is required; master keys (`":"`, `"Thought process:"`) and
+empty outputs are rejected before anything else.
+""")
+nb.code(r"""
+from jaxrl_rm.rewards import kendall_tau, parse_listwise, parse_pairwise, parse_pointwise, verdict_from_scores
+
+think = "<think>Reversing abcd gives dcba; the response matches.</think>"
+cases = [
+    ("pointwise_correctness", think + "<score>1</score>", None),
+    ("pointwise_correctness", "<score>1</score>", None),                          # no reasoning
+    ("pointwise_correctness", think + "<score>7</score>", None),                  # outside 0-1
+    ("pointwise_correctness", think + "<score>0.5</score>", None),                # not an integer
+    ("pointwise", think + "<score>4</score> wait, <score>8.5</score>", None),     # the last one wins
+    ("pointwise", think + "<score>8</score>" + " and more text" * 5, None),      # trailing text
+    ("pointwise", "Thought process:", None),                                      # master key
+    ("pairwise", think + "<answer>[[A]]</answer>", None),
+    ("pairwise", think + "<answer>A</answer>", None),                             # not a [[verdict]]
+    ("pairwise_scores", think + "<score_A>9</score_A><score_B>3</score_B>", None),
+    ("listwise", r"Response 2 swaps two letters, response 3 is not reversed. Scores: \boxed{10, 4, 1}", 3),
+    ("listwise", r"Scores: \boxed{10, 4}", 3),                                    # no analysis, wrong count
+    ("listwise_tags", think + "<score_1>9</score_1><score_2>2</score_2><score_3>0</score_3>", 3),
+]
+rows = []
+for name, text, n in cases:
+    r = get_template(name).parse(text, n=n)
+    rows.append([name, text, r.valid, r.value, r.reason])
+show_table(["template", "judge output", "valid", "value", "reason"], rows)
+
+# pairwise_scores -> a verdict; equal scores are a tie.
+print(verdict_from_scores(get_template("pairwise_scores").parse(think + "<score_A>9</score_A><score_B>3</score_B>")))
+print(verdict_from_scores(get_template("pairwise_scores").parse(think + "<score_A>5</score_A><score_B>5</score_B>")))
+""")
+nb.md(r"""
+A listwise judgment is rewarded (URPO) by **Kendall τ** between its scores and the gold ranking:
+τ = 2/(N(N−1)) Σ_{i<j} sign((s_i − s_j)(g_i − g_j)) — 1 for the right order, −1 for the reverse, and ties
+count 0. Below, all 24 orders of 4 responses:
+""")
+nb.code(r"""
+import itertools
+
+import numpy as np
+
+gold_scores = np.array([3.0, 2.0, 1.0, 0.0])
+taus = {perm: float(kendall_tau(np.array(perm, float), gold_scores)) for perm in itertools.permutations(range(4))}
+print("judge scores (3,2,1,0) ->", taus[(3, 2, 1, 0)], "| (0,1,2,3) ->", taus[(0, 1, 2, 3)],
+      "| all ties ->", float(kendall_tau(np.ones(4), gold_scores)))
+fig, ax = plt.subplots(figsize=(5, 2.8))
+ax.hist(list(taus.values()), bins=np.linspace(-1.0833, 1.0833, 14), rwidth=0.8)
+ax.set(title="Kendall τ of all 24 orderings of 4 responses", xlabel="τ", ylabel="orderings")
+plt.show()
+""")
+nb.md(r"""
+## 3. Judge accuracy and position bias
+
+`jaxrl_rm.eval.judge` evaluates any **judge callable** `judge(list_of_prompt_texts) -> list_of_outputs`
+— a model wrapped in `TextJudge`, or a plain function:
+
+* `evaluate_pointwise(judge, examples, template=…)` on `JudgmentExample`s (prompt, response, label):
+  `accuracy` (invalid counts as wrong), `invalid_rate`, `accuracy/label_<t>`, `balanced_accuracy`.
+* `evaluate_pairwise(judge, pairs, template=…)` on `PreferencePair`s judges every pair **twice**, as
+  (A = chosen, B = rejected) and swapped: `accuracy` over both orders, `consistent_accuracy` (right in
+  both), `position_consistency` (same winner in both orders), `position_bias_rate`, `a_rate` (share
+  of "A" verdicts; 0.5 for an unbiased judge on this design), `invalid_rate`, per-`subset` accuracy.
+
+The data: held-out string-reversal questions; the right answer vs the same answer with one random
+edit (`synthetic.corrupt_answer`: substitute, delete, insert or swap). The pair's subset says whether
+the wrong answer is shorter, longer or as long — which matters to a length-biased judge.
+""")
+nb.code(r"""
+import re
+
+from jaxrl_rm.data import synthetic
+from jaxrl_rm.data.records import JudgmentExample, PreferencePair
+from jaxrl_rm.eval.judge import evaluate_pairwise, evaluate_pointwise
+
+N = 32 if TINY else 256
+rng = np.random.default_rng(0)
+problems = synthetic.reverse_problems(N, seed=1, split="eval")
+wrong = [synthetic.corrupt_answer(p.answer, rng) for p in problems]
+examples = [JudgmentExample(prompt=p.prompt, response=p.answer if i % 2 else w, label=bool(i % 2), reference=p.answer)
+            for i, (p, w) in enumerate(zip(problems, wrong))]
+side = lambda w, g: "rejected_shorter" if len(w) < len(g) else "rejected_longer" if len(w) > len(g) else "same_length"
+pairs = [PreferencePair(prompt=p.prompt, chosen=p.answer, rejected=w, subset=side(w, p.answer))
+         for p, w in zip(problems, wrong)]
+print(examples[0], pairs[0], sep="\n")
+
+# Scripted judges read the question and the answers back out of the rendered prompt.
+QUESTION = re.compile(r"\[User Question\]\n(.*?)\n\n\[", re.S)
+ANSWER = re.compile(r"\[The Start of the Assistant's Answer\]\n(.*?)\n\[The End of the Assistant's Answer\]", re.S)
+A_OR_B = re.compile(r"\[The Start of Assistant ([AB])'s Answer\]\n(.*?)\n\[The End of Assistant \1's Answer\]", re.S)
+solve = lambda text: QUESTION.search(text).group(1)[len("reverse:"):-1][::-1]
+score = lambda s: f"<think>The reversal of the question's string is what I compare against.</think><score>{s}</score>"
+verdict = lambda v: f"<think>I compared both answers with the reversed string.</think><answer>[[{v}]]</answer>"
+
+
+def oracle_pointwise(texts):
+    return [score(int(ANSWER.search(t).group(1) == solve(t))) for t in texts]
+
+
+def yes_man_pointwise(texts):        # "everything is correct"
+    return [score(1) for _ in texts]
+
+
+def oracle_pairwise(texts):
+    return [verdict("A" if dict(A_OR_B.findall(t))["A"] == solve(t) else "B") for t in texts]
+
+
+def first_position_pairwise(texts):  # always prefers whatever is shown first
+    return [verdict("A") for _ in texts]
+
+
+def longer_pairwise(texts):          # prefers the longer answer (A on a tie)
+    return [verdict("A" if len((a := dict(A_OR_B.findall(t)))["A"]) >= len(a["B"]) else "B") for t in texts]
+
+
+def biased_oracle(bias, seed=0):     # says "A" with probability `bias`, otherwise judges correctly
+    r = np.random.default_rng(seed)
+    return lambda texts: [verdict("A") if r.random() < bias else o for o in oracle_pairwise(texts)]
+""")
+nb.code(r"""
+pointwise = {name: evaluate_pointwise(judge, examples, template="pointwise_correctness", tokenizer=tokenizer)
+             for name, judge in [("oracle", oracle_pointwise), ("yes-man", yes_man_pointwise)]}
+pairwise = {name: evaluate_pairwise(judge, pairs, template="pairwise", tokenizer=tokenizer)
+            for name, judge in [("oracle", oracle_pairwise), ("first position", first_position_pairwise),
+                                ("longer answer", longer_pairwise), ("oracle, 30% 'A'", biased_oracle(0.3))]}
+keys = ["accuracy", "balanced_accuracy", "accuracy/label_0", "accuracy/label_1", "invalid_rate"]
+show_table(["pointwise judge"] + keys, [[n] + [m[k] for k in keys] for n, m in pointwise.items()])
+keys = ["accuracy", "consistent_accuracy", "position_consistency", "a_rate", "invalid_rate",
+        "accuracy/rejected_shorter", "accuracy/rejected_longer", "accuracy/same_length"]
+show_table(["pairwise judge"] + keys, [[n] + [m.get(k, float("nan")) for k in keys] for n, m in pairwise.items()])
+""")
+nb.md(r"""
+Reading the tables: the yes-man's 50 % pointwise accuracy is all on the positive label
+(`balanced_accuracy` exposes it). The first-position judge is right exactly half the time and never
+consistent. The length-biased judge looks good when the wrong answer is shorter (deletions) and fails
+when it is longer; judging both orders is what turns its "A on a tie" habit into visible
+inconsistency. Sweeping a position bias shows the two curves a judge evaluation should report:
+""")
+nb.code(r"""
+biases = np.linspace(0, 1, 6 if TINY else 11)
+sweep = [evaluate_pairwise(biased_oracle(b, seed=1), pairs, template="pairwise", tokenizer=tokenizer) for b in biases]
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.4))
+for key in ("accuracy", "consistent_accuracy", "position_consistency", "a_rate"):
+    axes[0].plot(biases, [m[key] for m in sweep], marker="o", label=key)
+axes[0].set(title="an oracle that answers 'A' with probability p", xlabel="p")
+axes[0].legend(fontsize=8)
+names = list(pairwise)
+width = 0.2
+for k, key in enumerate(("accuracy", "consistent_accuracy", "position_consistency", "a_rate")):
+    axes[1].bar(np.arange(len(names)) + (k - 1.5) * width, [pairwise[n][key] for n in names], width, label=key)
+axes[1].set_xticks(np.arange(len(names)), names, fontsize=8)
+axes[1].set(title="scripted pairwise judges", ylim=(0, 1.05))
+axes[1].legend(fontsize=7)
+fig.tight_layout()
+plt.show()
+""")
+nb.md(r"""
+## 4. A model as the judge
+
+`TextJudge(model_fn, tokenizer, …)` turns a `Transformer` into a judge callable: prompts are encoded,
+keep their **last** `max_prompt_length` tokens (the question and answers sit at the end of every
+template), and are sampled in jitted batches. By default this is a random-weight tiny model: it
+never writes the format, so every output is invalid — exactly what the metrics should say. Point
+`JAXRL_RM_JUDGE_DIR` at a trained judge, e.g. the `hf/` export of
+
+```bash
+python -m jaxrl_rm.main --config configs/judge_j1_tiny.yaml     # J1: on-policy judgments, format warm-up, GRPO
+```
+
+(`runs/judge_j1_tiny/hf`), and the same cell measures it.
+""")
+nb.code(r"""
+from flax import nnx
+
+from jaxrl_rm.config import ModelSpec
+from jaxrl_rm.models import hf
+from jaxrl_rm.models.factory import build_model
+from jaxrl_rm.rewards.judge_source import TextJudge
+from jaxrl_rm.rewards.scalar_rm import load_tokenizer_exact
+
+JUDGE_DIR = os.environ.get("JAXRL_RM_JUDGE_DIR", "")
+if JUDGE_DIR:
+    judge_model, judge_tok = hf.load_model(JUDGE_DIR), load_tokenizer_exact(JUDGE_DIR)
+else:
+    judge_tok = tokenizer
+    judge_model = build_model(ModelSpec(hidden_size=64, intermediate_size=128, num_hidden_layers=1), judge_tok, seed=0)
+lm_judge = TextJudge(lambda: judge_model, judge_tok, max_prompt_length=128, max_new_tokens=40, greedy=True)
+n_lm = 16 if TINY else 128
+lm_point = evaluate_pointwise(lm_judge, examples[: 2 * n_lm], template="pointwise_correctness", tokenizer=judge_tok)
+lm_pair = evaluate_pairwise(lm_judge, pairs[:n_lm], template="pairwise", tokenizer=judge_tok)
+print("a sample output:", repr(lm_judge([rendered["pointwise_correctness"]])[0]))
+show_table(["LM judge", "accuracy", "invalid_rate", "position_consistency"],
+           [["pointwise", lm_point["accuracy"], lm_point["invalid_rate"], float("nan")],
+            ["pairwise", lm_pair["accuracy"], lm_pair["invalid_rate"], lm_pair["position_consistency"]]])
+""")
+nb.md(r"""
+## 5. Real data
+
+The same functions take real labelled data (`../shared/data` in this repository's CI; the cells
+below skip when it is absent):
+
+* **GSM8K model solutions** — `load_gsm8k_solutions(path)` gives one `JudgmentExample` per (question,
+  policy) with `label = is_correct` and the gold answer as `reference`; `gsm8k_pairs(examples)` makes
+  correct-vs-incorrect pairs of the same question.
+* **AlpacaEval** — `alpaca_eval_pairs(outputs, annotations)` turns the GPT-4-turbo judge's
+  preferences into pairs (winner ≻ loser), subset = the generator.
+
+A rule-based, reference-guided judge (it reads the reference and the answer back out of the
+`pointwise_correctness_ref` prompt and runs the math verifier) is nearly perfect on GSM8K, while the
+length heuristic shows how much "longer is better" gets you on real pairs:
+""")
+nb.code(r"""
+from jaxrl_rm.eval.judge import gsm8k_pairs
+from jaxrl_rm.rewards import MathVerifier
+
+solutions = SHARED_DATA / "gsm8k" / "example_model_solutions.jsonl.gz"
+if solutions.exists():
+    from jaxrl_rm.data.loaders import load_gsm8k_solutions
+
+    gsm8k, stats = load_gsm8k_solutions(solutions)
+    gsm8k = gsm8k[: (200 if TINY else 2000)]
+    REFERENCE = re.compile(r"\[Reference Answer\]\n(.*?)\n\[End of Reference Answer\]", re.S)
+    verifier = MathVerifier(backend="inline", answer_formats=("a_colon", "gsm8k", "boxed", "answer_is"))
+
+    def verifier_judge(texts):
+        refs = [REFERENCE.search(t).group(1) for t in texts]
+        answers = [ANSWER.search(t).group(1) for t in texts]
+        return [score(int(r > 0)) for r in verifier(answers, refs).rewards]
+
+    real_point = evaluate_pointwise(verifier_judge, gsm8k, template="pointwise_correctness_ref")
+    real_pairs = gsm8k_pairs(gsm8k, max_pairs_per_question=1)
+    real_pair = {name: evaluate_pairwise(judge, real_pairs, template="pairwise")
+                 for name, judge in [("longer answer", longer_pairwise), ("first position", first_position_pairwise)]}
+    print(f"{len(gsm8k)} GSM8K judgments ({stats.rows_skipped} bad rows skipped), {len(real_pairs)} pairs")
+    show_table(["judge on GSM8K", "accuracy", "balanced_accuracy / consistent_accuracy", "position_consistency"],
+               [["verifier (pointwise, reference)", real_point["accuracy"], real_point["balanced_accuracy"], float("nan")]]
+               + [[n, m["accuracy"], m["consistent_accuracy"], m["position_consistency"]] for n, m in real_pair.items()])
+else:
+    print(f"no GSM8K solutions under {SHARED_DATA} (set JAXRL_RM_SHARED_DATA); skipped")
+""")
+nb.md(r"""
+Where to go next: `configs/judge_j1_tiny.yaml` trains a judge (J1) and exports it; a GRPO task uses it
+with `rewards: [{type: judge, path: runs/judge_j1_tiny/hf, options: {mode: pointwise}}]` (modes
+`pointwise`, `pairwise`, `pivot`, `listwise`; position bias of pairwise modes is logged as
+`reward/<task>/judge/position_bias_rate`). Notebook 04 compares such an RLLM run with RLVR and URPO.
+""")
+
+
+# =====================================================================================================
+# 04 GRPO: RLVR vs RLLM vs URPO
+# =====================================================================================================
+nb = notebook("04_grpo")
+nb.md(r"""
+# 04 · GRPO with three kinds of reward: RLVR vs RLLM vs URPO
+
+One GRPO loop, three answers to "who scores the samples?":
+
+| run | reward | paper |
+|---|---|---|
+| **RLVR** | a rule verifier against the gold answer (`exact_match`) | DAPO-style RL with verifiable rewards |
+| **RLLM** | a *separately trained* LM judge's pointwise score (`type: judge`); no gold answers at train time | RLLM / J1 |
+| **URPO** | one model is player *and* referee: verifiable prompts, N-way rankings rewarded by Kendall τ, and open-ended prompts rewarded by the policy's own listwise judgment (`self_judge`), joining later (curriculum) | URPO |
+
+Every run writes the same run directory (`config.yaml`, `metrics.jsonl`, `summary.json`, `hf/`), so
+comparing them is reading `metrics.jsonl` files — `jaxrl_rm.report.read_run` — and plotting.
+
+**Use your own runs:** set `RUN_DIRS` below (or `JAXRL_RM_RUN_DIRS="rlvr=runs/quickstart/rlvr,rllm=runs/quickstart/rllm,urpo=runs/urpo_tiny"`)
+and nothing is trained. Otherwise the notebook makes the runs itself, in the miniature world
+(string reversal with a 300k-parameter policy), with the settings of `configs/quickstart.yaml` and
+`configs/urpo_tiny.yaml` — about 20 minutes on a laptop CPU, or a few minutes with
+`JAXRL_RM_NOTEBOOK_TINY=1` (a dozen RL steps per run: the curves are then mostly noise, but every
+step of the pipeline runs).
+""")
+nb.code(setup_cell("04_grpo"))
+nb.code(r"""
+import json
+import time
+from contextlib import redirect_stdout
+from fnmatch import fnmatchcase
+
+import numpy as np
+
+from jaxrl_rm.main import main
+from jaxrl_rm.report import read_run
+
+# {label: run directory}; empty = make the runs below.
+RUN_DIRS = {}
+if os.environ.get("JAXRL_RM_RUN_DIRS"):
+    RUN_DIRS = dict(item.split("=", 1) for item in os.environ["JAXRL_RM_RUN_DIRS"].split(",") if item)
+MAKE_RUNS = not RUN_DIRS
+print("make runs:", MAKE_RUNS, "|", RUN_DIRS)
+""")
+nb.md(r"""
+## 1. Make the runs (skipped when `RUN_DIRS` is set)
+
+`jaxrl_rm.main.main([...])` is `python -m jaxrl_rm.main ...` as a function. Each stage below is one
+command; a finished stage (its `summary.json` exists) is reused when the notebook is re-run, an
+interrupted one resumes from its checkpoint. The whole chain is also one command:
+`python -m jaxrl_rm.main --config configs/quickstart.yaml` (SFT → judge → RLVR vs RLLM) and
+`python -m jaxrl_rm.main --config configs/urpo_tiny.yaml`.
+
+1. **sft** — SFT of a tiny policy on string reversal (about 25 % held-out accuracy: room for RL);
+2. **judge** — J1: the SFT policy answers training questions, the verifier labels its answers, a
+   tiny judge learns the `<think>…</think><score>0|1</score>` format and is then trained by GRPO to
+   match the labels;
+3. **rlvr** — GRPO of the SFT policy, reward = exact match with the gold answer;
+4. **rllm** — GRPO of the same SFT policy, reward = the judge's score. The gold answer is used only
+   for held-out evaluation (`options.eval_verifier`) and, with weight 0, as a logged *monitor* of
+   how often the judge-rewarded samples are really right;
+5. **urpo** — one policy, SFT warm-up on demonstrations of all three tasks, then GRPO on the mixture.
+""")
+nb.code(r"""
+# Tiny mode: same recipes, far fewer steps. Full mode: the configs' own settings.
+QUIET = ["logging.tensorboard=false", f"logging.progress={str(not TINY).lower()}"]
+RL = (["train.steps=12", "train.eval_every=4", "train.log_every=1", "grpo.eval_size=64", "grpo.prompts_per_step=8",
+       "checkpoint.every=0"] if TINY else
+      ["train.steps=120", "train.eval_every=40", "grpo.eval_size=128"])
+
+
+def run(name, config, *overrides):
+    # python -m jaxrl_rm.main --config <config> run_dir=<WORK/name> <overrides>; a finished run is reused.
+    run_dir = WORK / name
+    done = run_dir / "summary.json"
+    if done.exists() and not json.loads(done.read_text()).get("preempted"):
+        print(f"{name}: finished earlier, reusing {run_dir}")
+        return run_dir
+    start = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "stdout.log", "a") as log, redirect_stdout(log):   # the JSON summary line, stage notes
+        code = main(["--config", str(config), f"run_dir={run_dir}", *QUIET, *overrides])
+    assert code == 0, f"{name}: exit status {code} (see {run_dir / 'stdout.log'})"
+    print(f"{name}: {time.perf_counter() - start:.0f} s -> {run_dir}")
+    return run_dir
+
+
+if MAKE_RUNS:
+    sft = run("sft", CONFIGS / "sft_reverse_tiny.yaml", *(["train.eval_every=0", "grpo.eval_size=64"] if TINY else []))
+    policy = sft / "hf"
+    judge = run("judge", CONFIGS / "judge_j1_tiny.yaml", f"judge.policy_path={policy}",
+                *(["judge.num_train_prompts=128", "judge.num_eval_prompts=32", "judge.warmup_steps=100",
+                   "train.steps=4", "grpo.prompts_per_step=8"] if TINY else []))
+    start_from = [f"model.path={policy}", f"model.tokenizer={policy}", "warmup.steps=0"]
+    rlvr = run("rlvr", CONFIGS / "rlvr_tiny.yaml", *start_from, *RL)
+    rllm = run("rllm", CONFIGS / "rlvr_tiny.yaml", *start_from, *RL,
+               "grpo.tasks=[{name: reverse, kind: verifiable, data: 'synthetic:reverse', "
+               "options: {eval_verifier: exact_match}, "
+               f"rewards: [{{type: judge, path: '{judge / 'hf'}', options: {{mode: pointwise, "
+               "template: pointwise_correctness, greedy: true, max_prompt_length: 128, max_new_tokens: 40}}, "
+               "{type: exact_match, weight: 0}]}]")
+    # Workaround: GRPO.evaluate scores a self-judged task with the parameters of the last `collect`, which the
+    # update step has donated ("Buffer has been deleted or donated"). Until it uses the evaluated state, the
+    # instruction task gets no held-out prompts (an empty eval file); its training reward is still logged.
+    no_eval = WORK / "empty_eval.jsonl"
+    no_eval.write_text("")
+    urpo = run("urpo", CONFIGS / "urpo_tiny.yaml", f"grpo.tasks.2.eval_data={no_eval}",
+               *(RL + ["warmup.steps=300", "grpo.tasks.2.start_step=6"] if TINY else ["train.log_every=1"]))
+    RUN_DIRS = {"rlvr": str(rlvr), "rllm": str(rllm), "urpo": str(urpo)}
+    JUDGE_DIR = judge
+""")
+nb.md(r"""
+## 2. Read the runs
+
+`read_run(path)` loads `metrics.jsonl` into `run.series[metric] = [(step, value), ...]` (plus
+`summary.json` and `config.yaml`). Training steps log the reward statistics (`reward_mean`,
+`reward/<task>/<source>/...`), the update (`loss`, `grad_norm`, clip fractions, `approx_kl`) and
+diagnostics (`zero_variance_fraction`, `response_length`, `reward_length_correlation`,
+`sampler_logp_gap`); evaluation steps log greedy held-out `accuracy` (and `accuracy/<task>`).
+""")
+nb.code(r"""
+runs = [read_run(path, name) for name, path in RUN_DIRS.items()]
+
+
+def xy(run, key):
+    points = run.series.get(key, [])
+    return ([s for s, _ in points], [v for _, v in points]) if points else ([], [])
+
+
+def keys(run, pattern):
+    return sorted(k for k in run.series if fnmatchcase(k, pattern))
+
+
+for r in runs:
+    tasks = [t["name"] for t in r.config.get("grpo", {}).get("tasks", [])]
+    print(f"{r.name:6} {len(r.series):3d} metrics, last step {max((p[-1][0] for p in r.series.values()), default=0):4d}, "
+          f"tasks {tasks}")
+rows = []
+for r in runs:
+    s = r.summary
+    rows.append([r.name, s.get("accuracy_before", float("nan")), s.get("accuracy_after", float("nan")),
+                 s.get("accuracy_gain", float("nan")), s.get("steps", "—")])
+show = lambda header, rows: print("\n".join(["  ".join(f"{h:>16}" for h in header)] +
+                                            ["  ".join(f"{v:>16.3f}" if isinstance(v, float) else f"{v!s:>16}" for v in row) for row in rows]))
+show(["run", "accuracy_before", "accuracy_after", "accuracy_gain", "steps"], rows)
+""")
+nb.md(r"""
+## 3. Reward and held-out accuracy
+
+The training reward is not comparable across runs (a verifier's 0/1, a judge's normalised score,
+Kendall τ mapped to [0, 1]); held-out accuracy is, because every run is measured the same way:
+greedy answers to held-out strings, checked against the gold reversal.
+""")
+nb.code(r"""
+def smooth(values, k=5):
+    values = np.asarray(values, float)
+    return values if len(values) < k else np.convolve(values, np.ones(k) / k, mode="valid")
+
+
+fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
+for r in runs:
+    steps, values = xy(r, "reward_mean")
+    if steps:
+        line, = axes[0].plot(steps, values, alpha=0.3)
+        k = 5 if len(values) >= 20 else 1
+        axes[0].plot(steps[k - 1:], smooth(values, k), color=line.get_color(), label=r.name)
+    steps, values = xy(r, "accuracy")
+    axes[1].plot(steps, values, marker="o", label=r.name)
+axes[0].set(title="training reward (reward_mean; smoothed)", xlabel="step")
+axes[1].set(title="held-out greedy accuracy (verifiable task)", xlabel="step", ylim=(0, None))
+for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend()
+fig.tight_layout()
+plt.show()
+""")
+nb.md(r"""
+## 4. Does the judge reward track the truth? (RLLM)
+
+A learned reward can be gamed. The RLLM run logs, for the same training samples, the judge's reward
+and the (weight-0) exact-match verdict: if the policy learns to please the judge without being
+right, the two curves separate. The judge itself was measured before and after its own RL
+(`judge_accuracy_*` in its `summary.json`).
+""")
+nb.code(r"""
+fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
+for r in runs:
+    for key in keys(r, "reward/*/judge/mean") + keys(r, "reward/*/verifier_exact/mean"):
+        steps, values = xy(r, key)
+        kind = "judge reward" if "/judge/" in key else "exact match"
+        axes[0].plot(steps, values, marker="." , linestyle="-" if kind == "judge reward" else "--",
+                     label=f"{r.name}: {kind}")
+    for key in keys(r, "reward/*/judge/invalid_rate"):
+        steps, values = xy(r, key)
+        axes[1].plot(steps, values, label=f"{r.name}: judge invalid_rate")
+    for key in keys(r, "reward/*/judge/guarded_rate"):
+        steps, values = xy(r, key)
+        axes[1].plot(steps, values, linestyle="--", label=f"{r.name}: guarded_rate")
+axes[0].set(title="training samples: judge reward vs exact match", xlabel="step")
+axes[1].set(title="judge outputs that could not be parsed / answers guarded", xlabel="step")
+for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+
+judge_dir = globals().get("JUDGE_DIR")
+if judge_dir is not None and (Path(judge_dir) / "summary.json").exists():
+    js = json.loads((Path(judge_dir) / "summary.json").read_text())
+    print({k: round(v, 3) for k, v in js.items() if k.startswith("judge_accuracy") and "/" not in k})
+""")
+nb.md(r"""
+## 5. URPO: the task mixture and the curriculum
+
+URPO's batches mix the three tasks in the configured ratio (2 : 1 : 1 here); the open-ended
+instruction prompts join at `start_step` (dashed line). Each task logs its own reward
+(`reward/<task>/mean`). With a policy this small the self-judged reward is mostly the parser's floor
+— the model rarely writes a valid `\boxed{…}` ranking of its own answers — which is what the
+`invalid_rate` of the sources shows; on an instruction-tuned model the same config is the URPO recipe.
+""")
+nb.code(r"""
+urpo_runs = [r for r in runs if len(r.config.get("grpo", {}).get("tasks", [])) > 1]
+fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
+for r in urpo_runs:
+    for task in r.config["grpo"]["tasks"]:
+        steps, values = xy(r, f"reward/{task['name']}/mean")
+        if steps:
+            axes[0].plot(steps, values, marker=".", label=f"{r.name}: {task['name']} ({task.get('kind', 'verifiable')})")
+        if task.get("start_step", 0) > 0:
+            axes[0].axvline(task["start_step"], color="gray", linestyle="--", linewidth=1)
+    for key in keys(r, "reward/*/invalid_rate"):
+        steps, values = xy(r, key)
+        axes[1].plot(steps, values, marker=".", label=f"{r.name}: {key}")
+axes[0].set(title="per-task training reward", xlabel="step")
+axes[1].set(title="unparseable rankings / self-judgments", xlabel="step")
+for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+""")
+nb.md(r"""
+## 6. Diagnostics worth watching in any GRPO run
+
+* `zero_variance_fraction` — groups whose G rewards are equal teach nothing (DAPO's dynamic sampling
+  refills them; `dynamic_sampling/filled_fraction` says how well);
+* `response_length` and `reward_length_correlation` — a reward that prefers length is being hacked;
+* `sampler_logp_gap` — the sampler's and the trainer's log-probs of the same tokens should agree (≈ 0);
+* `clip_frac_high` / `clip_frac_low`, `approx_kl`, `grad_norm` — the size of each update.
+""")
+nb.code(r"""
+panels = ["zero_variance_fraction", "response_length", "reward_length_correlation", "sampler_logp_gap",
+          "clip_frac_high", "grad_norm"]
+fig, axes = plt.subplots(2, 3, figsize=(14, 6.5))
+for ax, key in zip(axes.ravel(), panels):
+    for r in runs:
+        steps, values = xy(r, key)
+        if steps:
+            ax.plot(steps, values, label=r.name, alpha=0.8)
+    ax.set(title=key, xlabel="step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+fig.tight_layout()
+plt.show()
+""")
+nb.md(r"""
+## 7. The same comparison as a report
+
+`python -m jaxrl_rm.report RUN_DIR ... --out DIR` (or `build_report` in Python) writes `report.md` —
+last and best value of each metric per run, `summary.json` side by side, the config keys that
+differ — and one PNG per metric; `plot_panels` draws several metrics in one figure. (Both draw with
+matplotlib's Agg backend, so they come last here.)
+""")
+nb.code(r"""
+from IPython.display import Image, Markdown, display
+
+from jaxrl_rm.report import build_report, plot_panels
+
+report = build_report(list(RUN_DIRS.values()), WORK / "report", names=list(RUN_DIRS),
+                      metrics=["reward_mean", "accuracy", "accuracy/*", "response_length", "zero_variance_fraction"])
+text = report.read_text()
+display(Markdown(text.split("## Plots")[0].split("## summary.json")[0]))
+print(f"full report: {report} ({len(list(report.parent.glob('*.png')))} plots)")
+display(Image(filename=str(plot_panels(runs, ["reward_mean", "accuracy"], WORK / "comparison.png",
+                                       title=" vs ".join(RUN_DIRS)))))
+""")
+
+
+# =====================================================================================================
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="exit 1 if a notebook file is out of date")

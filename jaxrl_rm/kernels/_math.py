@@ -92,24 +92,31 @@ def scaled_logits(h, w, temperature: float, precision=None):
     return z
 
 
+def _col(x):
+    """Per-row statistic as a column: `[n]` -> `[n, 1]`; `[n, 1]` unchanged."""
+    return x[:, None] if x.ndim == 1 else x
+
+
 def online_update(z, m, s, went, *, with_entropy: bool):
     """Fold one block of logits into the running statistics.
 
     Args:
       z: `[n, v] float32` scaled logits; masked columns hold `NEG`.
-      m, s: `[n, 1] float32` running max and sum of `exp(z - m)`.
-      went: `[n, 1] float32` running `sum exp(z - m) (z - m)` (ignored unless with_entropy).
+      m, s: running max and sum of `exp(z - m)`, float32, `[n, 1]` (Mosaic-friendly) or `[n]`
+        (Triton-friendly); the outputs have the same shape.
+      went: running `sum exp(z - m) (z - m)`, same shape (ignored unless with_entropy).
 
     Returns:
       The updated `(m, s, went)`.
     """
-    m_new = jnp.maximum(m, jnp.max(z, axis=1, keepdims=True))
+    keep = m.ndim == 2
+    m_new = jnp.maximum(m, jnp.max(z, axis=1, keepdims=keep))
     alpha = jnp.exp(m - m_new)
-    zc = z - m_new
+    zc = z - _col(m_new)
     e = jnp.exp(zc)
-    s_new = alpha * s + jnp.sum(e, axis=1, keepdims=True)
+    s_new = alpha * s + jnp.sum(e, axis=1, keepdims=keep)
     if with_entropy:
-        went = alpha * (went + (m - m_new) * s) + jnp.sum(e * zc, axis=1, keepdims=True)
+        went = alpha * (went + (m - m_new) * s) + jnp.sum(e * zc, axis=1, keepdims=keep)
     return m_new, s_new, went
 
 
@@ -127,12 +134,12 @@ def logit_grad(z, is_target, lse, a, b, c):
     Args:
       z: `[n, v] float32` scaled logits of the block.
       is_target: `[n, v] bool`, column == target of the row.
-      lse, a, b: `[n, 1] float32`; c: `[n, 1] float32` or None (no entropy term).
+      lse, a, b: float32 `[n, 1]` or `[n]`; c: the same, or None (no entropy term).
 
     Returns:
       `[n, v] float32`.
     """
-    y = z - lse
+    y = z - _col(lse)
     p = jnp.exp(y)
-    coef = b if c is None else b + c * y
-    return jnp.where(is_target, a, 0.0) + p * coef
+    coef = _col(b) if c is None else _col(b) + _col(c) * y
+    return jnp.where(is_target, _col(a), 0.0) + p * coef

@@ -200,6 +200,9 @@ def _local_stats(hidden, lm_head, targets, *, temperature, with_entropy, impl, b
         return reference_stats(hidden, lm_head, targets, temperature=temperature,
                                with_entropy=with_entropy)
     impl, platform, interpret = _resolve(impl, hidden.shape[1], pallas_platform, interpret)
+    if hidden.shape[0] == 0:  # nothing to stream over; the dense form handles empty arrays
+        return reference_stats(hidden, lm_head, targets, temperature=temperature,
+                               with_entropy=with_entropy)
     plan = _Plan(impl=impl, temperature=float(temperature), with_entropy=bool(with_entropy),
                  block_tokens=block_tokens, block_vocab=block_vocab, platform=platform,
                  interpret=bool(interpret))

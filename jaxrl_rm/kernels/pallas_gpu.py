@@ -87,18 +87,19 @@ def _fwd_kernel(h_ref, w_ref, t_ref, lse_ref, zt_ref, *ent_ref, n, v, d, bn, bv,
         z = _logits(h, w, temperature, precision)
         z = jnp.where(col_ok[None, :], z, NEG)
         is_t = (cols[None, :] == t[:, None]) & col_ok[None, :]  # ids >= V must not hit padding
-        zt = zt + jnp.sum(jnp.where(is_t, z, 0.0), axis=1, keepdims=True)
+        zt = zt + jnp.sum(jnp.where(is_t, z, 0.0), axis=1)
         m, s, we = online_update(z, m, s, we, with_entropy=with_entropy)
         return m, s, we, zt
 
-    col1 = lambda x: jnp.full((bn, 1), x, jnp.float32)
-    m, s, we, zt = lax.fori_loop(0, pl.cdiv(v, bv), body, (col1(NEG), col1(0.0), col1(0.0),
-                                                           col1(0.0)))
+    # Per-row statistics are 1-D [bn] vectors (Triton-friendly), as in flash attention.
+    vec = lambda x: jnp.full((bn,), x, jnp.float32)
+    m, s, we, zt = lax.fori_loop(0, pl.cdiv(v, bv), body, (vec(NEG), vec(0.0), vec(0.0),
+                                                           vec(0.0)))
     lse, ent = finalize(m, s, we, with_entropy=with_entropy)
-    plgpu.store(lse_ref, lse[:, 0], mask=row_ok)
-    plgpu.store(zt_ref, zt[:, 0], mask=row_ok)
+    plgpu.store(lse_ref, lse, mask=row_ok)
+    plgpu.store(zt_ref, zt, mask=row_ok)
     if with_entropy:
-        plgpu.store(ent_ref[0], ent[:, 0], mask=row_ok)
+        plgpu.store(ent_ref[0], ent, mask=row_ok)
 
 
 def forward(hidden, lm_head, targets, *, temperature: float = 1.0, with_entropy: bool = False,
@@ -146,7 +147,7 @@ def _dh_kernel(h_ref, w_ref, t_ref, lse_ref, a_ref, b_ref, *rest, n, v, d, bn, b
     row_ok = i * bn + jnp.arange(bn) < n
     d_ok = jnp.arange(d_pad) < d
     h = plgpu.load(h_ref, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    ld = lambda ref, other=0.0: plgpu.load(ref, mask=row_ok, other=other)[:, None]
+    ld = lambda ref, other=0.0: plgpu.load(ref, mask=row_ok, other=other)  # [bn]
     t, lse, a, b = ld(t_ref, -1), ld(lse_ref), ld(a_ref), ld(b_ref)
     c = ld(c_ref) if has_c else None
 
@@ -156,7 +157,7 @@ def _dh_kernel(h_ref, w_ref, t_ref, lse_ref, a_ref, b_ref, *rest, n, v, d, bn, b
         w = plgpu.load(w_ref.at[:, pl.ds(j * bv, bv)], mask=d_ok[:, None] & col_ok[None, :],
                        other=0.0)
         z = _logits(h, w, temperature, precision)
-        dz = logit_grad(z, cols[None, :] == t, lse, a, b, c)
+        dz = logit_grad(z, cols[None, :] == t[:, None], lse, a, b, c)
         dz = jnp.where(col_ok[None, :], dz, 0.0)
         return acc + _dot(dz.astype(w.dtype), w, _NT, precision)
 
@@ -177,12 +178,12 @@ def _dw_kernel(h_ref, w_ref, t_ref, lse_ref, a_ref, b_ref, *rest, n, v, d, bn, b
         rows = pl.ds(i * bn, bn)
         row_ok = i * bn + jnp.arange(bn) < n
         h = plgpu.load(h_ref.at[rows, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        ld = lambda ref, other=0.0: plgpu.load(ref.at[rows], mask=row_ok, other=other)[:, None]
+        ld = lambda ref, other=0.0: plgpu.load(ref.at[rows], mask=row_ok, other=other)  # [bn]
         # Rows past N load a = b = c = 0, hence dz = 0: they add nothing.
         t, lse, a, b = ld(t_ref, -1), ld(lse_ref), ld(a_ref), ld(b_ref)
         c = ld(c_ref) if has_c else None
         z = _logits(h, w, temperature, precision)
-        dz = logit_grad(z, cols[None, :] == t, lse, a, b, c)
+        dz = logit_grad(z, cols[None, :] == t[:, None], lse, a, b, c)
         return acc + _dot(h, dz.astype(h.dtype), _TN, precision)
 
     acc = lax.fori_loop(0, pl.cdiv(n, bn), body, jnp.zeros((d_pad, bv), jnp.float32))

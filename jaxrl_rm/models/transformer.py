@@ -27,6 +27,44 @@ _NEG_INF = float(jnp.finfo(jnp.float32).min)
 KVCache = list
 
 
+def _pin(x):
+    """On XLA:CPU, stop XLA from folding an explicit transpose back into the next dot.
+
+    XLA:CPU runs a dot fast only when both operands already have the "NN" (or "NT") layout; a
+    dot that contracts the major dimension of an operand (`x^T @ dy`, every weight gradient) is
+    lowered to an explicit transpose *fused into the producer of that operand* (slow strided
+    stores of e.g. the SwiGLU backward) plus a slower dot path. Materialising the transpose
+    ourselves behind an optimization barrier makes it a plain copy of the smaller operand and
+    the dot a plain "NN" product. Other backends transpose for free: identity there.
+    """
+    return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
+
+
+@jax.custom_vjp
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x [..., in] @ w [in, out]`, with a hand-written VJP laid out for XLA:CPU.
+
+    Same values and gradients as `jnp.dot`; the backward computes `dw = pin(x^T) @ dy` (an "NN"
+    product, see `_pin`) and `dx = dy @ w^T` (an "NT" product, fast as is).
+    """
+    return jnp.dot(x, w)
+
+
+def _linear_fwd(x, w):
+    return jnp.dot(x, w), (x, w)
+
+
+def _linear_bwd(res, dy):
+    x, w = res
+    x_t = _pin(x.reshape(-1, x.shape[-1]).T)
+    dw = jnp.dot(x_t, dy.reshape(-1, dy.shape[-1]))
+    dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
 class Dense(nnx.Module):
     """`y = x @ kernel (+ bias)`; kernel `[in, out]` stored in `param_dtype`, computed in `dtype`."""
 
@@ -37,7 +75,7 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = linear(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -92,6 +130,50 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
+@jax.custom_vjp
+def attention_core(q, k, v, mask):
+    """Masked softmax attention, grouped-query, head-major (the training / prefill path).
+
+    q `[B, kv, G, T, Dh]` (G query heads per KV head), k/v `[B, kv, S, Dh]`, mask `[B, T, S]`
+    bool -> `[B, kv, G, T, Dh]` in v's dtype. Scores and softmax are float32; rows that may see
+    nothing get a uniform softmax (finite, ignored by the losses). The VJP is written by hand so
+    that every product is an "NN"/"NT" dot with no transpose of a `[T, S]` matrix (see `_pin`):
+    it keeps the probabilities (float32 scores are not kept) and only transposes q and dout.
+    """
+    return _attention_fwd(q, k, v, mask)[0]
+
+
+def _attention_fwd(q, k, v, mask):
+    b, kv, g, t, dh = q.shape
+    s_len = k.shape[2]
+    scores = jax.lax.dot_general(q.reshape(b, kv, g * t, dh), k, (((3,), (3,)), ((0, 1), (0, 1))),
+                                 preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kv, g, t, s_len) / math.sqrt(dh)
+    scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s_len)
+    out = jnp.matmul(probs, v).reshape(b, kv, g, t, dh)
+    return out, (q, k, v, probs)
+
+
+def _attention_bwd(res, d_out):
+    q, k, v, probs = res
+    b, kv, g, t, dh = q.shape
+    d_out = d_out.reshape(b, kv, g * t, dh).astype(v.dtype)
+    d_probs = jax.lax.dot_general(d_out, v, (((3,), (3,)), ((0, 1), (0, 1))),
+                                  preferred_element_type=jnp.float32)
+    p32 = probs.astype(jnp.float32)
+    d_scores = p32 * (d_probs - jnp.sum(p32 * d_probs, axis=-1, keepdims=True))
+    d_scores = (d_scores / math.sqrt(dh)).astype(q.dtype)  # masked entries have p = 0
+    dq = jnp.matmul(d_scores, k).reshape(q.shape)
+    q_t, d_out_t = _pin((jnp.swapaxes(q.reshape(b, kv, g * t, dh), 2, 3), jnp.swapaxes(d_out, 2, 3)))
+    dk = jnp.swapaxes(jnp.matmul(q_t, d_scores), 2, 3)  # [B, kv, S, Dh] via dk^T = q^T ds
+    dv = jnp.swapaxes(jnp.matmul(d_out_t, probs), 2, 3)  # dv^T = dout^T p
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+attention_core.defvjp(_attention_fwd, _attention_bwd)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with optional q/k/v bias and per-head q/k RMSNorm."""
 
@@ -125,14 +207,14 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             return self._cached(q, k, v, mask, kv_cache, cache_index)
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
-                            preferred_element_type=jnp.float32) / math.sqrt(self.head_dim)
-        scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * self.head_dim)
-        return self.o_proj(out), (k, v)
+        kv, groups, dh = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        # Head-major layout ([B, kv, groups, T, Dh]): both attention products are batched over
+        # (B, kv) with the contracted dims innermost, so XLA needs no transposes of the scores.
+        qh = q.reshape(b, t, kv, groups, dh).transpose(0, 2, 3, 1, 4)
+        kh = k.astype(q.dtype).transpose(0, 2, 1, 3)
+        out = attention_core(qh, kh, v.transpose(0, 2, 1, 3), mask)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, self.num_heads * dh)
+        return self.o_proj(out.astype(q.dtype)), (k, v)
 
     def _cached(self, q, k, v, mask, kv_cache, cache_index):
         """Attention over a head-major KV cache (the sampler's decode path).

@@ -29,6 +29,7 @@ mode          judge prompts per group ("calls")          template (default)     
 ``listwise``  1 (all G in one prompt), or with           ``listwise`` (URPO ``\boxed{}``)  mean of its normalised scores
               ``subset_size`` s < G: ⌈G/s⌉ per round,
               ``subset_rounds`` rounds of random subsets
+              (a last subset of one joins the previous)
 ============  =========================================  ==============================  ========================
 
 Scores are normalised to [0, 1]: ``(s − min_score) / (max_score − min_score)`` of the template.
@@ -174,18 +175,19 @@ class TextJudge:
 
     model_fn: () -> `Transformer` (called once per batch of prompts, so a self-judge sees the
       current policy weights). Prompts are token-encoded, keep their last `max_prompt_length`
-      tokens, and go through `jaxrl_rm.sampling.generate` in chunks of `batch_size` prompts
+      tokens (default: the model's context minus `max_new_tokens`), and go through `jaxrl_rm.sampling.generate` in chunks of `batch_size` prompts
       (one jitted, bucketed call each). Stops at the tokenizer's eos.
 
     `judge.generate(texts, num_samples=k, seed=s)` -> `[len(texts)][k]` decoded outputs;
     `judge(texts)` -> one output per text (the protocol `jaxrl_rm.eval.judge` uses).
     """
 
-    def __init__(self, model_fn: Callable[[], Any], tokenizer, *, max_prompt_length: int = 1024,
+    def __init__(self, model_fn: Callable[[], Any], tokenizer, *, max_prompt_length: int | None = None,
                  max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  greedy: bool = False, batch_size: int = 64, mesh=None, seed: int = 0):
         self.model_fn, self.tokenizer = model_fn, tokenizer
-        self.max_prompt_length, self.max_new_tokens = int(max_prompt_length), int(max_new_tokens)
+        self.max_prompt_length = None if max_prompt_length is None else int(max_prompt_length)
+        self.max_new_tokens = int(max_new_tokens)
         self.temperature, self.top_p, self.top_k, self.greedy = float(temperature), float(top_p), int(top_k), bool(greedy)
         self.batch_size, self.mesh, self.seed = max(int(batch_size), 1), mesh, int(seed)
         self.eos = [t for t in {tokenizer.eos_token_id} if t is not None]
@@ -200,15 +202,14 @@ class TextJudge:
             return []
         seed = self.seed if seed is None else int(seed)
         model = self.model_fn()
+        budget = self.max_prompt_length or max(model.config.max_position_embeddings - self.max_new_tokens, 1)
         out: list[list[str]] = []
         for start in range(0, len(texts), self.batch_size):
-            chunk = [encode(self.tokenizer, t)[-self.max_prompt_length:] or [self.pad]
-                     for t in texts[start:start + self.batch_size]]
+            chunk = [encode(self.tokenizer, t)[-budget:] or [self.pad] for t in texts[start:start + self.batch_size]]
             res = generate(model, chunk, num_samples=num_samples, max_new_tokens=self.max_new_tokens,
                            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                            stop_token_ids=self.eos, seed=content_seed(seed, start), greedy=self.greedy,
-                           mesh=self.mesh, max_prompt_len=self.max_prompt_length, truncate_prompt="left",
-                           pad_id=self.pad)
+                           mesh=self.mesh, max_prompt_len=budget, truncate_prompt="left", pad_id=self.pad)
             self.generate_calls += 1
             tokens, mask = np.asarray(res.tokens), np.asarray(res.mask)
             decoded = self.tokenizer.batch_decode([row[m] for row, m in zip(tokens, mask)], skip_special_tokens=True)
@@ -306,10 +307,13 @@ class JudgeSource:
                 size = self.subset_size if 0 < self.subset_size < len(live) else len(live)
                 rounds = self.subset_rounds if size < len(live) else 1
                 for _ in range(rounds):
-                    order = list(rng.permutation(live)) if (size < len(live) or self.shuffle) else list(live)
-                    for s in range(0, len(order), size):
-                        members = tuple(int(x) for x in order[s:s + size])
-                        reqs.append(_Request(i, members, self.render(item, responses=[resp[m] for m in members])))
+                    order = [int(x) for x in (rng.permutation(live) if (size < len(live) or self.shuffle) else live)]
+                    chunks = [order[s:s + size] for s in range(0, len(order), size)]
+                    if len(chunks) > 1 and len(chunks[-1]) == 1:  # never rank a response alone
+                        last = chunks.pop()
+                        chunks[-1] = chunks[-1] + last
+                    for members in chunks:
+                        reqs.append(_Request(i, tuple(members), self.render(item, responses=[resp[m] for m in members])))
         return reqs
 
     # ------------------------------------------------------------------ scoring
@@ -500,7 +504,6 @@ def make_self_judge_source(spec, ctx: dict) -> JudgeSource:
     opts.setdefault("mode", "listwise")
     opts.setdefault("seed", ctx.get("seed", 0))
     opts.setdefault("chat_template", grpo.cfg.data.chat_template)
-    gen.setdefault("max_prompt_length", grpo.P * 8)
 
     def model_fn():
         return nnx.merge(grpo.trainer.graphdef, grpo.current_params)

@@ -142,7 +142,7 @@ def test_split_by_prompt_keeps_prompts_together():
 @pytest.mark.parametrize("kind", ["bt", "polar"])
 def test_round_trip_orbax_and_hf_preserves_scores(kind, tmp_path):
     from jaxrl_rm.models.hf import load_model, save_model
-    from jaxrl_rm.rewards.scalar_rm import load_tokenizer_exact
+    from jaxrl_rm.models.hf import load_tokenizer
     from jaxrl_rm.parallel.mesh import make_mesh
     from jaxrl_rm.train.checkpoint import Checkpointer
     from jaxrl_rm.train.state import Trainer, abstract_like, make_optimizer
@@ -177,7 +177,7 @@ def test_round_trip_orbax_and_hf_preserves_scores(kind, tmp_path):
     save_model(trainer.model(restored), tmp_path / "hf", tokenizer=t)
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen2ForSequenceClassification"] and cfg["vocab_size"] == len(t)
-    again, t2 = load_model(tmp_path / "hf"), load_tokenizer_exact(tmp_path / "hf")
+    again, t2 = load_model(tmp_path / "hf"), load_tokenizer(tmp_path / "hf")
     assert isinstance(again, RewardModel) and len(t2) == len(t)
     text = t.apply_chat_template([{"role": "user", "content": "what is the sea"}], tokenize=False)
     assert t2.encode(text, add_special_tokens=False) == t.encode(text, add_special_tokens=False)  # spaces kept

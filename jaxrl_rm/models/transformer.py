@@ -152,18 +152,21 @@ def _attention_fwd(q, k, v, mask):
     scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s_len)
     out = jnp.matmul(probs, v).reshape(b, kv, g, t, dh)
-    return out, (q, k, v, probs)
+    return out, (q, k, v, probs, mask)
 
 
 def _attention_bwd(res, d_out):
-    q, k, v, probs = res
+    q, k, v, probs, mask = res
     b, kv, g, t, dh = q.shape
+    s_len = k.shape[2]
     d_out = d_out.reshape(b, kv, g * t, dh).astype(v.dtype)
     d_probs = jax.lax.dot_general(d_out, v, (((3,), (3,)), ((0, 1), (0, 1))),
                                   preferred_element_type=jnp.float32)
     p32 = probs.astype(jnp.float32)
     d_scores = p32 * (d_probs - jnp.sum(p32 * d_probs, axis=-1, keepdims=True))
-    d_scores = (d_scores / math.sqrt(dh)).astype(q.dtype)  # masked entries have p = 0
+    # Masked scores get no gradient (rows that see nothing have p = 1/S, not 0).
+    d_scores = jnp.where(mask[:, None, None], d_scores.reshape(b, kv, g, t, s_len), 0.0) / math.sqrt(dh)
+    d_scores = d_scores.astype(q.dtype).reshape(b, kv, g * t, s_len)
     dq = jnp.matmul(d_scores, k).reshape(q.shape)
     q_t, d_out_t = _pin((jnp.swapaxes(q.reshape(b, kv, g * t, dh), 2, 3), jnp.swapaxes(d_out, 2, 3)))
     dk = jnp.swapaxes(jnp.matmul(q_t, d_scores), 2, 3)  # [B, kv, S, Dh] via dk^T = q^T ds

@@ -287,34 +287,14 @@ class BTScorer(RewardScorer):
         return self.score_sequences(self.builder.build_many(prompts, responses), params=params)
 
 
-def load_tokenizer_exact(path):
-    """The tokenizer saved in a local HF directory, exactly as saved.
-
-    With a `tokenizer.json` it is read by `PreTrainedTokenizerFast` itself: transformers 5's
-    `AutoTokenizer` picks the tokenizer class from a `config.json` beside it (e.g. Qwen2Tokenizer
-    for a qwen2 model) and rebuilds that class's pre-tokenizer, which silently changes a custom
-    tokenizer saved next to the model (the character tokenizer then drops spaces). Otherwise
-    `jaxrl_rm.models.hf.load_tokenizer`.
-    """
-    from pathlib import Path
-
-    if (Path(path) / "tokenizer.json").exists():
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
-    from jaxrl_rm.models.hf import load_tokenizer
-
-    return load_tokenizer(path)
-
-
 def _load_rm(path):
-    from jaxrl_rm.models.hf import load_model
+    from jaxrl_rm.models.hf import load_model, load_tokenizer
     from jaxrl_rm.models.reward import RewardModel
 
     model = load_model(path)
     if not isinstance(model, RewardModel):
         raise ValueError(f"{path}: not a reward model (expected a *ForSequenceClassification checkpoint)")
-    return model, load_tokenizer_exact(path)
+    return model, load_tokenizer(path)
 
 
 # --- reward sources for RL (grpo.tasks[].rewards: type bt_rm | polar_rm) -------------------------

@@ -140,9 +140,9 @@ def build_policy(spec, index: int, cfg, default_tokenizer):
         tokenizer, name = default_tokenizer, spec.name or f"random{spec.seed}"
     elif (Path(path) / "config.json").exists():
         from jaxrl_rm.models.hf import load_model
-        from jaxrl_rm.rewards.scalar_rm import load_tokenizer_exact
+        from jaxrl_rm.models.hf import load_tokenizer
 
-        model, tokenizer, name = load_model(path), load_tokenizer_exact(path), spec.name or Path(path).name
+        model, tokenizer, name = load_model(path), load_tokenizer(path), spec.name or Path(path).name
     elif (Path(path) / "config.yaml").exists() and (Path(path) / "checkpoints").is_dir():
         (model, tokenizer), name = load_run_model(path), spec.name or Path(path).name
     else:

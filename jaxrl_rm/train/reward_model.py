@@ -40,13 +40,14 @@ from jaxrl_rm.data.tokenizer import load_or_build_tokenizer
 from jaxrl_rm.eval.reward_model import pairwise_accuracy
 from jaxrl_rm.models.config import as_dtype
 from jaxrl_rm.models.factory import check_tokenizer_fits, model_config_from_spec
+from jaxrl_rm.models.hf import load_tokenizer
 from jaxrl_rm.models.resize import add_special_tokens, add_tokens_and_resize, reward_model_from_lm
 from jaxrl_rm.models.reward import RewardModel
 from jaxrl_rm.objectives.reward_model import bradley_terry_loss_terms
 from jaxrl_rm.parallel.mesh import mesh_from_config
 from jaxrl_rm.parallel.rules import shard_batch
 from jaxrl_rm.rewards.scalar_rm import (POLAR_SPECIAL_TOKENS, BTInputBuilder, PolarInputBuilder, RewardScorer,
-                                        load_tokenizer_exact, pad_sequences)
+                                        pad_sequences)
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
 from jaxrl_rm.train.state import Trainer, abstract_like, build_train_step, make_optimizer
 
@@ -227,13 +228,18 @@ def export_hf(model, tokenizer, path) -> Path:
 # --- pipeline ---------------------------------------------------------------------------------
 def load_rm_tokenizer(path: str):
     """The built-in character tokenizer (empty path) or a directory's tokenizer exactly as saved
-    (`scalar_rm.load_tokenizer_exact`: an exported RM's tokenizer sits beside its config.json)."""
-    return load_tokenizer_exact(path) if path else load_or_build_tokenizer("")
+    (`models.hf.load_tokenizer`: an exported RM's tokenizer sits beside its config.json)."""
+    return load_tokenizer(path) if path else load_or_build_tokenizer("")
 
 
 def run_reward_model(cfg) -> dict:
     """Train per `cfg` (task rm_bt | polar_pretrain | polar_finetune); returns the summary."""
     stage = STAGES[cfg.task]
+    for key in ("path", "tokenizer"):
+        value = getattr(cfg.model, key)
+        if value and not Path(value).is_dir():
+            raise ConfigError(f"model.{key}: {value!r} is not a directory (an HF model directory, e.g. the hf/ "
+                              "export of an earlier run; empty = random init)")
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_rm_tokenizer(cfg.model.tokenizer or cfg.model.path)
     model = build_reward_model(cfg.model, tokenizer, seed=cfg.seed, polar=stage.polar)

@@ -141,3 +141,12 @@ def test_malformed_configs_fail_only_with_config_errors(pairs):
         load_config(None, overrides)
     except ConfigError as e:
         assert str(e)  # a message, naming a key or value
+
+
+@pytest.mark.slow
+def test_sigkill_at_three_points_resumes_exactly_reward_model(tmp_path):
+    args = ["task=rm_bt", "data.train=synthetic:reverse_pairs", "data.synthetic_size=256", "data.max_length=24",
+            "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1", "train.batch_size=8",
+            "rm.eval_size=32", "train.steps=24", "checkpoint.every=2", "checkpoint.async_save=true",
+            "logging.progress=false", "logging.tensorboard=false"]
+    _kill_resume_compare(tmp_path, args, ("loss", "grad_norm"), 24)

@@ -11,8 +11,10 @@ Layout choices (they matter on CPU, see `benchmarks/logprob.py`):
 
 * vocab is the outer loop, so one `[D, block_vocab]` slice of the head stays hot in cache
   while all token blocks pass over it, and `d_lm_head[:, block]` is written exactly once;
-* the head is never copied, padded or transposed as a whole: blocks are `dynamic_slice`s and
-  the two backward products are `dot_general`s with the contracting dims where they are;
+* the head is never copied, padded or transposed as a whole: blocks are `dynamic_slice`s,
+  `d_hidden += dz @ W_j^T` is a `dot_general` contracting the block's vocab dim in place, and
+  `d_lm_head[:, j] = hidden^T @ dz` uses `hidden^T` materialised once (`[D, N]`, small), which
+  keeps every product on XLA:CPU's fast matmul path (it runs "transposed-LHS" dots slowly);
 * when `V % block_vocab != 0` the last vocab block is *overlapped* (it starts at
   `V - block_vocab`) and the columns already seen are masked, which avoids padding the head;
 * the token side (`[N, D]`, small) is zero-padded to a multiple of `block_tokens`; padded
@@ -48,7 +50,7 @@ def _vocab_plan(v: int, block_vocab: int):
     """`(block, n_full, last_start)`: full blocks at `j * block`, then one overlapped block at
     `last_start = v - block` (None when `block` divides `v`) whose columns `< n_full * block`
     are masked."""
-    block = min(block_vocab, v)
+    block = max(1, min(block_vocab, v))
     n_full = v // block
     last_start = v - block if v % block else None
     return block, n_full, last_start

@@ -158,7 +158,8 @@ def token_logprobs(hidden, lm_head, targets, *, temperature: float = 1.0,
     Args:
       hidden: `[N, D]` float32 or bf16 final hidden states (flatten `[B, T, D]` first).
       lm_head: `[D, V]` same dtype family; the unembedding.
-      targets: `[N] int32` token ids; an id outside `[0, V)` matches no column (logit 0).
+      targets: `[N] int32` token ids in `[0, V)` (the streaming implementations treat an id
+        outside as matching no column, i.e. logit 0; the textbook reference gives NaN).
       temperature: logits are `hidden @ lm_head / temperature` (static Python float).
       with_entropy: also return the entropy of the temperature-scaled softmax.
       impl: `"auto"` (Pallas on TPU/GPU, chunked on CPU), `"reference"`, `"chunked"`,

@@ -154,24 +154,18 @@ hf_config = json.loads((Path(MODEL_DIR) / "config.json").read_text())
 print({k: hf_config[k] for k in ("architectures", "hidden_size", "num_hidden_layers", "vocab_size")})
 """)
 nb.md(r"""
-Loading is one call each. `hf.load_tokenizer` is `AutoTokenizer.from_pretrained(path, local_files_only=True)`,
-what you want for a real checkpoint. A directory written by `save_model` with the *character* tokenizer
-is better read with `scalar_rm.load_tokenizer_exact`, which loads `tokenizer.json` as saved:
-transformers 5's `AutoTokenizer` re-derives the model family's tokenizer class from `config.json`,
-which can drop the spaces of a character vocabulary — the cell prints both round trips so you can see
-whether your installed version does.
+Loading is one call each. `hf.load_tokenizer` reads the directory's `tokenizer.json` exactly as
+saved (falling back to `AutoTokenizer` with local files only): transformers 5's `AutoTokenizer` would
+re-derive the model family's tokenizer class from `config.json`, which silently changes a custom
+tokenizer such as the character one (it would drop spaces) — the round trip below checks it.
 """)
 nb.code(r"""
-from jaxrl_rm.rewards.scalar_rm import load_tokenizer_exact
-
-model = hf.load_model(MODEL_DIR)                  # -> jaxrl_rm.models.transformer.Transformer
-tokenizer = load_tokenizer_exact(MODEL_DIR)       # tokenizer.json as saved (else AutoTokenizer)
-auto_tokenizer = hf.load_tokenizer(MODEL_DIR)
+model = hf.load_model(MODEL_DIR)          # -> jaxrl_rm.models.transformer.Transformer
+tokenizer = hf.load_tokenizer(MODEL_DIR)  # a transformers tokenizer, with the chat template saved beside it
 
 print(type(model).__name__, f"{model.config.num_params():,} parameters", model.config.model_type)
 text = "reverse: ab cd"
-for name, tok in [("load_tokenizer_exact", tokenizer), ("hf.load_tokenizer", auto_tokenizer)]:
-    print(f"{name:22} {type(tok).__name__:28} round trip: {tok.decode(tok(text).input_ids)!r}")
+print(type(tokenizer).__name__, "round trip:", repr(tokenizer.decode(tokenizer(text).input_ids)))
 
 # A forward pass: int32 ids [B, T] -> float32 logits [B, T, V].
 ids = jnp.asarray([tokenizer("reverse:abc=").input_ids], jnp.int32)
@@ -875,11 +869,10 @@ from jaxrl_rm.config import ModelSpec
 from jaxrl_rm.models import hf
 from jaxrl_rm.models.factory import build_model
 from jaxrl_rm.rewards.judge_source import TextJudge
-from jaxrl_rm.rewards.scalar_rm import load_tokenizer_exact
 
 JUDGE_DIR = os.environ.get("JAXRL_RM_JUDGE_DIR", "")
 if JUDGE_DIR:
-    judge_model, judge_tok = hf.load_model(JUDGE_DIR), load_tokenizer_exact(JUDGE_DIR)
+    judge_model, judge_tok = hf.load_model(JUDGE_DIR), hf.load_tokenizer(JUDGE_DIR)
 else:
     judge_tok = tokenizer
     judge_model = build_model(ModelSpec(hidden_size=64, intermediate_size=128, num_hidden_layers=1), judge_tok, seed=0)
@@ -963,8 +956,8 @@ One GRPO loop, three answers to "who scores the samples?":
 Every run writes the same run directory (`config.yaml`, `metrics.jsonl`, `summary.json`, `hf/`), so
 comparing them is reading `metrics.jsonl` files — `jaxrl_rm.report.read_run` — and plotting.
 
-**Use your own runs:** set `RUN_DIRS` below (or `JAXRL_RM_RUN_DIRS="rlvr=runs/quickstart/rlvr,rllm=runs/quickstart/rllm,urpo=runs/urpo_tiny"`)
-and nothing is trained. Otherwise the notebook makes the runs itself, in the miniature world
+**Use your own runs:** set `RUN_DIRS` below (or `JAXRL_RM_RUN_DIRS="rlvr=/abs/runs/quickstart/rlvr,rllm=/abs/runs/quickstart/rllm,urpo=/abs/runs/urpo_tiny"`;
+relative paths are relative to the kernel's working directory) and nothing is trained. Otherwise the notebook makes the runs itself, in the miniature world
 (string reversal with a 300k-parameter policy), with the settings of `configs/quickstart.yaml` and
 `configs/urpo_tiny.yaml` — on the order of half an hour on a laptop CPU, or a few minutes with
 `JAXRL_RM_NOTEBOOK_TINY=1` (a dozen RL steps per run: the curves are then mostly noise, but every
@@ -1046,12 +1039,7 @@ if MAKE_RUNS:
                f"rewards: [{{type: judge, path: '{judge / 'hf'}', options: {{mode: pointwise, "
                "template: pointwise_correctness, greedy: true, max_prompt_length: 128, max_new_tokens: 40}}, "
                "{type: exact_match, weight: 0}]}]")
-    # Workaround: GRPO.evaluate scores a self-judged task with the parameters of the last `collect`, which the
-    # update step has donated ("Buffer has been deleted or donated"). Until it uses the evaluated state, the
-    # instruction task gets no held-out prompts (an empty eval file); its training reward is still logged.
-    no_eval = WORK / "empty_eval.jsonl"
-    no_eval.write_text("")
-    urpo = run("urpo", CONFIGS / "urpo_tiny.yaml", f"grpo.tasks.2.eval_data={no_eval}",
+    urpo = run("urpo", CONFIGS / "urpo_tiny.yaml",
                *(RL + ["warmup.steps=100", "warmup.batch_size=16", "grpo.tasks.2.start_step=6"] if TINY
                  else ["train.log_every=1"]))
     RUN_DIRS = {"rlvr": str(rlvr), "rllm": str(rllm), "urpo": str(urpo)}

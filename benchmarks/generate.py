@@ -14,6 +14,8 @@ What is measured (one run, this machine, CPU):
     and `load_avg_1m` is the machine's load at start and end. On a shared machine, torch's
     spinning OpenMP threads degrade far more than XLA's under contention (5x measured here), so
     HF then runs with OMP_WAIT_POLICY=PASSIVE, its faster setting under load (`--omp-wait-policy`);
+  * the torch side runs in its own process (spawned, so its OpenMP threads never share a process
+    with XLA's), the JAX side in this one;
   * the matmul roofline of this machine, measured in the same run: the weight matmuls of one
     decode step at this batch size (`[32, D] @ W` for q, k, v, o, gate, up, down of every layer
     and the LM head), run alone in a jitted loop. `roofline_fraction` = time of those matmuls /
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import tempfile
 import time
@@ -68,6 +71,16 @@ def hf_generate(model, prompts: np.ndarray, seed: int, new: int = NEW) -> tuple[
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert out.shape == (BATCH, PROMPT + new), out.shape
     return wall, cpu
+
+
+def hf_worker(conn, path: str) -> None:
+    """Separate process for the torch side (its OpenMP threads and XLA's never share a process):
+    builds + saves the model, then runs `hf_generate(seed, new)` requests until it gets None."""
+    model = build_hf(path)
+    conn.send("ready")
+    while (msg := conn.recv()) is not None:
+        prompts, seed, new = msg
+        conn.send(hf_generate(model, prompts, seed, new))
 
 
 def jax_generate(model, prompts, seed: int, new: int = NEW) -> tuple[float, float]:
@@ -139,26 +152,34 @@ def main():
     from jaxrl_rm.models import hf
     from jaxrl_rm.models.transformer import count_params
 
+    ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
-        torch_model = build_hf(tmp) if not args.skip_hf else None
-        if args.skip_hf:
-            build_hf(tmp)
-        model = hf.load_model(tmp)
+        conn, child = ctx.Pipe()
+        worker = ctx.Process(target=hf_worker, args=(child, tmp), daemon=True)
+        worker.start()
+        assert conn.recv() == "ready"
+        model = hf.load_model(tmp)  # the very weights the torch process holds
     n_params = count_params(model)
     prompts = np.random.default_rng(0).integers(3, MODEL["vocab_size"], (BATCH, PROMPT)).astype(np.int32)
+
+    def hf_call(seed, new=NEW):
+        conn.send((prompts, seed, new))
+        return conn.recv()
 
     load_start = os.getloadavg()[0]
     compile_s = jax_generate(model, prompts, seed=0)[0]
     jax_generate(model, prompts, seed=0, new=1)  # compiles the 1-token bucket (prefill timing)
-    if torch_model is not None:
-        hf_generate(torch_model, prompts, seed=0, new=2)  # warm-up (lazy initialisation)
+    if not args.skip_hf:
+        hf_call(0, new=2)  # warm-up (lazy initialisation)
 
     jax_runs, hf_runs, prefill_runs = [], [], []
     for r in range(args.repeats):  # alternate the two sides so background load hits both alike
         jax_runs.append(jax_generate(model, prompts, seed=r + 1))
         prefill_runs.append(jax_generate(model, prompts, seed=r + 1, new=1))
-        if torch_model is not None:
-            hf_runs.append(hf_generate(torch_model, prompts, seed=r))
+        if not args.skip_hf:
+            hf_runs.append(hf_call(r))
+    conn.send(None)
+    worker.join(timeout=60)
     t_jax = min(w for w, _ in jax_runs)
     compile_s -= t_jax  # first call = compile + one run
     step_s = (t_jax - min(w for w, _ in prefill_runs)) / (NEW - 1)

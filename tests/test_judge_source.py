@@ -204,6 +204,13 @@ def test_score_match_j1_reward():
     np.testing.assert_array_equal(r, [[1, 1]])
     r, _ = ScoreMatchSource(template="pointwise")(ro)
     np.testing.assert_array_equal(r, [[0, 0]])
+    # a judgment cut by the length limit earns `truncated_reward` (the J1 pipeline: 0)
+    ro = make_rollouts([["<think>t</think><score>1</score>", "<think>t</think><score>1</score><sco"]],
+                       labels=[True], task="judge")
+    ro.truncated[0, 1] = True
+    r, m = sources.build_source(RewardSpec(type="score_match", options={"truncated_reward": 0.0}), {})(ro)
+    np.testing.assert_array_equal(r, [[1, 0]])
+    assert m["truncated_rate"] == 0.5
     with pytest.raises(ValueError, match="only pointwise"):
         ScoreMatchSource(template="pairwise")(ro)
 

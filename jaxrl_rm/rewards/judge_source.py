@@ -14,7 +14,9 @@ Three reward types register here (``grpo.tasks[].rewards[].type``):
     task's template; reward 1 when the score equals ``item.label`` (a bool label maps to the
     template's max / min score, i.e. 1 / 0 for ``pointwise_correctness``; ``tolerance`` allows
     a numeric gap), else 0; invalid → ``invalid_reward`` (0). Master-key / empty / reasoning-free
-    judge outputs are invalid (the parsers' guards) and counted in ``guard_report()``.
+    judge outputs are invalid (the parsers' guards) and counted in ``guard_report()``. With
+    ``truncated_reward`` set, a judgment cut by the length limit (no stop token) earns it whatever
+    it parses to (the J1 pipeline uses 0: a judge must finish its judgment).
 
 Modes of ``judge`` / ``self_judge`` (``options.mode``), for one group of G rollouts, k =
 ``options.num_judgments`` judge samples per judge prompt:
@@ -421,9 +423,10 @@ class ScoreMatchSource:
     """
 
     def __init__(self, *, name: str = "score_match", template: str | None = None, tolerance: float = 0.0,
-                 invalid_reward: float = 0.0, tasks: dict | None = None):
+                 invalid_reward: float = 0.0, truncated_reward: float | None = None, tasks: dict | None = None):
         self.name, self.template_name, self.tolerance = name, template, float(tolerance)
         self.invalid_reward, self.tasks = float(invalid_reward), tasks or {}
+        self.truncated_reward = None if truncated_reward is None else float(truncated_reward)
         self.counter = GuardCounter()
         self._templates: dict[str, JudgeTemplate] = {}
 
@@ -457,6 +460,10 @@ class ScoreMatchSource:
         metrics = {"accuracy": float((rewards >= 1.0).mean()) if rewards.size else 0.0,
                    "invalid_rate": invalid / max(b * g, 1),
                    "mean_score": float(np.mean(predicted)) if predicted else 0.0}
+        if self.truncated_reward is not None:
+            cut = np.asarray(rollouts.truncated, bool).reshape(b, g)
+            rewards = np.where(cut, np.float32(self.truncated_reward), rewards).astype(np.float32)
+            metrics["truncated_rate"] = float(cut.mean())
         return rewards, metrics
 
     def guard_report(self) -> dict[str, int]:
@@ -515,7 +522,7 @@ def make_self_judge_source(spec, ctx: dict) -> JudgeSource:
 def make_score_match_source(spec, ctx: dict) -> ScoreMatchSource:
     """``type: score_match`` — J1 reward for ``kind: judgment`` tasks."""
     opts = dict(spec.options)
-    valid = ("name", "template", "tolerance", "invalid_reward")
+    valid = ("name", "template", "tolerance", "invalid_reward", "truncated_reward")
     unknown = sorted(set(opts) - set(valid))
     if unknown:
         raise ValueError(f"reward type score_match: unknown option(s) {unknown}; valid: {list(valid)}")

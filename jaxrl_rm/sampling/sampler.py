@@ -28,6 +28,7 @@ XLA's partitioner inserts the collectives.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -231,11 +232,12 @@ class _StaticGraph:
 TRACE_COUNT = {"n": 0}  # incremented on every trace of the sampler core (tests check caching)
 
 
-def _generate_core(graphdef, state, prompt_ids, prompt_lens, live, key, temperature, top_p,
+def _generate_core(graphdef, state, head, prompt_ids, prompt_lens, live, key, temperature, top_p,
                    max_new_tokens, stops, *, spec: _Spec):
-    """prompt_ids `[R, P]` int32 left-padded; prompt_lens `[R]`; live `[R]` bool (False = filler
-    row of the bucket); key: PRNG key; temperature, top_p: f32 scalars; max_new_tokens: i32 scalar;
-    stops: `[num_stop_slots]` int32 stop ids (-1 = unused slot).
+    """head: `[D, V]` LM head or None (= `model.lm_head_weight()`); prompt_ids `[R, P]` int32
+    left-padded; prompt_lens `[R]`; live `[R]` bool (False = filler row of the bucket); key: PRNG
+    key; temperature, top_p: f32 scalars; max_new_tokens: i32 scalar; stops: `[num_stop_slots]`
+    int32 stop ids (-1 = unused slot).
 
     Returns tokens `[R*n, N]` int32, logp `[R*n, N]` f32, lengths `[R*n]` i32,
     stopped `[R*n]` bool, and unfiltered logp `[R*n, N]` f32 (or None).
@@ -264,13 +266,14 @@ def _generate_core(graphdef, state, prompt_ids, prompt_lens, live, key, temperat
                     - jax.nn.logsumexp(logits, axis=-1))
         return tok, logp, base
 
-    # LM head `[D, V]`, materialised once per call: a tied head is the transposed embedding, and
-    # XLA:CPU's matmul reading `[V, D]` transposed is ~25% slower than reading `[D, V]`.
-    head = jax.lax.optimization_barrier(model.lm_head_weight().astype(model.dtype))
+    if head is None:
+        head = (model.lm_head_weight(),)
 
     def lm_logits(hidden):
         """hidden `[B, D]` -> logits `[B, V]` f32 (same math as `Transformer.logits`)."""
-        return jnp.dot(hidden.astype(model.dtype), head, preferred_element_type=jnp.float32)
+        h = hidden.astype(model.dtype)
+        parts = [jnp.dot(h, w.astype(model.dtype), preferred_element_type=jnp.float32) for w in head]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
     # Prefill the prompts once (a cache of exactly P slots), then give each sample its copy.
     slots_p = jnp.arange(p)[None, :]
@@ -348,6 +351,44 @@ def _generate_core(graphdef, state, prompt_ids, prompt_lens, live, key, temperat
 
 
 _generate_jit = jax.jit(_generate_core, static_argnames=("graphdef", "spec"))
+
+
+_HEAD_CACHE: dict = {}
+
+
+def _decode_head(model):
+    """The LM head `[D, V]` to pass to the sampler core, or None to take it inside the jit.
+
+    A tied head is the transposed embedding. XLA:CPU's matmul reading `[V, D]` transposed is ~25%
+    slower than reading `[D, V]`, and the decode step is dominated by that matmul at small D, so
+    on CPU the transpose is materialised once and reused while the embedding array is the same
+    object (it is recomputed after every weight update). Elsewhere (TPU/GPU) the matmul units take
+    either layout, and nothing is cached.
+    """
+    tied = model.lm_head is None
+    w = model.embed[...] if tied else model.lm_head.kernel[...]
+    if any(d.platform != "cpu" for d in w.sharding.device_set):
+        return None
+    if not tied and _HEAD_SPLIT == 1:
+        return None
+    hit = _HEAD_CACHE.get("head")
+    if hit is not None and hit[0] is w:
+        return hit[1]
+    _HEAD_CACHE.clear()  # drop the previous weights' copy before making a new one
+    head = _split_head_jit(w, tied=tied, parts=_HEAD_SPLIT)
+    _HEAD_CACHE["head"] = (w, head)
+    return head
+
+
+_HEAD_SPLIT = 2
+
+
+@functools.partial(jax.jit, static_argnames=("tied", "parts"))
+def _split_head_jit(w, *, tied, parts):
+    head = w.T if tied else w
+    v = head.shape[1]
+    edges = [v * i // parts for i in range(parts + 1)]
+    return tuple(head[:, a:b] for a, b in zip(edges[:-1], edges[1:]))
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -442,7 +483,7 @@ def generate(model, prompts, *, num_samples: int = 1, max_new_tokens: int, tempe
         args = tuple(_put_rows(np.asarray(a), mesh) for a in args)
     graphdef, state = nnx.split(model)
     toks, logp, lengths, stopped, base = _generate_jit(
-        _StaticGraph(graphdef, cfg), state, *args, key, jnp.float32(temperature), jnp.float32(top_p),
+        _StaticGraph(graphdef, cfg), state, _decode_head(model), *args, key, jnp.float32(temperature), jnp.float32(top_p),
         jnp.int32(max_new_tokens), jnp.asarray(stop_arr), spec=spec)
     # Multi-host: rows live on different processes; make them readable on every process.
     toks, logp, lengths, stopped, base = replicate((toks, logp, lengths, stopped, base), mesh)

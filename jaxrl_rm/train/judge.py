@@ -22,7 +22,8 @@ The RLLM recipe for the LM-as-RM, in three resumable stages under ``run_dir``:
    thinking; ``response``: a restatement of the judged answer; ``fixed``: a constant sentence).
 3. **rl** — GRPO (``jaxrl_rm.train.grpo``, every ``grpo.*`` setting applies) of the judge on a
    ``kind: judgment`` task built from the training judgments, reward ``score_match`` (1 when the
-   parsed score equals the label, within ``judge.tolerance``). Held-out judgment accuracy
+   parsed score equals the label, within ``judge.tolerance``; a judgment cut by
+   ``grpo.max_new_tokens`` before its stop token earns 0). Held-out judgment accuracy
    (greedy; invalid = wrong) is measured before and after: ``judge_accuracy_before``,
    ``judge_accuracy_after``, ``judge_accuracy_gain`` in ``summary.json``. The trained judge is
    exported to ``<run_dir>/hf`` (usable as ``type: judge, path: <run_dir>/hf``).
@@ -364,7 +365,7 @@ def judge_task(cfg, train_path: str, eval_path: str) -> TaskSpec:
     """The `kind: judgment` GRPO task of the J1 stage."""
     j = cfg.judge
     return TaskSpec(name="judge", kind="judgment", data=train_path, eval_data=eval_path,
-                    rewards=[RewardSpec(type="score_match", options={"tolerance": j.tolerance})],
+                    rewards=[RewardSpec(type="score_match", options={"tolerance": j.tolerance, "truncated_reward": 0.0})],
                     options={"template": j.template})
 
 

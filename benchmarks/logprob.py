@@ -109,9 +109,10 @@ def pallas_small(args) -> dict:
     targets = jax.random.randint(kt, (n,), 0, v, jnp.int32)
     res = {"pallas_shape": {"n": n, "d": d, "v": v, "dtype": "float32"}}
     grads = {}
-    for name, kw_ in (("pallas_interpret", dict(impl="pallas", block_tokens=128, block_vocab=1024)),
-                      ("reference_small", dict(impl="reference"))):
-        f = jax.jit(jax.grad(lambda h, w: jnp.sum(token_logprobs(h, w, targets, **kw_)),
+    for name, kw_ in (("pallas_interpret", {"impl": "pallas", "block_tokens": 128,
+                                            "block_vocab": 1024}),
+                      ("reference_small", {"impl": "reference"})):
+        f = jax.jit(jax.grad(lambda h, w, kw_=kw_: jnp.sum(token_logprobs(h, w, targets, **kw_)),
                              argnums=(0, 1)))
         t0 = time.perf_counter()
         jax.block_until_ready(f(hidden, lm_head))
@@ -132,7 +133,7 @@ def _spawn(args, impl: str) -> dict:
         cmd += ["--block-tokens", str(args.block_tokens)]
     if args.block_vocab:
         cmd += ["--block-vocab", str(args.block_vocab)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
     if proc.returncode:
         raise RuntimeError(f"worker {impl} failed:\n{proc.stdout}\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -172,7 +173,7 @@ def main() -> None:
     pallas = {}
     if not args.no_pallas:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--pallas-worker"],
-                              capture_output=True, text=True, cwd=REPO)
+                              capture_output=True, text=True, cwd=REPO, check=False)
         if proc.returncode:
             raise RuntimeError(f"pallas worker failed:\n{proc.stdout}\n{proc.stderr}")
         pallas = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -23,9 +23,11 @@ from jaxrl_rm.kernels import logprobs as lp
 F32_TOL = 1e-5
 # Small blocks so that every kernel runs several token and vocab blocks and ragged edges.
 IMPL_KW = {
-    "chunked": dict(impl="chunked", block_tokens=32, block_vocab=256),
-    "pallas_tpu": dict(impl="pallas", pallas_platform="tpu", block_tokens=32, block_vocab=256),
-    "pallas_gpu": dict(impl="pallas", pallas_platform="gpu", block_tokens=32, block_vocab=128),
+    "chunked": {"impl": "chunked", "block_tokens": 32, "block_vocab": 256},
+    "pallas_tpu": {"impl": "pallas", "pallas_platform": "tpu", "block_tokens": 32,
+                   "block_vocab": 256},
+    "pallas_gpu": {"impl": "pallas", "pallas_platform": "gpu", "block_tokens": 32,
+                   "block_vocab": 128},
 }
 
 
@@ -105,9 +107,9 @@ def test_chunked_matches_reference_f32(shape, temperature, with_entropy):
                              **IMPL_KW["chunked"])
 
 
-@pytest.mark.parametrize("blocks", [dict(), dict(block_tokens=8, block_vocab=100),
-                                    dict(block_tokens=1000, block_vocab=5000),
-                                    dict(block_tokens=1, block_vocab=1)])
+@pytest.mark.parametrize("blocks", [{}, {"block_tokens": 8, "block_vocab": 100},
+                                    {"block_tokens": 1000, "block_vocab": 5000},
+                                    {"block_tokens": 1, "block_vocab": 1}])
 def test_chunked_block_sizes(blocks):
     """Defaults, ragged blocks, a single block and degenerate 1x1 blocks all agree."""
     hidden, lm_head, targets = _inputs(23, 24, 301, seed=3)
@@ -137,8 +139,7 @@ def test_large_logits_and_peaked_distributions():
     _check_against_reference(hidden, lm_head, targets, True, 0.5, 1e-4, **IMPL_KW["chunked"])
 
 
-@pytest.mark.slow
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(n=st.integers(1, 40), d=st.integers(1, 24), v=st.integers(1, 300),
        bt=st.integers(1, 48), bv=st.integers(1, 320), ent=st.booleans(),
        temp=st.sampled_from([0.5, 1.0, 2.0]))
@@ -175,8 +176,7 @@ def test_forward_only_and_dtypes():
 
 def test_auto_dispatch_on_cpu_is_chunked():
     assert jax.default_backend() == "cpu"
-    impl, platform, interpret = lp._resolve("auto", 512, None, None)
-    assert impl == "chunked"
+    assert lp._resolve("auto", 512, None, None)[0] == "chunked"
     assert lp._resolve("pallas", 512, None, None) == ("pallas", "tpu", True)
     assert lp._resolve("pallas", 512, "gpu", None) == ("pallas", "gpu", True)
     assert set(IMPLS) == {"auto", "reference", "chunked", "pallas"}

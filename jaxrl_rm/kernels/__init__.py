@@ -3,7 +3,11 @@
 See `jaxrl_rm.kernels.logprobs` for the design; `token_logprobs` is the one entry point.
 """
 
-from jaxrl_rm.kernels.logprobs import IMPLS, token_logprobs, token_logprobs_vocab_parallel
+from jaxrl_rm.kernels.logprobs import (
+    IMPLS,
+    token_logprobs,
+    token_logprobs_vocab_parallel,
+)
 from jaxrl_rm.kernels.reference import token_logprobs_reference
 
 __all__ = ["IMPLS", "token_logprobs", "token_logprobs_reference", "token_logprobs_vocab_parallel"]

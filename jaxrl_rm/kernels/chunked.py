@@ -26,8 +26,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from jaxrl_rm.kernels._math import (NEG, finalize, logit_grad, matmul_precision, online_update,
-                                   scaled_logits, vary_like)
+from jaxrl_rm.kernels._math import (
+    NEG,
+    finalize,
+    logit_grad,
+    matmul_precision,
+    online_update,
+    scaled_logits,
+    vary_like,
+)
 
 DEFAULT_BLOCK_TOKENS = 1024
 DEFAULT_BLOCK_VOCAB = 2048

@@ -24,14 +24,19 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxrl_rm.kernels._math import (NEG, finalize, logit_grad, matmul_precision, online_update,
-                                   out_struct)
+from jaxrl_rm.kernels._math import (
+    NEG,
+    finalize,
+    logit_grad,
+    matmul_precision,
+    online_update,
+    out_struct,
+)
 
 DEFAULT_BLOCK_TOKENS = 64
 DEFAULT_BLOCK_VOCAB = 64
@@ -209,8 +214,8 @@ def backward(hidden, lm_head, targets, lse, a, b, c, *, temperature: float = 1.0
     has_c = c is not None
     side = [targets.astype(jnp.int32)] + [
         x.astype(jnp.float32) for x in ((lse, a, b, c) if has_c else (lse, a, b))]
-    kw = dict(n=n, v=v, d=d, bn=bn, bv=bv, d_pad=d_pad, temperature=temperature, has_c=has_c,
-              precision=precision)
+    kw = {"n": n, "v": v, "d": d, "bn": bn, "bv": bv, "d_pad": d_pad,
+          "temperature": temperature, "has_c": has_c, "precision": precision}
 
     d_hidden = pl.pallas_call(
         functools.partial(_dh_kernel, **kw),

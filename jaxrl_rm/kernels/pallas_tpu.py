@@ -28,14 +28,19 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxrl_rm.kernels._math import (NEG, finalize, logit_grad, matmul_precision, online_update,
-                                   out_struct)
+from jaxrl_rm.kernels._math import (
+    NEG,
+    finalize,
+    logit_grad,
+    matmul_precision,
+    online_update,
+    out_struct,
+)
 
 DEFAULT_BLOCK_TOKENS = 256
 DEFAULT_BLOCK_VOCAB = 512
@@ -245,7 +250,7 @@ def backward(hidden, lm_head, targets, lse, a, b, c, *, temperature: float = 1.0
     side = [targets.astype(jnp.int32)[:, None]] + [
         x.astype(jnp.float32)[:, None] for x in ((lse, a, b, c) if has_c else (lse, a, b))]
     isz = jnp.dtype(hidden.dtype).itemsize
-    kw = dict(bv=bv, temperature=temperature, has_c=has_c, precision=precision)
+    kw = {"bv": bv, "temperature": temperature, "has_c": has_c, "precision": precision}
 
     # d_hidden: grid (token blocks, vocab blocks), vocab innermost.
     row = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))

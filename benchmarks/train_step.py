@@ -44,6 +44,7 @@ Prints one JSON object as the last line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -90,15 +91,22 @@ def step_flops() -> dict:
 
 
 # --- matmul peak ---------------------------------------------------------------------------------
-def jax_matmul_peak(repeats: int = 3) -> float:
-    """Best FLOP/s of a jitted [N, N] @ [N, N] float32 matmul (one call = one product)."""
+@functools.cache
+def _jax_peak_inputs():
     import jax
     import jax.numpy as jnp
 
     rng = np.random.default_rng(0)
     a = jnp.asarray(rng.standard_normal((PEAK_N, PEAK_N), np.float32))
     b = jnp.asarray(rng.standard_normal((PEAK_N, PEAK_N), np.float32))
-    mm = jax.jit(jnp.matmul)
+    return jax.jit(jnp.matmul), a, b
+
+
+def jax_matmul_peak(repeats: int = 3) -> float:
+    """Best FLOP/s of a jitted [N, N] @ [N, N] float32 matmul (one call = one product)."""
+    import jax
+
+    mm, a, b = _jax_peak_inputs()
     jax.block_until_ready(mm(a, b))
     best = float("inf")
     for _ in range(repeats):
@@ -126,7 +134,6 @@ def torch_matmul_peak(repeats: int = 3) -> float:
 # --- the two train steps -------------------------------------------------------------------------
 def make_jax_step(model, batch_np):
     import jax
-
     from flax import nnx
 
     from jaxrl_rm.config import OptimConfig

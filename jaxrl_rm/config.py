@@ -463,9 +463,10 @@ class JudgeConfig:
     warmup_lr: float = 3.0e-3
     #: Share of warm-up targets whose score is random instead of the teacher label (1.0: format only).
     warmup_label_noise: float = 1.0
-    #: Reasoning in warm-up targets: reference (works out the gold answer) | response (restates the
-    #: judged answer) | fixed (a constant sentence).
-    warmup_think: Literal["reference", "response", "fixed"] = "reference"
+    #: Reasoning in warm-up targets: compare (works out the gold answer and sets the judged answer
+    #: beside it: `want X, got Y`) | reference (works out the gold answer) | response
+    #: (restates the judged answer) | fixed (a constant sentence).
+    warmup_think: Literal["compare", "reference", "response", "fixed"] = "compare"
     #: Held-out judgments evaluated before / after RL (0: all).
     eval_size: int = 256
 

@@ -44,7 +44,7 @@ def test_teacher_labels_dedupe_and_balance():
     assert bal == balance_labels(unbalanced, seed=0)
 
 
-@pytest.mark.parametrize("think", ["reference", "response", "fixed"])
+@pytest.mark.parametrize("think", ["compare", "reference", "response", "fixed"])
 def test_warmup_targets_are_valid_judgments(think):
     probs = synthetic.reverse_problems(200, seed=0)
     exs = [JudgmentExample(prompt=p.prompt, response=p.answer if i % 2 else p.answer + "a", label=bool(i % 2),
@@ -62,7 +62,8 @@ def test_warmup_targets_are_valid_judgments(think):
         ex, rec = exs[3], recs[3]
         assert rec.prompt == tpl.fill(prompt=ex.prompt, response=ex.response)[1]
         inside = results[3].reasoning
-        assert inside == {"reference": ex.reference, "response": ex.response}.get(think, inside)
+        assert inside == {"reference": ex.reference, "response": ex.response,
+                          "compare": f"want {ex.reference}, got {ex.response}"}.get(think, inside)
 
 
 def test_data_stage_with_an_off_policy_sampler(tmp_path):

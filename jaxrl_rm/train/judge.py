@@ -18,8 +18,10 @@ The RLLM recipe for the LM-as-RM, in three resumable stages under ``run_dir``:
    probability ``1 − judge.warmup_label_noise`` and a uniformly random score otherwise (default
    noise 1.0: the warm-up teaches the format and the reasoning, *not* the verdicts — the judge
    starts RL at chance accuracy on balanced data) and the reasoning is ``judge.warmup_think``
-   (``reference``: the worked gold answer, i.e. the judge learns to solve the problem in its
-   thinking; ``response``: a restatement of the judged answer; ``fixed``: a constant sentence).
+   (``compare``: ``want <gold answer>, got <judged answer>`` — the judge learns to solve
+   the problem in its thinking and to set the answer beside its own; ``reference``: the worked
+   gold answer only; ``response``: a restatement of the judged answer; ``fixed``: a constant
+   sentence).
 3. **rl** — GRPO (``jaxrl_rm.train.grpo``, every ``grpo.*`` setting applies) of the judge on a
    ``kind: judgment`` task built from the training judgments, reward ``score_match`` (1 when the
    parsed score equals the label, within ``judge.tolerance``; a judgment cut by
@@ -289,7 +291,7 @@ def _fmt_score(v: float) -> str:
 
 
 def warmup_records(examples, template: str = "pointwise_correctness", *, label_noise: float = 1.0,
-                   think: str = "reference", seed: int = 0) -> list[SFTRecord]:
+                   think: str = "compare", seed: int = 0) -> list[SFTRecord]:
     """SFT records (judge prompt -> ``<think>…</think><score>s</score>``) for the format warm-up.
 
     ``s`` is the teacher label with probability ``1 - label_noise``, else uniformly random in the
@@ -306,7 +308,8 @@ def warmup_records(examples, template: str = "pointwise_correctness", *, label_n
                 score = round(float(rng.uniform(tpl.min_score, tpl.max_score)), 1)
         else:
             score = label_score(ex.label, tpl)
-        reasoning = {"reference": ex.reference or _FIXED_THINK, "response": ex.response, "fixed": _FIXED_THINK}[think]
+        reasoning = {"compare": f"want {ex.reference}, got {ex.response}" if ex.reference else _FIXED_THINK,
+                     "reference": ex.reference or _FIXED_THINK, "response": ex.response, "fixed": _FIXED_THINK}[think]
         extra = {"reference": ex.reference} if tpl.uses_reference else {}
         system, user = tpl.fill(prompt=prompt_as_text(ex.prompt), response=ex.response, **extra)
         prompt = user if system is None else ({"role": "system", "content": system}, {"role": "user", "content": user})

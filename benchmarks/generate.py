@@ -11,10 +11,10 @@ What is measured (one run, this machine, CPU):
     minus a steady one, reported separately), HF gets a short warm-up call, and the best of
     `--repeats` calls is taken for each side; the two sides run alternately so that background
     load hits both alike. `*_tokens_per_cpu_s` divide by process CPU time instead (all threads)
-    and `load_avg_1m` is the machine's load at start and end. torch runs twice, with OpenMP
-    threads spinning (ACTIVE, its default: fastest on a quiet machine) and sleeping (PASSIVE:
-    on a shared machine spinning threads that lose their core stall, 5x slower measured here);
-    HF is credited with the faster of the two;
+    and `load_avg_1m` is the machine's load at start and end. torch runs in two processes, with
+    OpenMP's default wait policy (fastest on a quiet machine) and with PASSIVE (on a shared
+    machine spinning threads that lose their core stall: 3-5x slower measured here); HF is
+    credited with the faster of the two;
   * the torch side runs in its own process (spawned, so its OpenMP threads never share a process
     with XLA's), the JAX side in this one;
   * the matmul roofline of this machine, measured in the same run: the weight matmuls of one
@@ -152,14 +152,18 @@ def main():
     from jaxrl_rm.models import hf
     from jaxrl_rm.models.transformer import count_params
 
-    # Two torch processes, OpenMP threads spinning (ACTIVE, torch's default) and sleeping
-    # (PASSIVE): on a quiet machine ACTIVE is faster, on a shared one PASSIVE is (spinning threads
-    # that lose their core stall every parallel region). HF is credited with the better of the two.
+    # Two torch processes: OpenMP's default wait policy (threads spin a while, then sleep) and
+    # PASSIVE (they sleep at once). On a quiet machine the default is faster, on a shared one
+    # PASSIVE is (spinning threads that lose their core stall every parallel region). HF is
+    # credited with the better of the two. (Not ACTIVE: its threads would spin forever, stealing
+    # the cores from the JAX side between HF calls.)
     ctx = multiprocessing.get_context("spawn")
     workers = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for policy in ([] if args.skip_hf else ["active", "passive"]) or ["active"]:
-            os.environ["OMP_WAIT_POLICY"] = policy.upper()  # read by the child's OpenMP at start
+        for policy in ([] if args.skip_hf else ["default", "passive"]) or ["default"]:
+            os.environ.pop("OMP_WAIT_POLICY", None)  # read by the child's OpenMP at start
+            if policy == "passive":
+                os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
             conn, child = ctx.Pipe()
             proc = ctx.Process(target=hf_worker, args=(child, tmp, not workers), daemon=True)
             proc.start()

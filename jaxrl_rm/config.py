@@ -201,7 +201,10 @@ class TaskSpec:
     #: Curriculum: the task joins the mixture at this step.
     start_step: int = 0
     rewards: list[RewardSpec] = dataclasses.field(default_factory=lambda: [RewardSpec()])
-    #: Options of the task's prompt format (e.g. judge template for ranking/judgment tasks).
+    #: Options of the task's prompt format (e.g. judge template for ranking/judgment tasks), and
+    #: evaluation: `eval_verifier` (verifier | exact_match) for held-out accuracy; `win_rate_judge`
+    #: ({type: judge, path: <HF judge dir>, options: {...}}) for `win_rate/<task>`: the policy's greedy
+    #: answer vs the item's reference, judged pairwise in both orders (ties count 1/2).
     options: dict = dataclasses.field(default_factory=dict)
 
 
@@ -466,7 +469,7 @@ class JudgeConfig:
     #: Reasoning in warm-up targets: compare (works out the gold answer and sets the judged answer
     #: beside it: `want X, got Y`) | reference (works out the gold answer) | response
     #: (restates the judged answer) | fixed (a constant sentence).
-    warmup_think: Literal["compare", "reference", "response", "fixed"] = "compare"
+    warmup_think: Literal["compare", "reference", "response", "fixed"] = "reference"
     #: Held-out judgments evaluated before / after RL (0: all).
     eval_size: int = 256
 

@@ -37,8 +37,32 @@ class ConstantSource:
         return np.ones(rollouts.shape, np.float32), {}
 
 
+class SelfishJudge:
+    """A model-based source that likes every answer (what a hacked or self-preferring judge does)."""
+
+    name = "self_judge"
+
+    def __call__(self, rollouts):
+        return np.ones(rollouts.shape, np.float32), {}
+
+
+class ReferenceLovingJudge:
+    """A pairwise 'judge' over groups of two: the rollout equal to the reference wins."""
+
+    name = "ref_judge"
+    groups = []
+
+    def __call__(self, rollouts):
+        ReferenceLovingJudge.groups.append(rollouts.completions)
+        r = np.asarray([[float(c == it.reference) for c in cs] for cs, it in zip(rollouts.completions, rollouts.items)],
+                       np.float32)
+        return np.where(r.sum(1, keepdims=True) == 1, r, 0.5), {}
+
+
 sources.register("test_parity", lambda spec, ctx: LengthParitySource())
 sources.register("test_constant", lambda spec, ctx: ConstantSource())
+sources.register("test_selfish", lambda spec, ctx: SelfishJudge())
+sources.register("test_ref_judge", lambda spec, ctx: ReferenceLovingJudge())
 
 
 def tiny_cfg(tmp_path, *overrides):
@@ -160,3 +184,36 @@ def test_config_validation_names_keys(tmp_path):
         tiny_cfg(tmp_path, "grpo.clip_low=0.3", "grpo.clip_high=0.2")
     with pytest.raises(ConfigError, match=r"grpo.tasks\[0\].ratio"):
         tiny_cfg(tmp_path, "grpo.tasks=[{name: a, ratio: 0}]")
+
+
+def test_gold_monitor_measures_model_rewards_against_the_verifier(tmp_path):
+    """Reward-hacking monitor: a model-based source on a verifiable task is checked against the
+    gold answers on the same rollouts; a self-judge that likes everything shows self-preference."""
+    from jaxrl_rm.rewards.verifiers import MathVerifier
+
+    cfg = tiny_cfg(tmp_path, "grpo.tasks=[{name: math, rewards: [{type: test_selfish}, {type: verifier, weight: 0}]}]")
+    rl = GRPO(cfg)
+    rollouts, _, _ = rl.sample(rl.state["params"], rl.mixer.draw(0, 4), seed=0, num_samples=4)
+    rollouts.completions[0][0] = f"\\boxed{{{rollouts.items[0].answer}}}"  # one correct answer among random ones
+    _, m = rl.rewards(rollouts)
+    gold = np.asarray(MathVerifier()([c for cs in rollouts.completions for c in cs],
+                                     [it.answer for it in rollouts.items for _ in range(4)]).rewards) > 0
+    assert gold.sum() >= 1
+    assert m["reward/math/gold_accuracy"] == pytest.approx(gold.mean())
+    assert m["reward/math/self_judge/gold_gap"] == pytest.approx(1.0 - gold.mean())
+    assert m["reward/math/self_judge/gold_agreement"] == pytest.approx(gold.mean())
+    assert m["reward/math/self_preference"] == m["reward/math/self_judge/gold_gap"]
+    assert "reward/math/verifier/gold_gap" not in m  # rule rewards are the yardstick, not watched
+
+
+def test_win_rate_against_references(tmp_path):
+    cfg = tiny_cfg(tmp_path, "grpo.tasks=[{name: math, rewards: [{type: verifier}], "
+                             "options: {win_rate_judge: {type: test_ref_judge}}}]")
+    rl = GRPO(cfg)
+    ReferenceLovingJudge.groups.clear()
+    out = rl.evaluate(rl.state)
+    # a random policy never writes the reference: it loses every comparison
+    assert out["win_rate/math"] == 0.0
+    (groups,) = ReferenceLovingJudge.groups
+    items = rl.eval_items["math"]
+    assert len(groups) == len(items) and all(g[1] == it.reference for g, it in zip(groups, items))

@@ -108,6 +108,8 @@ def test_j1_raises_held_out_judgment_accuracy(tmp_path):
     cfg = load_config(REPO / "configs" / "judge_j1_tiny.yaml", [f"run_dir={tmp_path}", "logging.progress=false",
                                                                 "logging.tensorboard=false"])
     summary = run_judge_j1(cfg)
+    print(f"\nJ1 held-out judgment accuracy: {summary['judge_accuracy_before']:.3f} -> "
+          f"{summary['judge_accuracy_after']:.3f} (invalid before {summary['judge_invalid_rate_before']:.3f})")
     assert not summary["preempted"]
     assert summary["judge_invalid_rate_before"] < 0.2  # the warm-up taught the format
     assert summary["judge_accuracy_gain"] >= 0.15, summary

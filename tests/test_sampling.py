@@ -273,3 +273,15 @@ def test_text_helpers_apply_chat_template(tmp_path):
     eos = tok.eos_token_id
     for row, n, why in zip(out.result.completions(), np.asarray(out.result.lengths), out.result.finish_reason):
         assert (why == "stop") == (row[-1] == eos) and len(row) == n
+
+
+def test_host_thread_shards_do_not_change_samples(tiny):
+    """On CPU the rows may be decoded as concurrent shards; each row's draws depend only on
+    (seed, row, step), so the result is the same however the batch is split."""
+    _, model, _ = tiny("qwen3")
+    prompts = _prompts(10, [3, 7, 1, 12] * 4)
+    one = generate(model, prompts, max_new_tokens=6, temperature=1.0, seed=5, host_threads=1)
+    two = generate(model, prompts, max_new_tokens=6, temperature=1.0, seed=5, host_threads=2)
+    np.testing.assert_array_equal(np.asarray(one.tokens), np.asarray(two.tokens))
+    np.testing.assert_allclose(np.asarray(one.logprobs), np.asarray(two.logprobs), atol=1e-6)
+    np.testing.assert_array_equal(one.finish_reason, two.finish_reason)

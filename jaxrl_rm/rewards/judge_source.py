@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -141,32 +140,6 @@ def pairwise_outcome(result: ParseResult) -> float | None:
             return 0.0
         return 0.5  # an extra verdict label (e.g. "C" for a tie)
     return None
-
-
-def load_tokenizer(path) -> Any:
-    """The tokenizer saved in an HF directory, loaded so that it encodes as it did when saved.
-
-    Like `jaxrl_rm.models.hf.load_tokenizer`, except for tokenizers saved as a plain `tokenizers`
-    backend (``tokenizer_class`` TokenizersBackend / PreTrainedTokenizerFast, e.g. the built-in
-    character tokenizer): those load as `PreTrainedTokenizerFast`. transformers 5's AutoTokenizer
-    picks the model family's class instead (Qwen2Tokenizer for a qwen2 ``config.json``), whose
-    own pre-tokenizer silently drops spaces and newlines of a character vocabulary, so a judge
-    trained on the built-in tokenizer would read every template without whitespace.
-    """
-    import json
-    from pathlib import Path
-
-    cfg = Path(path) / "tokenizer_config.json"
-    if cfg.exists() and json.loads(cfg.read_text()).get("tokenizer_class") in ("TokenizersBackend",
-                                                                               "PreTrainedTokenizerFast"):
-        from transformers import PreTrainedTokenizerFast
-
-        tok = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
-        tok.padding_side = "left"
-        return tok
-    from jaxrl_rm.models.hf import load_tokenizer as hf_load_tokenizer
-
-    return hf_load_tokenizer(path)
 
 
 # ============================================================================ generation
@@ -489,7 +462,7 @@ def _split_options(kind: str, options: dict) -> tuple[dict, dict]:
 
 def make_judge_source(spec, ctx: dict) -> JudgeSource:
     """``type: judge`` — a separate judge model loaded from ``spec.path``."""
-    from jaxrl_rm.models.hf import load_model
+    from jaxrl_rm.models.hf import load_model, load_tokenizer
 
     if not spec.path:
         raise ValueError("reward type judge: set `path` to an HF judge-model directory (weights + tokenizer)")
@@ -535,5 +508,5 @@ register("judge", make_judge_source)
 register("self_judge", make_self_judge_source)
 register("score_match", make_score_match_source)
 
-__all__ = ["MODES", "JudgeSource", "ScoreMatchSource", "TextJudge", "content_seed", "label_score", "load_tokenizer",
+__all__ = ["MODES", "JudgeSource", "ScoreMatchSource", "TextJudge", "content_seed", "label_score",
            "normalise", "pairwise_outcome", "prompt_as_text"]

@@ -127,6 +127,9 @@ class RankingSource:
 
 # --- registry ---------------------------------------------------------------------------------
 Factory = Callable[..., RewardSource]
+#: Reward types computed by rules from gold data (no model): the others are what monitors watch.
+RULE_REWARDS = ("verifier", "exact_match", "ranking")
+
 REGISTRY: dict[str, Factory] = {
     "verifier": lambda spec, ctx: VerifierSource("math", **spec.options),
     "exact_match": lambda spec, ctx: VerifierSource("exact", **spec.options),
@@ -160,8 +163,10 @@ def _load_builtin_sources() -> None:
                 raise
 
 
-def combine(weighted: Sequence[tuple[RewardSource, float]], rollouts: Rollouts) -> tuple[np.ndarray, dict]:
-    """Σ weight · source(rollouts) -> rewards `[B, G]` float32 and metrics prefixed by source name."""
+def combine(weighted: Sequence[tuple[RewardSource, float]], rollouts: Rollouts,
+            parts: dict | None = None) -> tuple[np.ndarray, dict]:
+    """Σ weight · source(rollouts) -> rewards `[B, G]` float32 and metrics prefixed by source name.
+    `parts`, when given, receives each source's unweighted rewards by name (for monitors)."""
     b, g = rollouts.shape
     total = np.zeros((b, g), np.float32)
     metrics: dict[str, float] = {}
@@ -171,6 +176,8 @@ def combine(weighted: Sequence[tuple[RewardSource, float]], rollouts: Rollouts) 
         if r.shape != (b, g):
             raise ValueError(f"reward source {source.name!r} returned shape {r.shape}, expected {(b, g)}")
         total += weight * r
+        if parts is not None:
+            parts[source.name] = r
         metrics[f"{source.name}/mean"] = float(r.mean())
         metrics.update({f"{source.name}/{k}": v for k, v in m.items()})
     return total, metrics

@@ -143,32 +143,36 @@ def _invert_cdf(w: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.where(idx >= w.shape[-1], _last_positive(w), idx)
 
 
-def _sample_categorical(x: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x `[B, V]` f32 logits (`-inf` = excluded), u `[B]` in [0, 1) -> (index `[B]`, logp `[B]`).
+def _sample_categorical(logits: jax.Array, u: jax.Array, inv_temp: jax.Array | float = 1.0
+                        ) -> tuple[jax.Array, jax.Array]:
+    """Draw from softmax(logits * inv_temp): logits `[B, V]` f32 (`-inf` = excluded), u `[B]` in
+    [0, 1), inv_temp > 0 scalar -> (index `[B]`, logp `[B]`).
 
     Hierarchical inverse CDF: chunk sums `[B, V/128]`, pick a chunk, then a token inside it.
-    A chunk (token) is only picked where the running sum strictly increases, i.e. where its
-    weight is positive, so excluded tokens are never drawn even under float rounding.
+    Only two passes read the `[B, V]` logits (max, then exp fused into the chunk sums); the
+    chosen chunk's weights are recomputed. A chunk (token) is only picked where the running sum
+    strictly increases, i.e. where its weight is positive, so excluded tokens are never drawn
+    even under float rounding.
     """
-    b, v = x.shape
-    m = jnp.max(x, axis=-1, keepdims=True)
-    e = jnp.exp(x - m)
+    b, v = logits.shape
+    m = jnp.max(logits, axis=-1, keepdims=True)
     chunk = _CHUNK if v > 2 * _CHUNK else v
     pad = (-v) % chunk
     if pad:
-        e = jnp.pad(e, ((0, 0), (0, pad)))
-    e3 = e.reshape(b, -1, chunk)
-    sums = jnp.sum(e3, axis=-1)  # [B, nc]
+        logits = jnp.pad(logits, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+    l3 = logits.reshape(b, -1, chunk)
+    sums = jnp.sum(jnp.exp((l3 - m[:, :, None]) * inv_temp), axis=-1)  # [B, nc]
     csum = jnp.cumsum(sums, axis=-1)
     total = csum[:, -1]
     target = u * total
     j = jnp.sum(csum <= target[:, None], axis=-1).astype(jnp.int32)
     j = jnp.where(j >= sums.shape[-1], _last_positive(sums), j)
     before = jnp.where(j > 0, jnp.take_along_axis(csum, jnp.maximum(j - 1, 0)[:, None], -1)[:, 0], 0.0)
-    inner = jnp.take_along_axis(e3, j[:, None, None], axis=1)[:, 0]  # [B, chunk]
+    inner = jnp.exp((jnp.take_along_axis(l3, j[:, None, None], axis=1)[:, 0] - m) * inv_temp)  # [B, chunk]
     i = _invert_cdf(inner, target - before)
     tok = j * chunk + i
-    logp = jnp.take_along_axis(x, tok[:, None], -1)[:, 0] - m[:, 0] - jnp.log(total)
+    chosen = jnp.take_along_axis(logits, tok[:, None], -1)[:, 0]
+    logp = (chosen - m[:, 0]) * inv_temp - jnp.log(total)
     return tok, logp
 
 
@@ -187,14 +191,15 @@ def sample_tokens(logits: jax.Array, u: jax.Array, *, temperature: jax.Array | f
         tok = argmax_first(logits)
         lse = jax.nn.logsumexp(logits, axis=-1)
         return tok, jnp.take_along_axis(logits, tok[:, None], -1)[:, 0] - lse
-    x = logits / temperature
-    if top_k and top_k < x.shape[-1]:
-        vals, idx = jax.lax.top_k(x, top_k)  # [B, k], sorted descending
+    if top_k and top_k < logits.shape[-1]:
+        vals, idx = jax.lax.top_k(logits / temperature, top_k)  # [B, k], sorted descending
         if use_top_p:
             vals = jnp.where(_top_p_keep_sorted(vals, top_p), vals, -jnp.inf)
         j, logp = _sample_categorical(vals, u)
         return jnp.take_along_axis(idx, j[:, None], -1)[:, 0].astype(jnp.int32), logp
     if use_top_p:
-        x = jnp.where(top_p_keep(x, top_p), x, -jnp.inf)
-    tok, logp = _sample_categorical(x, u)
+        x = logits / temperature
+        tok, logp = _sample_categorical(jnp.where(top_p_keep(x, top_p), x, -jnp.inf), u)
+    else:  # temperature folded into the exponent: no scaled copy of the logits
+        tok, logp = _sample_categorical(logits, u, 1.0 / temperature)
     return tok.astype(jnp.int32), logp

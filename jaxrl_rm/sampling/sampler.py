@@ -12,7 +12,13 @@ phases (`decode_windows`: W = P + N/4, P + N/2, ..., P + N), so attention reads 
 can already be filled - on CPU a decode step is memory-bound and the K/V reads cost about as
 much as the weight reads. The cache and loop state never leave one jitted function: XLA updates
 the while-loop carry in place (the in-jit equivalent of donating it); the weights are passed in,
-never donated. Sampling reads one uniform per row per step (`distribution.sample_tokens`).
+never donated. Sampling reads one uniform per row per step (`distribution.sample_tokens`),
+drawn up front as a function of (seed, row, step) only.
+
+CPU specifics (measured on 2 cores; see benchmarks/generate.py): XLA:CPU runs one program's
+matmuls on one core, so without a mesh the rows are split into shards decoded concurrently from
+host threads (`_host_splits`); a tied LM head is used as a materialised `[D, V]` transpose,
+cached while the embedding array is unchanged (`_decode_head`).
 
 Compilation: one executable per (graphdef, prompt-row bucket, prompt-length bucket,
 generation-length bucket, num_samples, static sampling switches, mesh). `max_new_tokens`,
@@ -27,9 +33,11 @@ XLA's partitioner inserts the collectives.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -232,12 +240,12 @@ class _StaticGraph:
 TRACE_COUNT = {"n": 0}  # incremented on every trace of the sampler core (tests check caching)
 
 
-def _generate_core(graphdef, state, head, prompt_ids, prompt_lens, live, key, temperature, top_p,
+def _generate_core(graphdef, state, head, prompt_ids, prompt_lens, live, uniforms, temperature, top_p,
                    max_new_tokens, stops, *, spec: _Spec):
     """head: `[D, V]` LM head or None (= `model.lm_head_weight()`); prompt_ids `[R, P]` int32
-    left-padded; prompt_lens `[R]`; live `[R]` bool (False = filler row of the bucket); key: PRNG
-    key; temperature, top_p: f32 scalars; max_new_tokens: i32 scalar; stops: `[num_stop_slots]`
-    int32 stop ids (-1 = unused slot).
+    left-padded; prompt_lens `[R]`; live `[R]` bool (False = filler row of the bucket); uniforms
+    `[N, R*n]` f32 in [0, 1): the draw of each row at each step; temperature, top_p: f32 scalars;
+    max_new_tokens: i32 scalar; stops: `[num_stop_slots]` int32 stop ids (-1 = unused slot).
 
     Returns tokens `[R*n, N]` int32, logp `[R*n, N]` f32, lengths `[R*n]` i32,
     stopped `[R*n]` bool, and unfiltered logp `[R*n, N]` f32 (or None).
@@ -249,11 +257,6 @@ def _generate_core(graphdef, state, head, prompt_ids, prompt_lens, live, key, te
     s = p + n_gen
     cfg = model.config
     cache_sh = _cache_sharding(spec, cfg.num_key_value_heads)
-
-    # One uniform per row and step, drawn up front (`[N, B]`): no PRNG work inside the loop.
-    uniforms = jax.random.uniform(key, (n_gen, b), jnp.float32)
-    if spec.mesh is not None:
-        uniforms = _constrain(uniforms, NamedSharding(spec.mesh, P(None, BATCH_AXES)))
 
     def sample(logits, t):
         """logits `[B, V]` f32 at step t -> (tok, logp, unfiltered logp or None)."""
@@ -391,6 +394,43 @@ def _split_head_jit(w, *, tied, parts):
     return tuple(head[:, a:b] for a, b in zip(edges[:-1], edges[1:]))
 
 
+@functools.partial(jax.jit, static_argnames=("steps", "rows", "mesh"))
+def _uniforms_jit(key, *, steps, rows, mesh):
+    def draw(t, j):
+        return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, j), t), (), jnp.float32)
+
+    u = jax.vmap(lambda t: jax.vmap(lambda j: draw(t, j))(jnp.arange(rows)))(jnp.arange(steps))
+    return u if mesh is None else _constrain(u, NamedSharding(mesh, P(None, BATCH_AXES)))
+
+
+def _uniforms(key, steps, rows, mesh):
+    """`[steps, rows]` float32 uniforms in [0, 1): the draw of row j at step t is a function of
+    (key, j, t) only, so samples do not depend on the batch's buckets, shards or host splits."""
+    return _uniforms_jit(key, steps=steps, rows=rows, mesh=mesh)
+
+
+_MIN_ROWS_PER_SPLIT = 8
+_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0))),
+                                                  thread_name_prefix="jaxrl_rm-sampler")
+
+
+def _host_splits(model, rows: int, mesh) -> int:
+    """How many row shards to decode concurrently (CPU only, no mesh).
+
+    XLA:CPU executes one program's matmuls on a single core (YNNPACK fusions do not split across
+    the intra-op pool here), so a batch decoded as one program leaves the other cores idle, while
+    independent executions dispatched from different host threads run in parallel. Each shard
+    re-reads the weights, so shards keep at least `_MIN_ROWS_PER_SPLIT` rows.
+    """
+    if mesh is not None:
+        return 1
+    w = model.embed[...]
+    if any(d.platform != "cpu" for d in w.sharding.device_set) or len(w.sharding.device_set) > 1:
+        return 1
+    cores = len(os.sched_getaffinity(0))
+    return max(1, min(cores, rows // _MIN_ROWS_PER_SPLIT))
+
+
 # --- public API ---------------------------------------------------------------------------------
 def _put_rows(x: np.ndarray, mesh) -> jax.Array:
     """Global host array -> device array with rows sharded over ("data", "fsdp") (multi-host safe)."""
@@ -411,7 +451,7 @@ def generate(model, prompts, *, num_samples: int = 1, max_new_tokens: int, tempe
              seed: int | jax.Array = 0, greedy: bool = False, mesh: jax.sharding.Mesh | None = None,
              max_prompt_len: int | None = None, truncate_prompt: str = "error",
              prompt_lengths=None, padding_side: str = "left", pad_id: int | None = None,
-             return_unfiltered_logprobs: bool = False) -> GenerationResult:
+             return_unfiltered_logprobs: bool = False, host_threads: int | None = None) -> GenerationResult:
     """Sample `num_samples` completions for each prompt.
 
     model: `jaxrl_rm.models.Transformer` (any compute dtype; sampler math is float32).
@@ -422,12 +462,18 @@ def generate(model, prompts, *, num_samples: int = 1, max_new_tokens: int, tempe
     temperature / top_k / top_p: applied in that order (top_k=0 and top_p=1 disable them);
         greedy=True takes the argmax (temperature and filters ignored).
     stop_token_ids: ids that end a row (kept in the completion, `finish_reason="stop"`).
-    seed: int or PRNG key. Same seed and same batch -> same samples; rows draw independently.
+    seed: int or PRNG key. Row j's draw at step t is a function of (seed, j, t) only: same seed
+        and same prompts -> same samples, whatever the buckets, mesh or host threads (up to
+        float rounding in the logits, which can differ with the batch shape).
     mesh: shard prompt rows over ("data", "fsdp") (rows padded to a multiple of that size).
     max_prompt_len: a longer prompt is an error, or with truncate_prompt='left' keeps its last
         `max_prompt_len` tokens. Default: `max_position_embeddings - max_new_tokens`.
     pad_id: filler id in `tokens` after a row ends (default: model's pad id, else 0).
     return_unfiltered_logprobs: also return temperature-1 unfiltered log-probs.
+    host_threads: CPU without a mesh only: split the rows into this many shards decoded
+        concurrently from host threads (default `_host_splits`: one per core, >= 8 rows each).
+        XLA:CPU runs one program's matmuls on one core; independent executions run in parallel.
+        Results do not depend on it (each row's random draws are fixed by `seed` and its index).
 
     Returns a `GenerationResult` with `B * num_samples` rows (row i*num_samples + j is sample j
     of prompt i).
@@ -457,7 +503,8 @@ def generate(model, prompts, *, num_samples: int = 1, max_new_tokens: int, tempe
         shards = math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
     n_prompts = len(rows)
     longest = max(r.size for r in rows)
-    r_bucket = bucket_rows(n_prompts, shards)
+    splits = _host_splits(model, n_prompts * num_samples, mesh) if host_threads is None else max(1, host_threads)
+    r_bucket = bucket_rows(n_prompts, shards * splits)
     p_bucket = bucket_length(longest)
     n_bucket = bucket_length(max_new_tokens)
     ids = np.full((r_bucket, p_bucket), pad_id, np.int32)
@@ -472,19 +519,35 @@ def generate(model, prompts, *, num_samples: int = 1, max_new_tokens: int, tempe
     stop_arr = np.full((max(4, 1 << (max(len(stops), 1) - 1).bit_length()),), -1, np.int32)
     stop_arr[:len(stops)] = stops
     k = top_k if (not greedy and top_k and top_k < cfg.vocab_size) else 0
-    spec = _Spec(rows=r_bucket, prompt_len=p_bucket, gen_len=n_bucket, num_samples=num_samples,
+    spec = _Spec(rows=r_bucket // splits, prompt_len=p_bucket, gen_len=n_bucket, num_samples=num_samples,
                  top_k=k, use_top_p=(not greedy and top_p < 1.0), greedy=bool(greedy),
                  num_stop_slots=len(stop_arr), pad_id=int(pad_id),
                  unfiltered=bool(return_unfiltered_logprobs), mesh=mesh,
                  windows=decode_windows(p_bucket, n_bucket))
     key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
-    args = (jnp.asarray(ids), jnp.asarray(lens), jnp.asarray(live))
+    # One uniform per row and step, drawn up front for the whole batch (so samples do not depend
+    # on how the rows are split below); the loop does no PRNG work.
+    uniforms = _uniforms(key, n_bucket, r_bucket * num_samples, mesh)
+    args = (ids, lens, live)
     if mesh is not None:  # every process holds the same global prompts; each places its rows
         args = tuple(_put_rows(np.asarray(a), mesh) for a in args)
     graphdef, state = nnx.split(model)
-    toks, logp, lengths, stopped, base = _generate_jit(
-        _StaticGraph(graphdef, cfg), state, _decode_head(model), *args, key, jnp.float32(temperature), jnp.float32(top_p),
-        jnp.int32(max_new_tokens), jnp.asarray(stop_arr), spec=spec)
+    static = (_StaticGraph(graphdef, cfg), state, _decode_head(model))
+    scalars = (jnp.float32(temperature), jnp.float32(top_p), jnp.int32(max_new_tokens), jnp.asarray(stop_arr))
+
+    def run(i):  # shard i of `splits`: prompt rows [i*R/k, (i+1)*R/k) and their samples
+        r0, r1 = i * spec.rows, (i + 1) * spec.rows
+        part = tuple(a[r0:r1] for a in args) if splits > 1 else args
+        u = uniforms[:, r0 * num_samples:r1 * num_samples] if splits > 1 else uniforms
+        out = _generate_jit(*static, *part, u, *scalars, spec=spec)
+        return jax.block_until_ready(out) if splits > 1 else out
+
+    if splits == 1:
+        toks, logp, lengths, stopped, base = run(0)
+    else:  # concurrent executions from host threads: each gets a core (see `_host_splits`)
+        outs = list(_EXECUTOR.map(run, range(splits)))
+        toks, logp, lengths, stopped, base = (
+            None if outs[0][j] is None else jnp.concatenate([o[j] for o in outs]) for j in range(5))
     # Multi-host: rows live on different processes; make them readable on every process.
     toks, logp, lengths, stopped, base = replicate((toks, logp, lengths, stopped, base), mesh)
 

@@ -34,7 +34,7 @@ from jaxrl_rm.parallel.mesh import mesh_from_config
 from jaxrl_rm.parallel.rules import shard_batch
 from jaxrl_rm.rewards import sources as reward_sources
 from jaxrl_rm.rewards.shaping import overlong_penalty
-from jaxrl_rm.rewards.sources import PromptItem, Rollouts
+from jaxrl_rm.rewards.sources import RULE_REWARDS, PromptItem, Rollouts
 from jaxrl_rm.sampling import generate
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
 from jaxrl_rm.train.state import (Trainer, abstract_like, build_train_step, export_hf, inject_faults,
@@ -126,6 +126,7 @@ class GRPO:
         self.eval_items = {t.name: load_task_items(t, split="eval", seed=cfg.seed, size=g.eval_size)[: g.eval_size]
                            for t in g.tasks}
         self.mixer = TaskMixer(g.tasks, train_items, seed=cfg.seed)
+        self._win_judges: dict = {}  # task -> judge source of `options.win_rate_judge` (built on first use)
         ctx = {"tokenizer": self.tokenizer, "mesh": self.mesh, "grpo": self, "seed": cfg.seed}
         self.sources = {t.name: [(reward_sources.build_source(r, ctx), r.weight) for r in t.rewards]
                         for t in g.tasks}
@@ -184,16 +185,42 @@ class GRPO:
         for i, item in enumerate(rollouts.items):
             by_task.setdefault(item.task, []).append(i)
         for task, rows in by_task.items():
-            r, m = reward_sources.combine(self.sources[task], rollouts.subset(rows))
+            sub, parts = rollouts.subset(rows), {}
+            r, m = reward_sources.combine(self.sources[task], sub, parts)
             rewards[rows] = r
             metrics.update({f"reward/{task}/{k}": v for k, v in m.items()})
             metrics[f"reward/{task}/mean"] = float(r.mean())
+            metrics.update(self.gold_monitor(self.tasks[task], sub, parts))
         if self.g.overlong_buffer > 0:
             shaping = overlong_penalty(rollouts.lengths, rollouts.truncated, max_new_tokens=self.T,
                                        buffer=self.g.overlong_buffer, penalty=self.g.overlong_penalty)
             rewards = rewards + shaping
             metrics["reward/overlong_shaping"] = float(shaping.mean())
         return rewards, metrics
+
+    def gold_monitor(self, task, rollouts: Rollouts, parts: dict[str, np.ndarray]) -> dict:
+        """Reward-hacking monitor for model-scored verifiable tasks: the same rollouts checked
+        against the gold answers (`verifier_for(task)`). Logs `reward/<task>/gold_accuracy` and,
+        per model-based source, `<source>/gold_gap` (mean reward - gold accuracy: > 0 means the
+        model rewards wrong answers) and `<source>/gold_agreement` (reward > 0.5 iff correct).
+        For `self_judge` the gap is URPO's self-preference: `reward/<task>/self_preference`."""
+        model_based = [src.name for (src, _), spec in zip(self.sources[task.name], task.rewards)
+                       if spec.type not in RULE_REWARDS]
+        if task.kind != "verifiable" or not model_based or any(it.answer is None for it in rollouts.items):
+            return {}
+        b, gsz = rollouts.shape
+        out = self.verifier_for(task)([c for cs in rollouts.completions for c in cs],
+                                      [it.answer for it in rollouts.items for _ in range(gsz)])
+        gold = (np.asarray(out.rewards, np.float32) > 0).reshape(b, gsz)
+        prefix = f"reward/{task.name}"
+        metrics = {f"{prefix}/gold_accuracy": float(gold.mean())}
+        for name in model_based:
+            gap = float(parts[name].mean() - gold.mean())
+            metrics[f"{prefix}/{name}/gold_gap"] = gap
+            metrics[f"{prefix}/{name}/gold_agreement"] = float(((parts[name] > 0.5) == gold).mean())
+            if name == "self_judge":
+                metrics[f"{prefix}/self_preference"] = gap
+        return metrics
 
     # --- one RL step -------------------------------------------------------------------------
     def collect(self, params, step: int):
@@ -360,9 +387,37 @@ class GRPO:
                 rollouts, _, _ = self.sample(state["params"], items, seed=0, num_samples=1, greedy=True)
                 r, _ = reward_sources.combine(self.sources[name], rollouts)
                 out[f"eval_reward/{name}"] = float(r.mean())
+            if task.options.get("win_rate_judge"):
+                out[f"win_rate/{name}"] = self.win_rate(task, state["params"], items)
         if total:
             out["accuracy"] = correct / total
         return out
+
+    def win_rate(self, task, params, items: list[PromptItem]) -> float:
+        """Win rate of the policy's greedy answers against the items' references, judged by
+        `task.options.win_rate_judge` (a reward spec, default type judge) in pairwise mode with
+        both orders: each item is a group of two rollouts (policy, reference), and the judge's
+        pairwise reward of the policy's rollout is its win rate (tie / invalid verdict = 1/2)."""
+        from jaxrl_rm.config import RewardSpec
+
+        items = [it for it in items if it.reference is not None]
+        if not items:
+            raise ValueError(f"grpo.tasks[{task.name}].options.win_rate_judge: the task's eval items carry no "
+                             "reference answers to compare against")
+        if task.name not in self._win_judges:
+            spec = dict(task.options["win_rate_judge"])
+            opts = {"mode": "pairwise", "name": "win_rate_judge", **spec.pop("options", {})}
+            self._win_judges[task.name] = reward_sources.build_source(
+                RewardSpec(type=spec.pop("type", "judge"), path=spec.pop("path", ""), options=opts),
+                {"tokenizer": self.tokenizer, "mesh": self.mesh, "grpo": self, "seed": self.cfg.seed})
+        rollouts, _, _ = self.sample(params, items, seed=0, num_samples=1, greedy=True)
+        zeros = np.zeros((len(items), 2, 1), np.int32)
+        pairs = Rollouts(items=items, prompt_texts=rollouts.prompt_texts,
+                         completions=[[c[0], it.reference] for c, it in zip(rollouts.completions, items)],
+                         completion_ids=zeros, completion_mask=zeros.astype(bool),
+                         lengths=np.zeros((len(items), 2), np.int32), truncated=np.zeros((len(items), 2), bool))
+        r, _ = self._win_judges[task.name](pairs)
+        return float(np.asarray(r)[:, 0].mean())
 
     def host_state(self) -> dict:
         return {"mixer": self.mixer.state()}

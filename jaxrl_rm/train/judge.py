@@ -47,7 +47,7 @@ from flax import nnx
 
 from jaxrl_rm.config import RewardSpec, TaskSpec
 from jaxrl_rm.data.records import JudgmentExample, SFTRecord, VerifiableProblem
-from jaxrl_rm.rewards.judge_source import TextJudge, content_seed, label_score, load_tokenizer, prompt_as_text
+from jaxrl_rm.rewards.judge_source import TextJudge, content_seed, label_score, prompt_as_text
 from jaxrl_rm.rewards.judges import get_template
 from jaxrl_rm.train.grpo import GRPO
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
@@ -78,7 +78,7 @@ def policy_responses(path: str, problems, *, n: int, temperature: float, max_new
                      chat_template: bool = True, mesh=None, batch_size: int = 256) -> list[list[str]]:
     """`n` sampled answers per problem from the HF model at `path` (its own tokenizer)."""
     from jaxrl_rm.data.pipeline import encode, render_prompt
-    from jaxrl_rm.models.hf import load_model
+    from jaxrl_rm.models.hf import load_model, load_tokenizer
     from jaxrl_rm.sampling import generate
 
     model, tok = load_model(path), load_tokenizer(path)
@@ -168,7 +168,7 @@ def with_tokenizer_dir(cfg):
     to `<run_dir>/tokenizer` (tokenizer files only) and `model.tokenizer` points there. Loading it
     back from a model export instead would go through AutoTokenizer with the export's
     `config.json`, which in transformers 5 picks the model family's tokenizer class and drops
-    spaces and newlines (see `jaxrl_rm.rewards.judge_source.load_tokenizer`); judge templates are
+    spaces and newlines (see `jaxrl_rm.models.hf.load_tokenizer`); judge templates are
     full of both.
     """
     if cfg.model.tokenizer or cfg.model.path:
@@ -291,7 +291,7 @@ def _fmt_score(v: float) -> str:
 
 
 def warmup_records(examples, template: str = "pointwise_correctness", *, label_noise: float = 1.0,
-                   think: str = "compare", seed: int = 0) -> list[SFTRecord]:
+                   think: str = "reference", seed: int = 0) -> list[SFTRecord]:
     """SFT records (judge prompt -> ``<think>…</think><score>s</score>``) for the format warm-up.
 
     ``s`` is the teacher label with probability ``1 - label_noise``, else uniformly random in the

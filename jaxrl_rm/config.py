@@ -514,6 +514,32 @@ class StageSpec:
 
 
 @dataclasses.dataclass
+class ClaimSpec:
+    """One row of a pipeline's claims table (`results.md`): a paper's claim checked by comparing
+    two numbers of the pipeline's summary (keys `<stage>/<metric>`, each averaged over the keys
+    listed, e.g. one per seed). Reproduced when `ours` beats `baseline` in `direction` by more
+    than `margin`; a key that is missing (stage not run) leaves the row 'not run'."""
+
+    claim: str = ""
+    #: Where the claim comes from (paper, section).
+    paper: str = ""
+    #: What is compared (shown in the table).
+    metric: str = ""
+    ours: list[str] = dataclasses.field(default_factory=list)
+    baseline: list[str] = dataclasses.field(default_factory=list)
+    #: The paper's direction: ours higher (or lower) than the baseline.
+    direction: Literal["higher", "lower"] = "higher"
+    margin: float = 0.0
+    #: What the row averaged over (shown in the table), e.g. "seed 0" or "seeds 0, 1".
+    seeds: str = "seed 0"
+
+    def validate(self, key="claims"):
+        check(bool(self.claim), f"{key}.claim", "must describe the claim")
+        check(bool(self.ours) and bool(self.baseline), f"{key}.ours", "ours and baseline must name summary keys")
+        check(self.margin >= 0, f"{key}.margin", "must be >= 0")
+
+
+@dataclasses.dataclass
 class Config:
     #: Which pipeline runs: sft | grpo | rm_bt (Bradley–Terry RM) | polar_pretrain | polar_finetune (POLAR RM)
     #: | polar_data (POLAR pretraining-data synthesis) | judge_j1 (J1 judge training, see `judge`).
@@ -541,6 +567,8 @@ class Config:
     compare: list[str] = dataclasses.field(default_factory=list)
     #: Metrics plotted in comparison.png (per step, one line per compared stage).
     compare_metrics: list[str] = dataclasses.field(default_factory=lambda: ["reward_mean", "accuracy"])
+    #: Claims checked against the pipeline's summary at the end (a table in results.md).
+    claims: list[ClaimSpec] = dataclasses.field(default_factory=list)
     #: Reward-model training (tasks rm_bt, polar_pretrain, polar_finetune).
     rm: RMConfig = dataclasses.field(default_factory=RMConfig)
     #: POLAR pretraining-data synthesis (task polar_data).
@@ -554,6 +582,8 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate(f.name)
+        for i, claim in enumerate(self.claims):
+            claim.validate(f"claims[{i}]")
         return self
 
 

@@ -269,3 +269,28 @@ def test_self_judge_and_model_judge_in_grpo(tmp_path):
     rewards = parts[0][3]
     assert rewards.shape == (2, 3) and np.isfinite(rewards).all()
     assert isinstance(nnx.merge(rl.trainer.graphdef, rl.current_params), nnx.Module)
+
+
+def test_greedy_text_judge_decodes_each_distinct_prompt_once():
+    """Greedy judging is a function of the prompt: repeated prompts are decoded once and the
+    outputs equal judging every prompt separately."""
+    from jaxrl_rm.data.tokenizer import build_char_tokenizer
+    from jaxrl_rm.models.factory import build_model
+    from jaxrl_rm.config import ModelSpec
+    from jaxrl_rm.rewards.judge_source import TextJudge
+
+    tok = build_char_tokenizer()
+    model = build_model(ModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1), tok, seed=0)
+    calls = []
+
+    class Counting(TextJudge):
+        def generate(self, texts, **kw):
+            calls.append(len(texts))
+            return super().generate(texts, **kw)
+
+    judge = Counting(lambda: model, tok, max_new_tokens=5, greedy=True)
+    texts = ["judge: abc", "judge: xyz", "judge: abc", "judge: abc"]
+    out = judge.generate(texts, num_samples=2)
+    assert calls == [4, 2]  # the outer call, then one decode of the two distinct prompts
+    separate = [judge.generate([t])[0] for t in texts]
+    assert out == [s * 2 for s in separate] and out[0] == out[2] == out[3]

@@ -27,3 +27,27 @@ def test_pipeline_chains_stages_and_compares(tmp_path):
     mtime = (tmp_path / "a" / "summary.json").stat().st_mtime
     assert main(args) == 0
     assert (tmp_path / "a" / "summary.json").stat().st_mtime == mtime
+
+
+def test_claims_table_compares_summary_keys():
+    import pytest
+
+    from jaxrl_rm.config import ClaimSpec, load_config
+    from jaxrl_rm.configlib import ConfigError
+    from jaxrl_rm.train.pipeline import claims_table
+
+    summary = {"a/acc_gain": 0.2, "b/acc_gain": 0.1, "a1/acc_gain": 0.0, "b1/acc_gain": 0.3, "c/loss": 1.0}
+    claims = [ClaimSpec(claim="A beats B", paper="P1", metric="gain", ours=["a/acc_gain", "a1/acc_gain"],
+                        baseline=["b/acc_gain", "b1/acc_gain"], seeds="seeds 0, 1"),
+              ClaimSpec(claim="A beats B", paper="P1", metric="gain", ours=["a/acc_gain"], baseline=["b/acc_gain"]),
+              ClaimSpec(claim="lower loss", paper="P2", metric="loss", ours=["c/loss"], baseline=["d/loss"],
+                        direction="lower"),
+              ClaimSpec(claim="margin", paper="P3", metric="gain", ours=["a/acc_gain"], baseline=["b/acc_gain"],
+                        margin=0.5)]
+    rows = claims_table(claims, summary).splitlines()[2:]
+    assert "| 0.100 | 0.200 | higher | no | seeds 0, 1 |" in rows[0]  # averaged over the listed keys
+    assert "| 0.200 | 0.100 | higher | yes | seed 0 |" in rows[1]
+    assert "| - | - | lower | not run |" in rows[2]
+    assert "| no |" in rows[3]
+    with pytest.raises(ConfigError, match=r"claims\[0\].ours"):
+        load_config(None, ["task=pipeline", "claims=[{claim: x}]"])

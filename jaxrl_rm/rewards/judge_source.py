@@ -153,7 +153,8 @@ class TextJudge:
       tokens (default: the model's context minus `max_new_tokens`), and go through `jaxrl_rm.sampling.generate` in chunks of `batch_size` prompts
       (one jitted, bucketed call each). Stops at the tokenizer's eos.
 
-    `judge.generate(texts, num_samples=k, seed=s)` -> `[len(texts)][k]` decoded outputs;
+    `judge.generate(texts, num_samples=k, seed=s)` -> `[len(texts)][k]` decoded outputs (greedy:
+    each distinct text is decoded once);
     `judge(texts)` -> one output per text (the protocol `jaxrl_rm.eval.judge` uses).
     """
 
@@ -175,6 +176,12 @@ class TextJudge:
 
         if not texts:
             return []
+        if self.greedy and (len(set(texts)) < len(texts) or num_samples > 1):
+            # greedy decoding is a function of the prompt: judge each distinct prompt once (a policy
+            # that has converged repeats answers, so groups hold many identical judge prompts)
+            unique = list(dict.fromkeys(texts))
+            once = dict(zip(unique, self.generate(unique, num_samples=1, seed=seed)))
+            return [once[t] * num_samples for t in texts]
         seed = self.seed if seed is None else int(seed)
         model = self.model_fn()
         budget = self.max_prompt_length or max(model.config.max_position_embeddings - self.max_new_tokens, 1)

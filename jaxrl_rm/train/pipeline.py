@@ -46,8 +46,34 @@ def run_pipeline(cfg) -> dict:
             break
     if cfg.compare and not summary.get("preempted"):
         summary["results_table"] = compare_stages(cfg, summary)
+    if cfg.claims and not summary.get("preempted"):
+        summary["claims_table"] = claims_table(cfg.claims, summary)
+        with (Path(cfg.run_dir) / "results.md").open("a") as f:
+            f.write(("" if cfg.compare else "# Results\n") + f"\n## Claims\n\n{summary['claims_table']}\n")
+        print(summary["claims_table"], flush=True)
     write_summary(cfg, summary)
     return summary
+
+
+def claims_table(claims, summary: dict) -> str:
+    """Markdown table: claim, metric, ours, baseline, paper's direction, reproduced (yes / no /
+    not run), seeds. `ours` / `baseline` average the summary keys they list."""
+
+    def mean(keys):
+        vals = [summary.get(k) for k in keys]
+        return None if any(v is None for v in vals) else sum(float(v) for v in vals) / len(vals)
+
+    lines = ["| claim | metric | ours | baseline | paper's direction | reproduced | averaged over |",
+             "|---|---|---|---|---|---|---|"]
+    for c in claims:
+        ours, base = mean(c.ours), mean(c.baseline)
+        if ours is None or base is None:
+            verdict, o, b = "not run", "-", "-"
+        else:
+            better = ours - base > c.margin if c.direction == "higher" else base - ours > c.margin
+            verdict, o, b = ("yes" if better else "no"), f"{ours:.3f}", f"{base:.3f}"
+        lines.append(f"| {c.claim} ({c.paper}) | {c.metric} | {o} | {b} | {c.direction} | {verdict} | {c.seeds} |")
+    return "\n".join(lines)
 
 
 def compare_stages(cfg, summary: dict) -> str:

@@ -46,13 +46,30 @@ def run_pipeline(cfg) -> dict:
             break
     if cfg.compare and not summary.get("preempted"):
         summary["results_table"] = compare_stages(cfg, summary)
-    if cfg.claims and not summary.get("preempted"):
-        summary["claims_table"] = claims_table(cfg.claims, summary)
+    claims = stage_claims(cfg) + list(cfg.claims)
+    if claims and not summary.get("preempted"):
+        summary["claims_table"] = claims_table(claims, summary)
         with (Path(cfg.run_dir) / "results.md").open("a") as f:
             f.write(("" if cfg.compare else "# Results\n") + f"\n## Claims\n\n{summary['claims_table']}\n")
         print(summary["claims_table"], flush=True)
     write_summary(cfg, summary)
     return summary
+
+
+def stage_claims(cfg) -> list:
+    """Claims of the stages that are pipelines themselves, their keys prefixed with the stage
+    name (a driver of claim pipelines reports every claim without restating it)."""
+    import dataclasses
+
+    out = []
+    for stage in cfg.stages:
+        sub = stage_config(cfg, stage)
+        if sub.task != "pipeline":
+            continue
+        for c in list(sub.claims) + stage_claims(sub):
+            out.append(dataclasses.replace(c, ours=[f"{stage.name}/{k}" for k in c.ours],
+                                           baseline=[f"{stage.name}/{k}" for k in c.baseline]))
+    return out
 
 
 def claims_table(claims, summary: dict) -> str:

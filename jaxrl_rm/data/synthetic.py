@@ -202,7 +202,8 @@ def style_policy_pool(n: int = STYLE_POOL_SIZE, *, seed: int = STYLE_POOL_SEED) 
 
 
 def style_prompts(n: int, *, seed: int) -> list[str]:
-    """Short instruction-like prompts, e.g. `tell me about the rain`; distinct seeds, distinct draws."""
+    """Short instruction-like prompts, e.g. `tell me about the rain`; distinct seeds, distinct draws
+    from a small space (6 verbs x the topics), so two splits share prompts."""
     rng = np.random.default_rng([seed, 3])
     verbs = ("tell me about", "write about", "describe", "what is", "say something on", "a poem on")
     return [f"{verbs[int(rng.integers(len(verbs)))]} the {_TOPICS[int(rng.integers(len(_TOPICS)))]}"
@@ -228,7 +229,8 @@ def style_quads(n: int, *, seed: int, split: str = "train") -> list[PolarQuad]:
     a1, a2 from A and b1 from B (`pick_policy_pair`).
 
     split="train": prompts from `seed`, policies from the first STYLE_POOL_SIZE - STYLE_HELDOUT.
-    split="eval": prompts from `seed + 10_000` (held-out prompts) and every quad involves a
+    split="eval": prompts drawn with `seed + 10_000` (the prompt space is small: prompts repeat
+    across splits, the responses are new draws) and every quad involves a
       held-out policy, as A or as B (the other one from the whole pool).
     """
     pool = style_policy_pool()
@@ -253,7 +255,8 @@ def style_triples(n: int, *, seed: int, split: str = "train") -> list[RankedTrip
     """POLAR fine-tuning triples `reference ≻ chosen ≻ rejected` ranked by closeness to a target
     policy T: reference ~ T, chosen ~ a near variant of T (`StylePolicy.variant`: same letters,
     frequencies and casing, other separator and word lengths), rejected ~ another policy.
-    Train: training policies and prompts from `seed`; eval: held-out prompts (`seed + 10_000`),
+    Train: training policies and prompts from `seed`; eval: prompts and responses drawn with
+    `seed + 10_000` (prompts repeat across splits: the prompt space is small),
     targets among all policies."""
     pool = style_policy_pool()
     n_train = STYLE_POOL_SIZE - STYLE_HELDOUT

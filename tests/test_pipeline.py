@@ -48,6 +48,6 @@ def test_claims_table_compares_summary_keys():
     assert "| 0.100 | 0.200 | higher | no | seeds 0, 1 |" in rows[0]  # averaged over the listed keys
     assert "| 0.200 | 0.100 | higher | yes | seed 0 |" in rows[1]
     assert "| - | - | lower | not run |" in rows[2]
-    assert "| no |" in rows[3]
+    assert "| higher (by > 0.5) | no |" in rows[3]
     with pytest.raises(ConfigError, match=r"claims\[0\].ours"):
         load_config(None, ["task=pipeline", "claims=[{claim: x}]"])

@@ -89,7 +89,8 @@ def claims_table(claims, summary: dict) -> str:
         else:
             better = ours - base > c.margin if c.direction == "higher" else base - ours > c.margin
             verdict, o, b = ("yes" if better else "no"), f"{ours:.3f}", f"{base:.3f}"
-        lines.append(f"| {c.claim} ({c.paper}) | {c.metric} | {o} | {b} | {c.direction} | {verdict} | {c.seeds} |")
+        direction = c.direction + (f" (by > {c.margin:g})" if c.margin else "")
+        lines.append(f"| {c.claim} ({c.paper}) | {c.metric} | {o} | {b} | {direction} | {verdict} | {c.seeds} |")
     return "\n".join(lines)
 
 

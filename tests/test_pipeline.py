@@ -51,3 +51,16 @@ def test_claims_table_compares_summary_keys():
     assert "| higher (by > 0.5) | no |" in rows[3]
     with pytest.raises(ConfigError, match=r"claims\[0\].ours"):
         load_config(None, ["task=pipeline", "claims=[{claim: x}]"])
+
+
+def test_rerunning_a_finished_claims_pipeline_rewrites_results(tmp_path):
+    """A finished stage is skipped on rerun; results.md then holds one claims table, not two."""
+    run = tmp_path / "run"
+    (run / "a").mkdir(parents=True)
+    (run / "a" / "summary.json").write_text(json.dumps({"acc_after": 0.6, "acc_before": 0.4}))
+    args = ["task=pipeline", f"run_dir={run}", "stages=[{name: a, config: ''}]",  # built-in defaults
+            "claims=[{claim: c, ours: [a/acc_after], baseline: [a/acc_before]}]"]
+    for _ in range(2):
+        assert main(args) == 0
+    text = (run / "results.md").read_text()
+    assert text.count("## Claims") == 1 and "| 0.600 | 0.400 | higher | yes |" in text

@@ -395,18 +395,14 @@ def _split_head_jit(w, *, tied, parts):
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "rows", "mesh"))
-def _uniforms_jit(key, *, steps, rows, mesh):
+def _uniforms(key, *, steps, rows, mesh):
+    """`[steps, rows]` float32 uniforms in [0, 1): the draw of row j at step t is a function of
+    (key, j, t) only, so samples do not depend on the batch's buckets, shards or host splits."""
     def draw(t, j):
         return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, j), t), (), jnp.float32)
 
     u = jax.vmap(lambda t: jax.vmap(lambda j: draw(t, j))(jnp.arange(rows)))(jnp.arange(steps))
     return u if mesh is None else _constrain(u, NamedSharding(mesh, P(None, BATCH_AXES)))
-
-
-def _uniforms(key, steps, rows, mesh):
-    """`[steps, rows]` float32 uniforms in [0, 1): the draw of row j at step t is a function of
-    (key, j, t) only, so samples do not depend on the batch's buckets, shards or host splits."""
-    return _uniforms_jit(key, steps=steps, rows=rows, mesh=mesh)
 
 
 _MIN_ROWS_PER_SPLIT = 8
@@ -527,7 +523,7 @@ def generate(model, prompts, *, num_samples: int = 1, max_new_tokens: int, tempe
     key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
     # One uniform per row and step, drawn up front for the whole batch (so samples do not depend
     # on how the rows are split below); the loop does no PRNG work.
-    uniforms = _uniforms(key, n_bucket, r_bucket * num_samples, mesh)
+    uniforms = _uniforms(key, steps=n_bucket, rows=r_bucket * num_samples, mesh=mesh)
     args = (ids, lens, live)
     if mesh is not None:  # every process holds the same global prompts; each places its rows
         args = tuple(_put_rows(np.asarray(a), mesh) for a in args)

@@ -126,9 +126,11 @@ class GRPO:
         self.eval_items = {t.name: load_task_items(t, split="eval", seed=cfg.seed, size=g.eval_size)[: g.eval_size]
                            for t in g.tasks}
         self.mixer = TaskMixer(g.tasks, train_items, seed=cfg.seed)
-        self._win_judges: dict = {}  # task -> judge source of `options.win_rate_judge` (built on first use)
-        ctx = {"tokenizer": self.tokenizer, "mesh": self.mesh, "grpo": self, "seed": cfg.seed}
-        self.sources = {t.name: [(reward_sources.build_source(r, ctx), r.weight) for r in t.rewards]
+        # built on first use, per task: `options.win_rate_judge` sources and gold verifiers
+        self._win_judges: dict = {}
+        self._verifiers: dict = {}
+        self._source_ctx = {"tokenizer": self.tokenizer, "mesh": self.mesh, "grpo": self, "seed": cfg.seed}
+        self.sources = {t.name: [(reward_sources.build_source(r, self._source_ctx), r.weight) for r in t.rewards]
                         for t in g.tasks}
         self.update = build_train_step(self.trainer, make_grpo_loss(g, prompt_len=self.P),
                                        micro_batches=cfg.train.micro_batches)
@@ -354,16 +356,23 @@ class GRPO:
     def verifier_for(self, task):
         """The verifier that measures a verifiable task's held-out accuracy: `options.eval_verifier`
         (verifier | exact_match) when set, else the task's first rule-verifier reward (its options
-        included), else math-verify. Judge-rewarded tasks are still evaluated against gold."""
+        included), else math-verify. Judge-rewarded tasks are still evaluated against gold.
+        Built once per task: the gold monitor calls it every step, and a math verifier keeps its
+        worker processes between calls."""
+        if task.name in self._verifiers:
+            return self._verifiers[task.name]
         from jaxrl_rm.rewards.verifiers import ExactMatchVerifier, MathVerifier
 
         kind = task.options.get("eval_verifier")
+        specs = [s for s in task.rewards if s.type in ("verifier", "exact_match")]
         if kind:
-            return (MathVerifier if kind == "verifier" else ExactMatchVerifier)()
-        for spec in task.rewards:
-            if spec.type in ("verifier", "exact_match"):
-                return (MathVerifier if spec.type == "verifier" else ExactMatchVerifier)(**spec.options)
-        return MathVerifier()
+            verifier = (MathVerifier if kind == "verifier" else ExactMatchVerifier)()
+        elif specs:
+            verifier = (MathVerifier if specs[0].type == "verifier" else ExactMatchVerifier)(**specs[0].options)
+        else:
+            verifier = MathVerifier()
+        self._verifiers[task.name] = verifier
+        return verifier
 
     def evaluate(self, state) -> dict:
         """Greedy held-out accuracy per verifiable task (`accuracy/<task>`, overall `accuracy`),
@@ -409,7 +418,7 @@ class GRPO:
             opts = {"mode": "pairwise", "name": "win_rate_judge", **spec.pop("options", {})}
             self._win_judges[task.name] = reward_sources.build_source(
                 RewardSpec(type=spec.pop("type", "judge"), path=spec.pop("path", ""), options=opts),
-                {"tokenizer": self.tokenizer, "mesh": self.mesh, "grpo": self, "seed": self.cfg.seed})
+                self._source_ctx)
         rollouts, _, _ = self.sample(params, items, seed=0, num_samples=1, greedy=True)
         zeros = np.zeros((len(items), 2, 1), np.int32)
         pairs = Rollouts(items=items, prompt_texts=rollouts.prompt_texts,

@@ -49,8 +49,11 @@ def run_pipeline(cfg) -> dict:
     claims = stage_claims(cfg) + list(cfg.claims)
     if claims and not summary.get("preempted"):
         summary["claims_table"] = claims_table(claims, summary)
-        with (Path(cfg.run_dir) / "results.md").open("a") as f:
-            f.write(("" if cfg.compare else "# Results\n") + f"\n## Claims\n\n{summary['claims_table']}\n")
+        # results.md was just rewritten by compare_stages, or holds only this table: rerunning a
+        # finished pipeline rewrites it, never appends a second copy
+        results = Path(cfg.run_dir) / "results.md"
+        head = results.read_text() if cfg.compare else "# Results\n"
+        results.write_text(head + f"\n## Claims\n\n{summary['claims_table']}\n")
         print(summary["claims_table"], flush=True)
     write_summary(cfg, summary)
     return summary

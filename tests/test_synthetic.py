@@ -34,7 +34,8 @@ def test_reward_model_tasks_deterministic(task):
         assert {r.prompt for r in a}.isdisjoint({r.prompt for r in held})
 
 
-@pytest.mark.parametrize("task", ["reverse", "arithmetic", "reverse_ranking", "style_open"])
+@pytest.mark.parametrize("task", ["reverse", "arithmetic", "reverse_ranking", "style_open", "open_ended",
+                                  "open_ranking"])
 def test_rl_prompt_items_deterministic(task):
     spec = TaskSpec(name="t", data=f"synthetic:{task}")
     a = synthetic.prompt_items(task, spec, split="train", seed=0, size=16)

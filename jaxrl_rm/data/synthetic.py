@@ -6,6 +6,15 @@ the real loaders (`jaxrl_rm.data.records`), so every pipeline runs unchanged on 
 - `arithmetic`: `a+b=` with gold answer `a+b` (operand range configurable; train/eval operand
   pairs disjoint) -> `VerifiableProblem`;
   as SFT data the response is the answer.
+- `reverse`: `reverse:abcd=` with answer `dcba` (train/eval strings disjoint); `reverse_pairs` /
+  `reverse_triples` / `reverse_ranking` are its preference data.
+- style policies (`StylePolicy`, `style_policy_pool`): the POLAR world (`style_quads`,
+  `style_triples`) and `style_pairs` / `style_open`, whose quality is the casing the prompt asks for.
+- open-ended task (`open_ended` RL prompts, `open_pairs`, `open_triples`, `open_ranking` /
+  `open_rankings`): plain instructions ("describe the rain") whose quality is a *hidden* scoring
+  function, `hidden_quality` (closeness to a secret house style, `HiddenStyleScore`). Only data
+  labelling (preference labels, gold scores, house-style references) and evaluation (reward type
+  `hidden_quality`, a task's `options.eval_scorer`) see it; the prompts carry no hint of it.
 """
 
 from __future__ import annotations
@@ -75,8 +84,10 @@ def prompt_items(task: str, spec, *, split: str, seed: int, size: int):
     """RL prompts (`PromptItem`s) of a synthetic task for a `TaskSpec` (train / disjoint eval split).
 
     Verifiable tasks (`TASKS`) give prompt + gold answer; `reverse_ranking` gives N-way ranking
-    items (URPO preference task); `style_open` gives open-ended prompts with a reference answer in
-    the hidden house style (POLAR RFT / URPO instruction task).
+    items (URPO preference task); `style_open` gives `style_pairs` prompts (which ask for a casing)
+    with the chosen answer as reference; `open_ended` gives plain open-ended prompts with a
+    reference in the hidden house style (POLAR RFT / URPO instruction task; quality:
+    `hidden_quality`), `open_ranking` N-way ranking items of such answers (gold = hidden scores).
     """
     from jaxrl_rm.rewards.sources import PromptItem
 
@@ -90,8 +101,15 @@ def prompt_items(task: str, spec, *, split: str, seed: int, size: int):
     if task == "style_open":
         return [PromptItem(task=spec.name, prompt=p.prompt, reference=p.chosen, id=p.id)
                 for p in style_pairs(size, seed=seed, split=split)]
+    if task == "open_ended":
+        return [PromptItem(task=spec.name, prompt=prompt, reference=reference, id=rid)
+                for prompt, reference, rid in open_prompts(size, seed=seed, split=split)]
+    if task == "open_ranking":
+        return [PromptItem(task=spec.name, prompt=r.prompt, responses=tuple(r.responses),
+                           gold_scores=tuple(r.gold_scores), id=r.id)
+                for r in open_rankings(size, seed=seed, split=split)]
     raise ValueError(f"unknown synthetic RL task {task!r}; available: "
-                     f"{sorted(TASKS) + ['reverse_ranking', 'style_open']}")
+                     f"{sorted(TASKS) + ['open_ended', 'open_ranking', 'reverse_ranking', 'style_open']}")
 
 
 def reverse_rankings(n: int, *, seed: int, split: str = "train", num_responses: int = 4):
@@ -389,3 +407,228 @@ def reverse_triples(n: int, *, seed: int, split: str = "train") -> list[RankedTr
 
 
 RM_TASKS.update(reverse_pairs=("PreferencePair", reverse_pairs), reverse_triples=("RankedTriple", reverse_triples))
+
+
+# --- Open-ended tasks: quality = a hidden "house style" -------------------------------------------
+# The policy is asked plain questions (`style_prompts`: "describe the rain"); what makes an answer
+# good is a house style that appears nowhere in the prompts. Only data labelling (`open_pairs`,
+# `open_triples`, `open_rankings`, the references of `open_ended`) and evaluation (the
+# `hidden_quality` reward source, `options.eval_scorer`) call `hidden_quality`.
+import itertools as _it
+import re as _re
+
+#: Seed of the house style (a `StylePolicy` drawn like a pool policy, from its own seed).
+HOUSE_STYLE_SEED = 20250918
+#: `hidden_quality` reads at most this many characters of a response (bounded cost on any input).
+HIDDEN_MAX_CHARS = 4096
+_WORD_RE = _re.compile(r"[^\W\d_]+")  # runs of letters (any script); everything else separates words
+_CASES = {"lower": str.islower, "upper": str.isupper,
+          "title": lambda w: w[:1].isupper() and (len(w) == 1 or w[1:].islower())}
+
+
+def house_style(seed: int = HOUSE_STYLE_SEED) -> StylePolicy:
+    """The hidden house style: a `StylePolicy` drawn from `seed` as `style_policy_pool` draws its
+    policies (alphabet and letter frequencies, separator, casing, word lengths, words per answer)."""
+    return _dc.replace(style_policy_pool(1, seed=seed)[0], name="house")
+
+
+@_dc.dataclass(frozen=True)
+class HiddenStyleScore:
+    """Hidden quality of an open-ended answer: closeness to a house style, in [0, 1].
+
+    The response (its first `HIDDEN_MAX_CHARS` characters) is split into words (runs of letters)
+    and separators (what lies between two words). The prompt's topic is its last word (as
+    `StylePolicy.sample` echoes it); "content words" are the words other than the topic. Components,
+    each in [0, 1]:
+
+    - `letters`: Bhattacharyya coefficient Σ_l sqrt(p_l q_l) between the letter frequencies p of
+      the content words (lower-cased; letters outside the house alphabet only dilute p) and the
+      house's sampling distribution q (`probs ** (1/T)`, renormalised);
+    - `separator`: share of separators equal to the house separator, where text before the first
+      or after the last word counts as one more (wrong) separator each;
+    - `casing`: share of words in the house casing (lower / upper / title);
+    - `word_length`: mean over content words of 0.5 ** d, d = distance of the word's length to
+      the house's word-length range;
+    - `word_count`: 0.5 ** d, d = distance of the number of content words to the house's range;
+    - `topic`: 1 if the topic occurs as a word (any casing), else 0.
+
+    score = Σ weight_c · component_c with the weights below (summing to 1). An answer without
+    words scores 0; the house style's own samples score ≈ 0.98 (min ≈ 0.93), its near variants
+    (`StylePolicy.variant`) ≈ 0.78, random pool policies ≈ 0.45.
+    Deterministic, pure Python + numpy, and never raises on a string (nor on an odd prompt: its
+    topic is then empty and `topic` scores 0).
+    """
+
+    house: StylePolicy
+    weights: tuple[tuple[str, float], ...] = (("letters", 0.30), ("separator", 0.15), ("casing", 0.15),
+                                              ("word_length", 0.15), ("word_count", 0.10), ("topic", 0.15))
+
+    def components(self, prompt, response) -> dict[str, float]:
+        """The six components (see the class docstring) of `response` to `prompt`."""
+        names = [k for k, _ in self.weights]
+        text = response[:HIDDEN_MAX_CHARS] if isinstance(response, str) else ""
+        matches = list(_WORD_RE.finditer(text))
+        if not matches:
+            return dict.fromkeys(names, 0.0)
+        words = [m.group() for m in matches]
+        try:
+            topic = _topic(prompt)
+        except Exception:  # noqa: BLE001 - any prompt shape: no topic
+            topic = ""
+        content = [w for w in words if w.lower() != topic]
+        seps = [text[a.end():b.start()] for a, b in _it.pairwise(matches)]
+        seps += [s for s in (text[:matches[0].start()], text[matches[-1].end():]) if s]
+        house = self.house
+        out = {"letters": self._letters("".join(content).lower()),
+               "separator": sum(s == house.sep for s in seps) / len(seps) if seps else 0.0,
+               "casing": sum(bool(_CASES[house.case](w)) for w in words) / len(words),
+               "word_length": float(np.mean([0.5 ** _gap(len(w), house.word_len) for w in content]))
+               if content else 0.0,
+               "word_count": 0.5 ** _gap(len(content), house.n_words) if content else 0.0,
+               "topic": float(bool(topic) and any(w.lower() == topic for w in words))}
+        return {k: float(out[k]) for k in names}
+
+    def _letters(self, chars: str) -> float:
+        if not chars:
+            return 0.0
+        q = np.asarray(self.house.probs, np.float64) ** (1.0 / self.house.temperature)
+        q /= q.sum()
+        p = np.asarray([chars.count(c) for c in self.house.letters], np.float64) / len(chars)
+        return float(min(1.0, np.sqrt(p * q).sum()))
+
+    def total(self, components: dict[str, float]) -> float:
+        """The score in [0, 1] of `components`: their weighted sum."""
+        return float(min(1.0, max(0.0, sum(w * components[k] for k, w in self.weights))))
+
+    def __call__(self, prompt, response) -> float:
+        """The hidden score in [0, 1] of `response` to `prompt`."""
+        return self.total(self.components(prompt, response))
+
+
+def _gap(x: int, bounds: tuple[int, int]) -> int:
+    """Distance of `x` to the inclusive range `bounds` (0 inside)."""
+    return max(bounds[0] - x, 0, x - bounds[1])
+
+
+#: The hidden scorer of the open-ended tasks (see `HiddenStyleScore`).
+HIDDEN_SCORE = HiddenStyleScore(house_style())
+
+
+def hidden_quality(prompt, response) -> float:
+    """Hidden quality in [0, 1] of `response` to `prompt` (`HIDDEN_SCORE`): for data labelling and
+    evaluation only; never part of what the policy sees."""
+    return HIDDEN_SCORE(prompt, response)
+
+
+def _open_split(seed: int, split: str) -> tuple[list[StylePolicy], int]:
+    """Policies and prompt seed of an open-ended split: training policies and `seed` (train), the
+    whole pool and `seed + 10_000` (eval; prompts repeat across splits, the answers are new draws)."""
+    pool = style_policy_pool()
+    return (pool[:STYLE_POOL_SIZE - STYLE_HELDOUT], seed) if split == "train" else (pool, seed + 10_000)
+
+
+def _open_candidate(rng: np.random.Generator, policies: Sequence[StylePolicy]) -> StylePolicy:
+    """A policy whose answers spread over the hidden score's range: the house style (1/6), a near
+    variant of it (1/6: another separator and word lengths), or a pool policy (2/3) that takes the
+    house's casing, separator, and alphabet with its frequencies, each with probability 1/3."""
+    house = HIDDEN_SCORE.house
+    u = rng.random()
+    if u < 1 / 6:
+        return house
+    if u < 1 / 3:
+        return house.variant(seed=int(rng.integers(2**31)))
+    policy = policies[int(rng.integers(len(policies)))]
+    changes = {}
+    if rng.random() < 1 / 3:
+        changes["case"] = house.case
+    if rng.random() < 1 / 3:
+        changes["sep"] = house.sep
+    if rng.random() < 1 / 3:
+        changes.update(letters=house.letters, probs=house.probs, temperature=house.temperature)
+    return _dc.replace(policy, **changes) if changes else policy
+
+
+def _scored_answers(prompt: str, k: int, rng: np.random.Generator, policies, *, tries: int = 16):
+    """`k` answers of `_open_candidate` policies with pairwise distinct hidden scores (> 1e-6
+    apart) -> (answers, scores), or None after `tries` draws with a tie."""
+    for _ in range(tries):
+        answers = [_open_candidate(rng, policies).sample(prompt, rng) for _ in range(k)]
+        scores = [hidden_quality(prompt, a) for a in answers]
+        s = np.sort(scores)
+        if (np.diff(s) > 1e-6).all():
+            return answers, scores
+    return None
+
+
+def _open_records(n: int, seed: int, split: str, salt: int, make) -> list:
+    """Up to `n` records `make(prompt, rng, policies, id_tag)` (None: skip) over open-ended prompts."""
+    policies, pseed = _open_split(seed, split)
+    out: list = []
+    for i, prompt in enumerate(style_prompts(2 * n + 16, seed=pseed)):
+        if len(out) == n:
+            break
+        rec = make(prompt, np.random.default_rng([pseed, i, salt]), policies, f"{split}-{pseed}-{len(out)}")
+        if rec is not None:
+            out.append(rec)
+    return out
+
+
+def open_pairs(n: int, *, seed: int, split: str = "train") -> list[PreferencePair]:
+    """Preference pairs on plain open-ended prompts (`style_prompts`), labelled by `hidden_quality`:
+    two answers of `_open_candidate` policies, chosen = the higher hidden score (ties are redrawn).
+    subset `gap_small` / `gap_medium` / `gap_large`: score difference < 0.1 / < 0.3 / larger.
+    Splits as `_open_split` (prompts repeat across splits)."""
+    def make(prompt, rng, policies, tag):
+        got = _scored_answers(prompt, 2, rng, policies)
+        if got is None:
+            return None
+        (a, b), (sa, sb) = got
+        gap = abs(sa - sb)
+        subset = "gap_small" if gap < 0.1 else "gap_medium" if gap < 0.3 else "gap_large"
+        chosen, rejected = (a, b) if sa > sb else (b, a)
+        return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, subset=subset, id=f"openpair-{tag}")
+
+    return _open_records(n, seed, split, 47, make)
+
+
+def open_triples(n: int, *, seed: int, split: str = "train") -> list[RankedTriple]:
+    """POLAR fine-tuning triples for the open-ended task: reference = a house-style sample,
+    chosen / rejected = two `_open_candidate` answers ordered by `hidden_quality` (ties redrawn)."""
+    def make(prompt, rng, policies, tag):
+        reference = HIDDEN_SCORE.house.sample(prompt, rng)
+        got = _scored_answers(prompt, 2, rng, policies)
+        if got is None:
+            return None
+        (a, b), (sa, sb) = got
+        chosen, rejected = (a, b) if sa > sb else (b, a)
+        return RankedTriple(prompt=prompt, reference=reference, chosen=chosen, rejected=rejected,
+                            id=f"opentri-{tag}")
+
+    return _open_records(n, seed, split, 53, make)
+
+
+def open_rankings(n: int, *, seed: int, split: str = "train", num_responses: int = 4):
+    """N-way ranking items for the open-ended task: `num_responses` `_open_candidate` answers,
+    gold_scores = their hidden scores (pairwise distinct)."""
+    from jaxrl_rm.data.records import RankingItem
+
+    def make(prompt, rng, policies, tag):
+        got = _scored_answers(prompt, num_responses, rng, policies)
+        if got is None:
+            return None
+        answers, scores = got
+        return RankingItem(prompt=prompt, responses=tuple(answers), gold_scores=tuple(scores), id=f"openrank-{tag}")
+
+    return _open_records(n, seed, split, 59, make)
+
+
+def open_prompts(n: int, *, seed: int, split: str = "train"):
+    """RL prompts of the open-ended task -> [(prompt, reference, id)]: plain `style_prompts`
+    instructions, reference = a house-style sample (for POLAR RFT / SFT warm-up / win rate)."""
+    def make(prompt, rng, policies, tag):
+        return prompt, HIDDEN_SCORE.house.sample(prompt, rng), f"open-{tag}"
+
+    return _open_records(n, seed, split, 61, make)
+
+
+RM_TASKS.update(open_pairs=("PreferencePair", open_pairs), open_triples=("RankedTriple", open_triples))

@@ -125,16 +125,39 @@ class RankingSource:
         return rewards, {"invalid_rate": invalid / max(b * g, 1)}
 
 
+class HiddenQualitySource:
+    """The miniature world's hidden scoring function as a reward (`jaxrl_rm.data.synthetic.
+    hidden_quality`, in [0, 1]) of each completion to its item's prompt: the oracle reward of the
+    open-ended task (an oracle-RL baseline) and its evaluation measure (`options.eval_scorer`).
+    Metrics: the mean of each score component."""
+
+    def __init__(self, *, name: str = "hidden_quality"):
+        from jaxrl_rm.data.synthetic import HIDDEN_SCORE
+
+        self.name, self.score = name, HIDDEN_SCORE
+
+    def __call__(self, rollouts: Rollouts):
+        b, g = rollouts.shape
+        parts = [[self.score.components(item.prompt, c) for c in row]
+                 for item, row in zip(rollouts.items, rollouts.completions)]
+        rewards = np.asarray([[self.score.total(p) for p in row] for row in parts], np.float32).reshape(b, g)
+        flat = [p for row in parts for p in row]
+        return rewards, {k: float(np.mean([p[k] for p in flat])) for k, _ in self.score.weights} if flat else {}
+
+
 # --- registry ---------------------------------------------------------------------------------
 Factory = Callable[..., RewardSource]
 #: Reward types computed by rules from gold data (no model): the others are what monitors watch.
-RULE_REWARDS = ("verifier", "exact_match", "ranking")
+RULE_REWARDS = ("verifier", "exact_match", "ranking", "hidden_quality")
 
 REGISTRY: dict[str, Factory] = {
     "verifier": lambda spec, ctx: VerifierSource("math", **spec.options),
     "exact_match": lambda spec, ctx: VerifierSource("exact", **spec.options),
     "ranking": lambda spec, ctx: RankingSource(**spec.options),
+    "hidden_quality": lambda spec, ctx: HiddenQualitySource(**spec.options),
 }
+#: Rule rewards that can measure a non-verifiable task's greedy eval answers (`options.eval_scorer`).
+EVAL_SCORERS = ("hidden_quality",)
 
 
 def register(kind: str, factory: Factory) -> None:

@@ -34,7 +34,7 @@ from jaxrl_rm.parallel.mesh import mesh_from_config
 from jaxrl_rm.parallel.rules import shard_batch
 from jaxrl_rm.rewards import sources as reward_sources
 from jaxrl_rm.rewards.shaping import overlong_penalty
-from jaxrl_rm.rewards.sources import RULE_REWARDS, PromptItem, Rollouts
+from jaxrl_rm.rewards.sources import EVAL_SCORERS, RULE_REWARDS, PromptItem, Rollouts
 from jaxrl_rm.sampling import generate
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
 from jaxrl_rm.train.state import (Trainer, abstract_like, build_train_step, export_hf, inject_faults,
@@ -132,6 +132,8 @@ class GRPO:
         self._source_ctx = {"tokenizer": self.tokenizer, "mesh": self.mesh, "grpo": self, "seed": cfg.seed}
         self.sources = {t.name: [(reward_sources.build_source(r, self._source_ctx), r.weight) for r in t.rewards]
                         for t in g.tasks}
+        # `options.eval_scorer` (e.g. the hidden quality of open-ended tasks): built, and checked, up front
+        self.scorers = {t.name: self.scorer_for(t) for t in g.tasks if t.options.get("eval_scorer")}
         self.update = build_train_step(self.trainer, make_grpo_loss(g, prompt_len=self.P),
                                        micro_batches=cfg.train.micro_batches)
         self._logp = jax.jit(lambda params, batch: completion_logprobs(
@@ -374,9 +376,22 @@ class GRPO:
         self._verifiers[task.name] = verifier
         return verifier
 
+    def scorer_for(self, task):
+        """The rule reward named by a non-verifiable task's `options.eval_scorer` (one of
+        `EVAL_SCORERS`, e.g. the miniature world's hidden scoring function `hidden_quality`)."""
+        from jaxrl_rm.config import RewardSpec
+
+        kind, key = task.options["eval_scorer"], f"grpo.tasks[{task.name}].options.eval_scorer"
+        if task.kind == "verifiable":
+            raise ValueError(f"{key}: only for non-verifiable tasks (verifiable ones report accuracy/{task.name})")
+        if not isinstance(kind, str) or kind not in EVAL_SCORERS:
+            raise ValueError(f"{key}: unknown scorer {kind!r}; available: {list(EVAL_SCORERS)}")
+        return reward_sources.build_source(RewardSpec(type=kind), self._source_ctx)
+
     def evaluate(self, state) -> dict:
         """Greedy held-out accuracy per verifiable task (`accuracy/<task>`, overall `accuracy`),
-        and mean reward of the task's sources for the other tasks (`eval_reward/<task>`)."""
+        and mean reward of the task's sources for the other tasks (`eval_reward/<task>`) plus, with
+        `options.eval_scorer`, the mean score of that scorer (`quality/<task>`) on the same answers."""
         from jaxrl_rm.eval.policy import verifiable_accuracy
 
         out, correct, total = {}, 0.0, 0
@@ -396,6 +411,8 @@ class GRPO:
                 rollouts, _, _ = self.sample(state["params"], items, seed=0, num_samples=1, greedy=True)
                 r, _ = reward_sources.combine(self.sources[name], rollouts)
                 out[f"eval_reward/{name}"] = float(r.mean())
+                if name in self.scorers:
+                    out[f"quality/{name}"] = float(np.mean(self.scorers[name](rollouts)[0]))
             if task.options.get("win_rate_judge"):
                 out[f"win_rate/{name}"] = self.win_rate(task, state["params"], items)
         if total:

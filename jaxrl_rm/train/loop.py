@@ -96,14 +96,14 @@ class LoopResult:
 
 def summarize(eval_before: dict, eval_after: dict, **extra) -> dict:
     """summary.json content: `<m>_before`, `<m>_after` (also plain `<m>`), and `<m>_gain` for
-    accuracy metrics (after - before)."""
+    accuracy and quality metrics (after - before)."""
     summary = dict(extra)
     for k, v in eval_after.items():
         summary[k] = v
         summary[f"{k}_after"] = v
     for k, v in eval_before.items():
         summary[f"{k}_before"] = v
-        if "accuracy" in k and k in eval_after:
+        if ("accuracy" in k or k.startswith("quality/")) and k in eval_after:
             summary[f"{k}_gain"] = float(eval_after[k]) - float(v)
     return summary
 

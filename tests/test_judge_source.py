@@ -103,6 +103,18 @@ def test_pivot_calls_at_most_2g_and_all_pairs_g_g_minus_1():
     assert m["position_bias_rate"] == 0.0 and m["invalid_rate"] == 0.0
 
 
+def test_pairwise_and_pivot_modes_with_a_ranking_judge():
+    """A listwise (ranking) template in pairwise / pivot mode: each pair is shown as a list of two;
+    the higher score wins, so a fair ranking judge gives the same win rates as a pairwise judge."""
+    ro = rollouts_by_quality()
+    for mode in ("pairwise", "pivot"):
+        by_pairs, _ = source(mode, seed=1)[0](ro)
+        src, judge = source(mode, seed=1, template="listwise")
+        by_lists, m = src(ro)
+        np.testing.assert_allclose(by_lists, by_pairs)
+        assert all(len(_LIST.findall(t)) == 2 for t in judge.seen) and m["invalid_rate"] == 0.0
+
+
 def test_pivot_rewards_are_win_rates_against_the_pivot_and_seeded():
     ro = rollouts_by_quality()
     src, _ = source("pivot", seed=3)

@@ -43,12 +43,15 @@ def test_claims_table_compares_summary_keys():
               ClaimSpec(claim="lower loss", paper="P2", metric="loss", ours=["c/loss"], baseline=["d/loss"],
                         direction="lower"),
               ClaimSpec(claim="margin", paper="P3", metric="gain", ours=["a/acc_gain"], baseline=["b/acc_gain"],
-                        margin=0.5)]
+                        margin=0.5),
+              ClaimSpec(claim="matches or beats", paper="P4", metric="gain", ours=["b/acc_gain"],
+                        baseline=["a/acc_gain"], margin=-0.15)]
     rows = claims_table(claims, summary).splitlines()[2:]
     assert "| 0.100 | 0.200 | higher | no | seeds 0, 1 |" in rows[0]  # averaged over the listed keys
     assert "| 0.200 | 0.100 | higher | yes | seed 0 |" in rows[1]
     assert "| - | - | lower | not run |" in rows[2]
     assert "| higher (by > 0.5) | no |" in rows[3]
+    assert "| 0.100 | 0.200 | higher or within 0.15 | yes |" in rows[4]  # trails by 0.1 < 0.15
     with pytest.raises(ConfigError, match=r"claims\[0\].ours"):
         load_config(None, ["task=pipeline", "claims=[{claim: x}]"])
 

@@ -35,6 +35,8 @@ mode          judge prompts per group ("calls")          template (default)     
 ============  =========================================  ==============================  ========================
 
 Scores are normalised to [0, 1]: ``(s − min_score) / (max_score − min_score)`` of the template.
+Pairwise and pivot modes also take a listwise template (a ranking judge, e.g. URPO's, shown the two
+responses as a list of 2): the higher score wins, as with ``pairwise_scores``.
 Pairwise outcomes: a win 1, a loss 0, a tie (``pairwise_scores`` with equal scores) ``tie_reward``
 (0.5), an invalid verdict ``invalid_verdict`` (0.5, neutral) for both sides. Pointwise / listwise:
 the mean over the *valid* samples; a rollout with none gets ``invalid_reward`` (0).
@@ -74,8 +76,8 @@ MODES: tuple[str, ...] = ("pointwise", "pairwise", "pivot", "listwise")
 DEFAULT_TEMPLATES = {"pointwise": "pointwise", "pairwise": "pairwise", "pivot": "pairwise", "listwise": "listwise"}
 _MODE_FORMATS = {
     "pointwise": ("pointwise",),
-    "pairwise": ("pairwise", "pairwise_scores"),
-    "pivot": ("pairwise", "pairwise_scores"),
+    "pairwise": ("pairwise", "pairwise_scores", "listwise", "listwise_tags"),
+    "pivot": ("pairwise", "pairwise_scores", "listwise", "listwise_tags"),
     "listwise": ("listwise", "listwise_tags"),
 }
 
@@ -281,8 +283,11 @@ class JudgeSource:
                         for x in live:
                             if x != p:
                                 pairs += [(x, p), (p, x)]
-                reqs += [_Request(i, (a, c), self.render(item, response_a=resp[a], response_b=resp[c]))
-                         for a, c in pairs]
+                if self.template.format.startswith("listwise"):  # a ranking judge shown two responses
+                    reqs += [_Request(i, (a, c), self.render(item, responses=[resp[a], resp[c]])) for a, c in pairs]
+                else:
+                    reqs += [_Request(i, (a, c), self.render(item, response_a=resp[a], response_b=resp[c]))
+                             for a, c in pairs]
             else:
                 if not live:
                     continue

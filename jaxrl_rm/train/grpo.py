@@ -36,6 +36,7 @@ from jaxrl_rm.rewards import sources as reward_sources
 from jaxrl_rm.rewards.shaping import overlong_penalty
 from jaxrl_rm.rewards.sources import EVAL_SCORERS, RULE_REWARDS, PromptItem, Rollouts
 from jaxrl_rm.sampling import generate
+from jaxrl_rm.train.logger import run_means
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
 from jaxrl_rm.train.state import (Trainer, abstract_like, build_train_step, export_hf, inject_faults,
                                   make_optimizer)
@@ -473,7 +474,8 @@ def warm_start(cfg):
     export = stage_dir / "hf"
     if not (export / "config.json").exists():
         data = w.data
-        if not data and len(cfg.grpo.tasks) > 1:  # demonstrations of every task, mixed
+        if not data and (len(cfg.grpo.tasks) > 1 or cfg.grpo.tasks[0].kind != "verifiable"):
+            # demonstrations of every task, mixed (a lone verifiable task's data is SFT data as is)
             from jaxrl_rm.data.loaders import write_jsonl
 
             stage_dir.mkdir(parents=True, exist_ok=True)
@@ -502,6 +504,7 @@ def run_grpo(cfg) -> dict:
     summary = summarize(result.eval_before, result.eval_after, task=cfg.task, steps=result.step,
                         preempted=result.preempted)
     summary["reward_guard"] = rl.guard_report()
+    summary.update(run_means(cfg.run_dir, "reward/"))  # the run's average reward monitors
     write_summary(cfg, summary)
     if not result.preempted:
         export_hf(rl.trainer, result.state["params"], Path(cfg.run_dir) / "hf", rl.tokenizer)

@@ -172,6 +172,24 @@ def truncate_metrics_after(run_dir: str | Path, step: int) -> None:
     path.write_text("".join(r + "\n" for r in kept))
 
 
+def run_means(run_dir: str | Path, prefix: str) -> dict[str, float]:
+    """Mean over the logged training rows (step > 0) of every numeric metric whose name starts
+    with `prefix`, as `run_mean/<name>`: a run's average monitor values (e.g. a judge's
+    `gold_agreement` and `judge_calls`) for summary.json. Empty when nothing was logged."""
+    path = run_path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    sums: dict[str, list[float]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if row.get("step", 0) <= 0:
+            continue
+        for k, v in row.items():
+            if k.startswith(prefix) and isinstance(v, (int, float)) and not isinstance(v, bool):
+                sums.setdefault(k, []).append(float(v))
+    return {f"run_mean/{k}": float(np.mean(v)) for k, v in sums.items()}
+
+
 class Progress:
     """tqdm bar with loss and tokens/s; ETA from tqdm. Disabled off process 0 or when asked."""
 

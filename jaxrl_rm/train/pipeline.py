@@ -92,7 +92,8 @@ def claims_table(claims, summary: dict) -> str:
         else:
             better = ours - base > c.margin if c.direction == "higher" else base - ours > c.margin
             verdict, o, b = ("yes" if better else "no"), f"{ours:.3f}", f"{base:.3f}"
-        direction = c.direction + (f" (by > {c.margin:g})" if c.margin else "")
+        direction = c.direction + (f" (by > {c.margin:g})" if c.margin > 0 else
+                                   f" or within {-c.margin:g}" if c.margin < 0 else "")
         lines.append(f"| {c.claim} ({c.paper}) | {c.metric} | {o} | {b} | {direction} | {verdict} | {c.seeds} |")
     return "\n".join(lines)
 

@@ -190,3 +190,15 @@ def test_url_run_dirs_keep_their_scheme_and_object_store_writes_rewrite(tmp_path
         log.log(step, {"loss": float(step)})
         log.close()
     assert [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_run_means_average_training_rows_of_a_prefix(tmp_path):
+    from jaxrl_rm.train.logger import run_means
+
+    rows = [{"step": 0, "reward/t/j/gold_agreement": 9.0},  # evaluation row: not a training step
+            {"step": 5, "reward/t/j/gold_agreement": 0.5, "reward/t/j/judge_calls": 32, "loss": 1.0, "reward/x": "s"},
+            {"step": 10, "reward/t/j/gold_agreement": 0.7, "reward/t/j/judge_calls": 32, "reward/t/flag": True}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    means = run_means(tmp_path, "reward/")
+    assert means == pytest.approx({"run_mean/reward/t/j/gold_agreement": 0.6, "run_mean/reward/t/j/judge_calls": 32.0})
+    assert run_means(tmp_path / "missing", "reward/") == {}

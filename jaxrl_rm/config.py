@@ -454,8 +454,10 @@ class JudgeConfig:
     #: Supplied judgment data (JSONL of {prompt, response, label[, reference]}): skips sampling and labelling.
     data: str = ""
     eval_data: str = ""
-    #: Judge template (pointwise formats; see jaxrl_rm.rewards.judges.TEMPLATE_NAMES).
+    #: Judge template (pointwise formats; see jaxrl_rm.rewards.judges.TEMPLATE_NAMES), and
+    #: JudgeTemplate field overrides (e.g. a compact `user` text such as "{prompt}\n{aligned}").
     template: str = "pointwise_correctness"
+    template_options: dict = dataclasses.field(default_factory=dict)
     #: score_match tolerance |predicted - label|.
     tolerance: float = 0.0
     #: Judge initialisation: an HF dir | policy (the response policy) | empty (`model.path`, or random init of `model.*`).
@@ -464,12 +466,21 @@ class JudgeConfig:
     warmup_steps: int = 100
     warmup_batch_size: int = 32
     warmup_lr: float = 3.0e-3
+    #: Warm-up judgments: balanced (the RL training set) | all (every labelled training judgment
+    #: before balancing: more answers to learn the reasoning from; verdicts are random anyway at
+    #: label noise 1.0).
+    warmup_data: Literal["balanced", "all"] = "balanced"
+    #: Share of warm-up judgments whose answer is replaced by the `corrupt` sampler's (gold or
+    #: gold with one random edit; exact-match teacher only): teaches the reasoning a check, not
+    #: the policy's error patterns. The RL stage keeps the sampled judgments.
+    warmup_corrupt: float = 0.0
     #: Share of warm-up targets whose score is random instead of the teacher label (1.0: format only).
     warmup_label_noise: float = 1.0
     #: Reasoning in warm-up targets: compare (works out the gold answer and sets the judged answer
-    #: beside it: `want X, got Y`) | reference (works out the gold answer) | response
-    #: (restates the judged answer) | fixed (a constant sentence).
-    warmup_think: Literal["compare", "reference", "response", "fixed"] = "reference"
+    #: beside it: `want X, got Y`) | aligned (checks the `{aligned}` view pair by pair:
+    #: `dd= cc= bxx`; needs a template showing `{aligned}`) | reference (works out the gold answer)
+    #: | response (restates the judged answer) | fixed (a constant sentence).
+    warmup_think: Literal["compare", "aligned", "reference", "response", "fixed"] = "reference"
     #: Held-out judgments evaluated before / after RL (0: all).
     eval_size: int = 256
 
@@ -486,6 +497,9 @@ class JudgeConfig:
         check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
         check(self.warmup_batch_size > 0, f"{key}.warmup_batch_size", "must be > 0")
         check(0 <= self.warmup_label_noise <= 1, f"{key}.warmup_label_noise", "must be in [0, 1]")
+        check(0 <= self.warmup_corrupt <= 1, f"{key}.warmup_corrupt", "must be in [0, 1]")
+        check(self.warmup_corrupt == 0 or self.teacher == "exact_match", f"{key}.warmup_corrupt",
+              "needs teacher exact_match (corrupted answers are labelled by exact match)")
         check(self.eval_size >= 0, f"{key}.eval_size", "must be >= 0")
         check(not self.eval_data or bool(self.data), f"{key}.eval_data", "needs judge.data (supplied training judgments) too")
         from jaxrl_rm.rewards.judges import TEMPLATE_NAMES
@@ -493,6 +507,14 @@ class JudgeConfig:
         check(self.template in TEMPLATE_NAMES and not self.template.startswith(("pairwise", "listwise")),
               f"{key}.template", f"must be a pointwise template, one of "
               f"{[t for t in TEMPLATE_NAMES if t.startswith('pointwise')]}")
+        from jaxrl_rm.rewards.judges import get_template
+
+        try:
+            tpl = get_template(self.template, **self.template_options)
+        except (TypeError, ValueError) as e:
+            check(False, f"{key}.template_options", str(e))
+        check(self.warmup_think != "aligned" or "aligned" in tpl.placeholders, f"{key}.warmup_think",
+              "aligned reasoning needs a template that shows {aligned} (judge.template_options.user)")
 
 
 @dataclasses.dataclass

@@ -66,6 +66,42 @@ def test_warmup_targets_are_valid_judgments(think):
                           "compare": f"want {ex.reference}, got {ex.response}"}.get(think, inside)
 
 
+def test_aligned_view_and_its_warmup_check():
+    """`{aligned}` shows reference and answer character by character; the `aligned` warm-up
+    reasoning checks each pair, and its verdict follows exact match."""
+    from jaxrl_rm.rewards.judges import aligned_check, aligned_pairs, aligned_view
+
+    assert aligned_pairs("dcba", "dcx") == [("d", "d"), ("c", "c"), ("b", "x"), ("a", "_")]
+    assert aligned_view("dcba", "dcx", 5) == "dd  cc  bx  a_  __"
+    assert aligned_check("ab", "ab", 3) == "aa= bb= __="
+    assert aligned_check("ab", "abc") == "aa= bb= _cx"  # never truncated: a longer answer shows
+    tpl = get_template("pointwise_correctness_ref", user="{prompt}\n{aligned}", aligned_width=4)
+    assert tpl.uses_reference and tpl.fill(prompt="q", response="ba", reference="ba")[1] == "q\nbb  aa  __  __"
+    with pytest.raises(ValueError, match="aligned"):
+        get_template("pairwise_ref", user="{prompt} {aligned} {response_a} {response_b}")
+    exs = [JudgmentExample(prompt=p.prompt, response=p.answer[::-1], label=p.answer[::-1] == p.answer,
+                           reference=p.answer) for p in synthetic.reverse_problems(50, seed=1)]
+    recs = warmup_records(exs, tpl, label_noise=0.0, think="aligned", seed=0)
+    for ex, rec in zip(exs, recs):
+        check = aligned_check(ex.reference, ex.response, 4)
+        assert rec.response == f"<think>{check}</think><score>{int(ex.label)}</score>"
+        assert ("x" not in check.replace(" ", "")[2::3]) == ex.label
+
+
+def test_warmup_corrupted_answers_are_seeded_and_labelled():
+    from jaxrl_rm.train.judge import with_corrupted_answers
+
+    exs = [JudgmentExample(prompt=p.prompt, response="zz", label=False, reference=p.answer, id=str(i))
+           for i, p in enumerate(synthetic.reverse_problems(400, seed=2))]
+    mixed = with_corrupted_answers(exs, 0.5, p_correct=0.4, seed=0)
+    assert mixed == with_corrupted_answers(exs, 0.5, p_correct=0.4, seed=0)
+    replaced = [m for m in mixed if m.response != "zz"]
+    assert 0.4 < len(replaced) / len(exs) < 0.6
+    assert all(m.label == (m.response == m.reference) for m in mixed)
+    assert 0.25 < np.mean([m.label for m in replaced]) < 0.55
+    assert with_corrupted_answers(exs, 0.0, p_correct=0.4, seed=0) == exs
+
+
 def test_data_stage_with_an_off_policy_sampler(tmp_path):
     cfg = load_config(None, ["task=judge_j1", f"run_dir={tmp_path}", "judge.train_sampler=corrupt",
                              "judge.eval_sampler=corrupt", "judge.num_train_prompts=64", "judge.num_eval_prompts=32"])
@@ -78,6 +114,8 @@ def test_data_stage_with_an_off_policy_sampler(tmp_path):
     assert not {e.prompt for e in train} & {e.prompt for e in held}  # held-out problems
     assert json.loads((tmp_path / "judge_data" / "stats.json").read_text()) == stats
     assert build_judgment_data(cfg, policy_path=None) == (tr, ev, stats)  # reused, not resampled
+    every, _ = load_records(tmp_path / "judge_data" / "train_all.jsonl", JudgmentExample)  # judge.warmup_data=all
+    assert len(every) == stats["train_unbalanced_examples"] >= len(train)
 
     # supplied teacher-labelled judgments: a tenth of the prompts is held out
     cfg2 = load_config(None, ["task=judge_j1", f"run_dir={tmp_path / 'supplied'}", f"judge.data={tr}"])
@@ -94,6 +132,12 @@ def test_judge_config_validation_names_keys(tmp_path):
         load_config(None, ["task=judge_j1", "judge.warmup_label_noise=1.5"])
     with pytest.raises(ConfigError, match="judge.eval_data"):
         load_config(None, ["task=judge_j1", "judge.eval_data=x.jsonl"])
+    with pytest.raises(ConfigError, match="judge.template_options"):
+        load_config(None, ["task=judge_j1", "judge.template_options={bogus: 1}"])
+    with pytest.raises(ConfigError, match="judge.warmup_think"):
+        load_config(None, ["task=judge_j1", "judge.warmup_think=aligned"])
+    with pytest.raises(ConfigError, match="judge.warmup_corrupt"):
+        load_config(None, ["task=judge_j1", "judge.warmup_corrupt=0.5", "judge.teacher=verifier"])
     for name in ("judge_j1_tiny.yaml", "judge_j1_offpolicy_tiny.yaml"):
         cfg = load_config(REPO / "configs" / name)
         assert cfg.task == "judge_j1"

@@ -46,3 +46,14 @@ def test_rl_prompt_items_deterministic(task):
 def test_style_policy_pool_is_fixed():
     assert synthetic.style_policy_pool() == synthetic.style_policy_pool()
     assert len({p.name for p in synthetic.style_policy_pool()}) == synthetic.STYLE_POOL_SIZE
+
+
+def test_reverse_rankings_sizes():
+    fixed = synthetic.reverse_rankings(20, seed=3)
+    assert {len(r.responses) for r in fixed} == {4}
+    mixed = synthetic.reverse_rankings(60, seed=3, num_responses=[2, 3, 4])
+    assert {len(r.responses) for r in mixed} == {2, 3, 4}
+    for r in mixed:  # the gold answer (0 edits) is always there and ranked first
+        assert max(r.gold_scores) == 0.0 and len(r.gold_scores) == len(r.responses)
+    with pytest.raises(ValueError, match="num_responses"):
+        synthetic.reverse_rankings(2, seed=0, num_responses=[1, 2])

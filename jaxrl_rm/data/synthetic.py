@@ -84,7 +84,7 @@ def prompt_items(task: str, spec, *, split: str, seed: int, size: int):
     """RL prompts (`PromptItem`s) of a synthetic task for a `TaskSpec` (train / disjoint eval split).
 
     Verifiable tasks (`TASKS`) give prompt + gold answer; `reverse_ranking` gives N-way ranking
-    items (URPO preference task); `style_open` gives `style_pairs` prompts (which ask for a casing)
+    items (URPO preference task; N from the task's `options.num_responses`, default 4); `style_open` gives `style_pairs` prompts (which ask for a casing)
     with the chosen answer as reference; `open_ended` gives plain open-ended prompts with a
     reference in the hidden house style (POLAR RFT / URPO instruction task; quality:
     `hidden_quality`), `open_ranking` N-way ranking items of such answers (gold = hidden scores).
@@ -97,7 +97,8 @@ def prompt_items(task: str, spec, *, split: str, seed: int, size: int):
     if task == "reverse_ranking":
         return [PromptItem(task=spec.name, prompt=r.prompt, responses=tuple(r.responses),
                            gold_scores=tuple(r.gold_scores), id=r.id)
-                for r in reverse_rankings(size, seed=seed, split=split)]
+                for r in reverse_rankings(size, seed=seed, split=split,
+                                          num_responses=spec.options.get("num_responses", 4))]
     if task == "style_open":
         return [PromptItem(task=spec.name, prompt=p.prompt, reference=p.chosen, id=p.id)
                 for p in style_pairs(size, seed=seed, split=split)]
@@ -112,23 +113,29 @@ def prompt_items(task: str, spec, *, split: str, seed: int, size: int):
                      f"{sorted(TASKS) + ['open_ended', 'open_ranking', 'reverse_ranking', 'style_open']}")
 
 
-def reverse_rankings(n: int, *, seed: int, split: str = "train", num_responses: int = 4):
+def reverse_rankings(n: int, *, seed: int, split: str = "train", num_responses: int | Sequence[int] = 4):
     """N-way ranking items for string reversal: the gold reversal and answers with 1, 2, ...
     random edits (`corrupt_answer`), shuffled; gold score = -(number of edits), so better answers
-    score higher. Prompts from `reverse_problems` (train/eval disjoint)."""
+    score higher. Prompts from `reverse_problems` (train/eval disjoint). `num_responses`: N, or a
+    list of sizes to draw N from per item (a judge that must rank lists of several sizes, e.g.
+    pairs for pairwise / pivot judging); each N >= 2."""
     from jaxrl_rm.data.records import RankingItem
 
+    sizes = [num_responses] if isinstance(num_responses, int) else [int(k) for k in num_responses]
+    if not sizes or min(sizes) < 2:
+        raise ValueError(f"reverse_rankings: num_responses must be >= 2 (or a list of such sizes), got {num_responses!r}")
     out = []
     for i, p in enumerate(reverse_problems(n, seed=seed, split=split)):
         rng = np.random.default_rng([seed, i, 31, split == "eval"])
+        size = sizes[0] if len(sizes) == 1 else sizes[int(rng.integers(len(sizes)))]
         answers, edits = [p.answer], [0]
-        for k in range(1, num_responses):
+        for k in range(1, size):
             a = p.answer
             for _ in range(k):
                 a = corrupt_answer(a, rng)
             answers.append(a)
             edits.append(k)
-        order = rng.permutation(num_responses)
+        order = rng.permutation(size)
         out.append(RankingItem(prompt=p.prompt, responses=tuple(answers[j] for j in order),
                                gold_scores=tuple(float(-edits[j]) for j in order), id=f"revrank-{split}-{seed}-{i}"))
     return out

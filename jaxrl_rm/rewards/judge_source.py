@@ -403,8 +403,9 @@ class JudgeSource:
 class ScoreMatchSource:
     """J1 judge-training reward for ``kind: judgment`` tasks (see module docstring).
 
-    The template is ``options.template``, else the task's ``options.template`` (looked up by
-    ``item.task`` in ``tasks``), else ``pointwise_correctness``. Only pointwise formats.
+    The template is ``options.template``, else the task's ``options.template`` with its
+    ``options.template_options`` (looked up by ``item.task`` in ``tasks``), else
+    ``pointwise_correctness``. Only pointwise formats.
     """
 
     def __init__(self, *, name: str = "score_match", template: str | None = None, tolerance: float = 0.0,
@@ -418,9 +419,13 @@ class ScoreMatchSource:
     def template_for(self, task: str) -> JudgeTemplate:
         if task not in self._templates:
             spec = self.tasks.get(task)
-            name = self.template_name or (spec.options.get("template") if spec is not None else None) \
-                or "pointwise_correctness"
-            tpl = get_template(name)
+            if self.template_name or spec is None:
+                tpl = get_template(self.template_name or "pointwise_correctness")
+            else:
+                from jaxrl_rm.train.tasks import task_template
+
+                tpl = task_template(spec, "pointwise_correctness")
+            name = tpl.name
             if tpl.format != "pointwise":
                 raise ValueError(f"score_match: template {name!r} has format {tpl.format!r}; only pointwise "
                                  "judgments (a <score> per response) can be matched against a label")

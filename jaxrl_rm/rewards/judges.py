@@ -32,11 +32,13 @@ braces, e.g. ``\boxed{x, x}``, stay literal; substituted values are never re-sca
 
 =================  ========================================================================
 ``{prompt}``       the user question / instruction being answered (required in every format)
-``{response}``     the response to judge (pointwise; required)
+``{response}``     the response to judge (pointwise; required, or shown through ``{aligned}``)
 ``{response_a}``   first response (pairwise formats; required)
 ``{response_b}``   second response (pairwise formats; required)
 ``{responses}``    the N responses, each rendered with ``response_block`` (listwise; required)
 ``{reference}``    a reference answer (optional; a template that has it needs ``reference=``)
+``{aligned}``      pointwise: reference and response side by side, character by character
+                   (:func:`aligned_view`; needs ``reference=``) — for very small judges
 ``{min_score}``    lowest allowed score (``0``; integral values print without ``.0``)
 ``{max_score}``    highest allowed score (``10``)
 ``{n}``            number of responses (listwise; 2 for pairwise, 1 for pointwise)
@@ -66,6 +68,7 @@ PLACEHOLDERS: tuple[str, ...] = (
     "response_b",
     "responses",
     "reference",
+    "aligned",
     "min_score",
     "max_score",
     "n",
@@ -107,6 +110,31 @@ def placeholders_in(text: str) -> set[str]:
     return set(_PLACEHOLDER_RE.findall(text))
 
 
+ALIGN_FILL = "_"
+
+
+def aligned_pairs(reference: str, response: str, width: int = 0) -> list[tuple[str, str]]:
+    """Reference and response character by character: both right-padded with ``ALIGN_FILL`` to
+    the longer of the two (and at least ``width``), then paired position by position. The response
+    equals the reference exactly when every pair holds two equal characters."""
+    n = max(len(reference), len(response), int(width))
+    return list(zip(reference.ljust(n, ALIGN_FILL), response.ljust(n, ALIGN_FILL)))
+
+
+def aligned_view(reference: str, response: str, width: int = 0) -> str:
+    """The ``{aligned}`` placeholder: :func:`aligned_pairs` as ``<ref char><response char>``
+    pairs two spaces apart, e.g. ``dd  cc  bx  a_`` for reference ``dcba`` and response ``dcx``."""
+    return "  ".join(r + a for r, a in aligned_pairs(reference, response, width))
+
+
+def aligned_check(reference: str, response: str, width: int = 0) -> str:
+    """A character-by-character check of :func:`aligned_pairs` — each pair followed by ``=`` or
+    ``x`` (``dd= cc= bxx a_x``): the reasoning the J1 warm-up teaches with ``warmup_think:
+    aligned`` (its spacing lines it up with :func:`aligned_view`, so copying a pair is a fixed
+    offset back)."""
+    return " ".join(r + a + ("=" if r == a else "x") for r, a in aligned_pairs(reference, response, width))
+
+
 @dataclasses.dataclass(frozen=True)
 class JudgeTemplate:
     """A judge prompt plus the output format (and parser options) it asks for.
@@ -120,6 +148,9 @@ class JudgeTemplate:
       require_reasoning, think_tags, max_trailing_chars: parser options (see :mod:`.parsers`).
       verdicts: allowed pairwise verdict labels.
       response_block, response_separator: how ``{responses}`` renders N responses.
+      aligned_width: minimum width of the ``{aligned}`` view (pointwise templates with a reference:
+        the reference and the response side by side, character by character — a presentation
+        that lets a very small judge compare them, see :func:`aligned_view`).
     """
 
     name: str
@@ -135,12 +166,16 @@ class JudgeTemplate:
     verdicts: tuple[str, ...] = ("A", "B")
     response_block: str = URPO_RESPONSE_BLOCK
     response_separator: str = "\n"
+    aligned_width: int = 8
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"JudgeTemplate {self.name!r}: unknown format {self.format!r}; valid: {list(FORMATS)}")
         used = self.placeholders
-        missing = [p for p in REQUIRED_PLACEHOLDERS[self.format] if p not in used]
+        if "aligned" in used and self.format != "pointwise":
+            raise ValueError(f"JudgeTemplate {self.name!r}: {{aligned}} is for pointwise templates (one response)")
+        shown = used | ({"response"} if "aligned" in used else set())
+        missing = [p for p in REQUIRED_PLACEHOLDERS[self.format] if p not in shown]
         if missing:
             raise ValueError(
                 f"JudgeTemplate {self.name!r} ({self.format}): missing placeholder(s) "
@@ -160,7 +195,7 @@ class JudgeTemplate:
 
     @property
     def uses_reference(self) -> bool:
-        return "reference" in self.placeholders
+        return bool({"reference", "aligned"} & self.placeholders)
 
     def _values(
         self,
@@ -188,6 +223,8 @@ class JudgeTemplate:
                 raise ValueError(f"template {self.name!r} (pointwise) needs response=")
             v["response"] = response
             v["n"] = "1"
+            if "aligned" in used:
+                v["aligned"] = aligned_view(reference, response, self.aligned_width)
         elif self.format in ("pairwise", "pairwise_scores"):
             if response_a is None or response_b is None:
                 raise ValueError(f"template {self.name!r} ({self.format}) needs response_a= and response_b=")

@@ -40,7 +40,7 @@ from jaxrl_rm.train.logger import run_means
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
 from jaxrl_rm.train.state import (Trainer, abstract_like, build_train_step, export_hf, inject_faults,
                                   make_optimizer)
-from jaxrl_rm.train.tasks import TaskMixer, load_task_items, ranking_template, warmup_records
+from jaxrl_rm.train.tasks import TaskMixer, load_task_items, ranking_template, task_template, warmup_records
 
 
 def step_seed(seed: int, *parts: int) -> int:
@@ -153,9 +153,7 @@ class GRPO:
             return ranking_template(task).render(self.tokenizer if self.cfg.data.chat_template else None,
                                                  prompt=item.prompt, responses=list(item.responses))
         if task.kind == "judgment":
-            from jaxrl_rm.rewards.judges import get_template
-
-            template = get_template(task.options.get("template", "pointwise_correctness"))
+            template = task_template(task, "pointwise_correctness")
             fields = {"reference": item.reference} if template.uses_reference else {}
             return template.render(self.tokenizer if self.cfg.data.chat_template else None,
                                    prompt=item.prompt, response=item.responses[0], **fields)

@@ -13,7 +13,10 @@ The RLLM recipe for the LM-as-RM, in three resumable stages under ``run_dir``:
    files (``judge.data`` / ``judge.eval_data``: teacher scores given) skip this stage. When
    ``judge.policy_path`` is empty the policy is first trained by SFT (``<run_dir>/policy_sft``).
 2. **warmup** (``<run_dir>/judge_warmup``) — optional SFT of the judge on the training
-   judgments, so a tiny model can emit ``<think>…</think><score>…</score>`` at all. Its targets
+   judgments (``judge.warmup_data``: the balanced set, or ``all`` labelled ones, e.g. for a
+   format-only warm-up that should see many answers; ``judge.warmup_corrupt``: a share of them
+   with the answer replaced by a randomly edited gold answer, see :func:`with_corrupted_answers`),
+   so a tiny model can emit ``<think>…</think><score>…</score>`` at all. Its targets
    are ``<think>{reasoning}</think><score>{s}</score>`` where ``s`` is the teacher label with
    probability ``1 − judge.warmup_label_noise`` and a uniformly random score otherwise (default
    noise 1.0: the warm-up teaches the format and the reasoning, *not* the verdicts — the judge
@@ -48,7 +51,7 @@ from flax import nnx
 from jaxrl_rm.config import RewardSpec, TaskSpec
 from jaxrl_rm.data.records import JudgmentExample, SFTRecord, VerifiableProblem
 from jaxrl_rm.rewards.judge_source import TextJudge, content_seed, label_score, prompt_as_text
-from jaxrl_rm.rewards.judges import get_template
+from jaxrl_rm.rewards.judges import JudgeTemplate, aligned_check, get_template
 from jaxrl_rm.train.grpo import GRPO
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
 
@@ -267,6 +270,9 @@ def build_judgment_data(cfg, *, policy_path: str | None, mesh=None) -> tuple[str
         examples, st = label_answers(problems, answers, teacher=j.teacher, dedupe=j.dedupe)
         stats.update({f"{split}_{k}": v for k, v in st.items()})
         stats.update({f"{split}_unbalanced_{k}": v for k, v in _label_counts(examples).items()})
+        if split == "train" and jax.process_index() == 0:  # the warm-up may read every judgment
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_jsonl(out_dir / "train_all.jsonl", examples)
         if j.balance:
             examples = balance_labels(examples, seed=content_seed(cfg.seed, split))
         stats.update({f"{split}_{k}": v for k, v in _label_counts(examples).items()})
@@ -290,14 +296,16 @@ def _fmt_score(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:.1f}"
 
 
-def warmup_records(examples, template: str = "pointwise_correctness", *, label_noise: float = 1.0,
+def warmup_records(examples, template: str | JudgeTemplate = "pointwise_correctness", *, label_noise: float = 1.0,
                    think: str = "reference", seed: int = 0) -> list[SFTRecord]:
     """SFT records (judge prompt -> ``<think>…</think><score>s</score>``) for the format warm-up.
 
     ``s`` is the teacher label with probability ``1 - label_noise``, else uniformly random in the
-    template's range (integers for integer templates, 0.1 steps otherwise).
+    template's range (integers for integer templates, 0.1 steps otherwise). ``think="aligned"``
+    writes the character-by-character check of the template's ``{aligned}`` view
+    (:func:`jaxrl_rm.rewards.judges.aligned_check`).
     """
-    tpl = get_template(template)
+    tpl = template if isinstance(template, JudgeTemplate) else get_template(template)
     rng = np.random.default_rng([seed, 31])
     out = []
     for ex in examples:
@@ -308,13 +316,35 @@ def warmup_records(examples, template: str = "pointwise_correctness", *, label_n
                 score = round(float(rng.uniform(tpl.min_score, tpl.max_score)), 1)
         else:
             score = label_score(ex.label, tpl)
-        reasoning = {"compare": f"want {ex.reference}, got {ex.response}" if ex.reference else _FIXED_THINK,
-                     "reference": ex.reference or _FIXED_THINK, "response": ex.response, "fixed": _FIXED_THINK}[think]
+        if think == "aligned":
+            reasoning = aligned_check(ex.reference or "", ex.response, tpl.aligned_width)
+        else:
+            reasoning = {"compare": f"want {ex.reference}, got {ex.response}" if ex.reference else _FIXED_THINK,
+                         "reference": ex.reference or _FIXED_THINK, "response": ex.response, "fixed": _FIXED_THINK}[think]
         extra = {"reference": ex.reference} if tpl.uses_reference else {}
         system, user = tpl.fill(prompt=prompt_as_text(ex.prompt), response=ex.response, **extra)
         prompt = user if system is None else ({"role": "system", "content": system}, {"role": "user", "content": user})
         out.append(SFTRecord(prompt=prompt, response=f"<think>{reasoning}</think><score>{_fmt_score(score)}</score>",
                              id=ex.id))
+    return out
+
+
+def with_corrupted_answers(examples, fraction: float, *, p_correct: float, seed: int) -> list:
+    """A seeded `fraction` of `examples` with the answer replaced by the rule-based sampler's
+    (the gold answer with probability `p_correct`, else the gold with one random edit), labelled
+    by exact match. Warm-up data of the judge's *reasoning*: a policy's own mistakes follow
+    patterns (which positions it gets wrong) that a small judge learns instead of checking the
+    answer; random edits leave it nothing to learn but the check."""
+    from jaxrl_rm.data import synthetic
+
+    alphabet = "".join(sorted({c for e in examples for c in (e.reference or "")})) or "abcdefgh"
+    rng = np.random.default_rng([seed, 53])
+    out = []
+    for e in examples:
+        if e.reference and rng.random() < fraction:
+            a = e.reference if rng.random() < p_correct else synthetic.corrupt_answer(e.reference, rng, alphabet=alphabet)
+            e = dataclasses.replace(e, response=a, label=a == e.reference)
+        out.append(e)
     return out
 
 
@@ -340,8 +370,14 @@ def judge_warmup(cfg, train_path: str, init_path: str) -> str | None:
     export = stage / "hf"
     if (export / "config.json").exists():
         return str(export)
-    examples, _ = load_records(train_path, JudgmentExample)
-    records = warmup_records(examples, j.template, label_noise=j.warmup_label_noise, think=j.warmup_think,
+    all_path = Path(train_path).parent / "train_all.jsonl"
+    if j.warmup_data == "all" and not all_path.exists():
+        raise ValueError(f"judge.warmup_data=all: {all_path} is missing (it is written when judgments are sampled "
+                         "here, not for supplied judge.data)")
+    examples, _ = load_records(str(all_path) if j.warmup_data == "all" else train_path, JudgmentExample)
+    if j.warmup_corrupt > 0:
+        examples = with_corrupted_answers(examples, j.warmup_corrupt, p_correct=j.corrupt_p_correct, seed=cfg.seed)
+    records = warmup_records(examples, judge_template(cfg), label_noise=j.warmup_label_noise, think=j.warmup_think,
                              seed=cfg.seed)
     data_path = Path(cfg.run_dir) / "judge_data" / "warmup.jsonl"
     if jax.process_index() == 0:
@@ -364,12 +400,17 @@ def judge_warmup(cfg, train_path: str, init_path: str) -> str | None:
 # ============================================================================ stage 3: RL
 
 
+def judge_template(cfg) -> JudgeTemplate:
+    """`judge.template` with `judge.template_options`."""
+    return get_template(cfg.judge.template, **cfg.judge.template_options)
+
+
 def judge_task(cfg, train_path: str, eval_path: str) -> TaskSpec:
     """The `kind: judgment` GRPO task of the J1 stage."""
     j = cfg.judge
     return TaskSpec(name="judge", kind="judgment", data=train_path, eval_data=eval_path,
                     rewards=[RewardSpec(type="score_match", options={"tolerance": j.tolerance, "truncated_reward": 0.0})],
-                    options={"template": j.template})
+                    options={"template": j.template, "template_options": dict(j.template_options)})
 
 
 class JudgeGRPO(GRPO):
@@ -387,7 +428,7 @@ class JudgeGRPO(GRPO):
     def evaluate(self, state) -> dict:
         from jaxrl_rm.eval.judge import evaluate_pointwise
 
-        m = evaluate_pointwise(self.judge_fn(state["params"]), self.eval_examples, template=self.cfg.judge.template,
+        m = evaluate_pointwise(self.judge_fn(state["params"]), self.eval_examples, template=judge_template(self.cfg),
                                tokenizer=self.tokenizer if self.cfg.data.chat_template else None,
                                tolerance=self.cfg.judge.tolerance)
         return {f"judge_{k}": float(v) for k, v in m.items() if not k.startswith("count")}

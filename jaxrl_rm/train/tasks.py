@@ -117,12 +117,17 @@ class TaskMixer:
         self.credit.update({k: float(v) for k, v in state.get("credit", {}).items() if k in self.credit})
 
 
-def ranking_template(task):
-    """The listwise judge template of a ranking task: `options.template` (default URPO's
-    `listwise`) with `options.template_options` overrides (e.g. a compact `user` text)."""
+def task_template(task, default: str):
+    """The judge template of a ranking or judgment task: `options.template` (default `default`)
+    with `options.template_options` overrides (e.g. a compact `user` text)."""
     from jaxrl_rm.rewards.judges import get_template
 
-    return get_template(task.options.get("template", "listwise"), **task.options.get("template_options", {}))
+    return get_template(task.options.get("template", default), **task.options.get("template_options", {}))
+
+
+def ranking_template(task):
+    """The listwise template of a ranking task (default URPO's `listwise`)."""
+    return task_template(task, "listwise")
 
 
 def demonstration(item: PromptItem, task):

@@ -470,9 +470,9 @@ class JudgeConfig:
     #: before balancing: more answers to learn the reasoning from; verdicts are random anyway at
     #: label noise 1.0).
     warmup_data: Literal["balanced", "all"] = "balanced"
-    #: Share of warm-up judgments whose answer is replaced by the `corrupt` sampler's (gold or
-    #: gold with one random edit; exact-match teacher only): teaches the reasoning a check, not
-    #: the policy's error patterns. The RL stage keeps the sampled judgments.
+    #: Share of warm-up judgments whose answer is replaced by a rule-made one (gold, gold with one
+    #: random edit, a random string or a repeated character; exact-match teacher only): teaches the
+    #: reasoning a check, not the policy's error patterns. The RL stage keeps the sampled judgments.
     warmup_corrupt: float = 0.0
     #: Share of warm-up targets whose score is random instead of the teacher label (1.0: format only).
     warmup_label_noise: float = 1.0

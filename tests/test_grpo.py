@@ -204,6 +204,16 @@ def test_gold_monitor_measures_model_rewards_against_the_verifier(tmp_path):
     assert m["reward/math/self_judge/gold_agreement"] == pytest.approx(gold.mean())
     assert m["reward/math/self_preference"] == m["reward/math/self_judge/gold_gap"]
     assert "reward/math/verifier/gold_gap" not in m  # rule rewards are the yardstick, not watched
+    assert m["reward/math/self_judge/gold_auc"] == 0.5  # rewards every answer alike: all ties
+
+
+def test_gold_auc_is_within_group_ranking_quality():
+    from jaxrl_rm.train.grpo import gold_auc
+
+    gold = np.array([[True, False, False], [True, True, True]])
+    assert gold_auc(np.array([[1.0, 0.0, 0.0], [0.1, 0.2, 0.3]]), gold) == 1.0  # group 2 has no wrong answer
+    assert gold_auc(np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]), gold) == 0.25  # one loss, one tie
+    assert gold_auc(np.ones((2, 3)), np.ones((2, 3), bool)) is None
 
 
 def test_win_rate_against_references(tmp_path):

@@ -205,7 +205,9 @@ class GRPO:
         """Reward-hacking monitor for model-scored verifiable tasks: the same rollouts checked
         against the gold answers (`verifier_for(task)`). Logs `reward/<task>/gold_accuracy` and,
         per model-based source, `<source>/gold_gap` (mean reward - gold accuracy: > 0 means the
-        model rewards wrong answers) and `<source>/gold_agreement` (reward > 0.5 iff correct).
+        model rewards wrong answers), `<source>/gold_agreement` (reward > 0.5 iff correct) and
+        `<source>/gold_auc` (within groups holding both: how often a correct rollout out-scores a
+        wrong one, ties 1/2 — the ordering GRPO's advantages act on; logged when such groups exist).
         For `self_judge` the gap is URPO's self-preference: `reward/<task>/self_preference`."""
         model_based = [src.name for (src, _), spec in zip(self.sources[task.name], task.rewards)
                        if spec.type not in RULE_REWARDS]
@@ -221,6 +223,9 @@ class GRPO:
             gap = float(parts[name].mean() - gold.mean())
             metrics[f"{prefix}/{name}/gold_gap"] = gap
             metrics[f"{prefix}/{name}/gold_agreement"] = float(((parts[name] > 0.5) == gold).mean())
+            auc = gold_auc(parts[name], gold)
+            if auc is not None:
+                metrics[f"{prefix}/{name}/gold_auc"] = auc
             if name == "self_judge":
                 metrics[f"{prefix}/self_preference"] = gap
         return metrics
@@ -458,6 +463,20 @@ class GRPO:
                     for k, v in source.guard_report().items():
                         report[k] = report.get(k, 0) + int(v)
         return report
+
+
+def gold_auc(rewards: np.ndarray, gold: np.ndarray) -> float | None:
+    """Within-group ranking quality of `rewards` `[B, G]` against `gold` `[B, G]` bool: over the
+    (correct, wrong) rollout pairs of each group, the share where the correct one scores higher
+    (a tie counts 1/2). None when no group holds both kinds."""
+    wins, pairs = 0.0, 0
+    for r, g in zip(np.asarray(rewards, np.float64), np.asarray(gold, bool)):
+        good, bad = r[g], r[~g]
+        if len(good) and len(bad):
+            diff = good[:, None] - bad[None, :]
+            wins += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+            pairs += diff.size
+    return wins / pairs if pairs else None
 
 
 def warm_start(cfg):

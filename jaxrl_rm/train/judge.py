@@ -330,11 +330,12 @@ def warmup_records(examples, template: str | JudgeTemplate = "pointwise_correctn
 
 
 def with_corrupted_answers(examples, fraction: float, *, p_correct: float, seed: int) -> list:
-    """A seeded `fraction` of `examples` with the answer replaced by the rule-based sampler's
-    (the gold answer with probability `p_correct`, else the gold with one random edit), labelled
-    by exact match. Warm-up data of the judge's *reasoning*: a policy's own mistakes follow
-    patterns (which positions it gets wrong) that a small judge learns instead of checking the
-    answer; random edits leave it nothing to learn but the check."""
+    """A seeded `fraction` of `examples` with the answer replaced, labelled by exact match: the
+    gold answer with probability `p_correct`; otherwise, in equal shares, the gold with one random
+    edit, a random string, or one character repeated (1-8 characters; the last two are the
+    degenerate answers an RL policy tries on its judge). Warm-up data of the judge's *reasoning*:
+    a policy's own mistakes follow patterns (which positions it gets wrong) that a small judge
+    learns instead of checking the answer; these leave it nothing to learn but the check."""
     from jaxrl_rm.data import synthetic
 
     alphabet = "".join(sorted({c for e in examples for c in (e.reference or "")})) or "abcdefgh"
@@ -342,7 +343,15 @@ def with_corrupted_answers(examples, fraction: float, *, p_correct: float, seed:
     out = []
     for e in examples:
         if e.reference and rng.random() < fraction:
-            a = e.reference if rng.random() < p_correct else synthetic.corrupt_answer(e.reference, rng, alphabet=alphabet)
+            kind, n = int(rng.integers(3)), int(rng.integers(1, 9))
+            if rng.random() < p_correct:
+                a = e.reference
+            elif kind == 0:
+                a = synthetic.corrupt_answer(e.reference, rng, alphabet=alphabet)
+            elif kind == 1:
+                a = "".join(alphabet[int(i)] for i in rng.integers(len(alphabet), size=n))
+            else:
+                a = alphabet[int(rng.integers(len(alphabet)))] * n
             e = dataclasses.replace(e, response=a, label=a == e.reference)
         out.append(e)
     return out

@@ -57,3 +57,6 @@ def test_reverse_rankings_sizes():
         assert max(r.gold_scores) == 0.0 and len(r.gold_scores) == len(r.responses)
     with pytest.raises(ValueError, match="num_responses"):
         synthetic.reverse_rankings(2, seed=0, num_responses=[1, 2])
+    spec = TaskSpec(name="pref", kind="ranking", data="synthetic:reverse_ranking", options={"num_responses": [1]})
+    with pytest.raises(ValueError, match=r"grpo.tasks\[pref\].options.num_responses"):
+        synthetic.prompt_items("reverse_ranking", spec, split="train", seed=0, size=2)

@@ -84,21 +84,27 @@ def prompt_items(task: str, spec, *, split: str, seed: int, size: int):
     """RL prompts (`PromptItem`s) of a synthetic task for a `TaskSpec` (train / disjoint eval split).
 
     Verifiable tasks (`TASKS`) give prompt + gold answer; `reverse_ranking` gives N-way ranking
-    items (URPO preference task; N from the task's `options.num_responses`, default 4); `style_open` gives `style_pairs` prompts (which ask for a casing)
-    with the chosen answer as reference; `open_ended` gives plain open-ended prompts with a
-    reference in the hidden house style (POLAR RFT / URPO instruction task; quality:
-    `hidden_quality`), `open_ranking` N-way ranking items of such answers (gold = hidden scores).
+    items (URPO preference task; N from the task's `options.num_responses`, default 4);
+    `style_open` gives `style_pairs` prompts (which ask for a casing) with the chosen answer as
+    reference; `open_ended` gives plain open-ended prompts with a reference in the hidden house
+    style (POLAR RFT / URPO instruction task; quality: `hidden_quality`), `open_ranking` N-way
+    ranking items of such answers (gold = hidden scores).
     """
     from jaxrl_rm.rewards.sources import PromptItem
+
+    def ranking_items(records):
+        return [PromptItem(task=spec.name, prompt=r.prompt, responses=tuple(r.responses),
+                           gold_scores=tuple(r.gold_scores), id=r.id) for r in records]
 
     if task in TASKS:  # the gold answer doubles as the reference answer (POLAR RFT)
         return [PromptItem(task=spec.name, prompt=p.prompt, answer=p.answer, reference=p.answer, id=p.id)
                 for p in TASKS[task](size, seed=seed, split=split)]
     if task == "reverse_ranking":
-        return [PromptItem(task=spec.name, prompt=r.prompt, responses=tuple(r.responses),
-                           gold_scores=tuple(r.gold_scores), id=r.id)
-                for r in reverse_rankings(size, seed=seed, split=split,
-                                          num_responses=spec.options.get("num_responses", 4))]
+        try:
+            records = reverse_rankings(size, seed=seed, split=split, num_responses=spec.options.get("num_responses", 4))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"grpo.tasks[{spec.name}].options.num_responses: {e}") from e
+        return ranking_items(records)
     if task == "style_open":
         return [PromptItem(task=spec.name, prompt=p.prompt, reference=p.chosen, id=p.id)
                 for p in style_pairs(size, seed=seed, split=split)]
@@ -106,9 +112,7 @@ def prompt_items(task: str, spec, *, split: str, seed: int, size: int):
         return [PromptItem(task=spec.name, prompt=prompt, reference=reference, id=rid)
                 for prompt, reference, rid in open_prompts(size, seed=seed, split=split)]
     if task == "open_ranking":
-        return [PromptItem(task=spec.name, prompt=r.prompt, responses=tuple(r.responses),
-                           gold_scores=tuple(r.gold_scores), id=r.id)
-                for r in open_rankings(size, seed=seed, split=split)]
+        return ranking_items(open_rankings(size, seed=seed, split=split))
     raise ValueError(f"unknown synthetic RL task {task!r}; available: "
                      f"{sorted(TASKS) + ['open_ended', 'open_ranking', 'reverse_ranking', 'style_open']}")
 
@@ -123,7 +127,8 @@ def reverse_rankings(n: int, *, seed: int, split: str = "train", num_responses: 
 
     sizes = [num_responses] if isinstance(num_responses, int) else [int(k) for k in num_responses]
     if not sizes or min(sizes) < 2:
-        raise ValueError(f"reverse_rankings: num_responses must be >= 2 (or a list of such sizes), got {num_responses!r}")
+        raise ValueError(f"reverse_rankings: num_responses must be >= 2 (or a list of such sizes), "
+                         f"got {num_responses!r}")
     out = []
     for i, p in enumerate(reverse_problems(n, seed=seed, split=split)):
         rng = np.random.default_rng([seed, i, 31, split == "eval"])

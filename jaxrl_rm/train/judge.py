@@ -15,7 +15,7 @@ The RLLM recipe for the LM-as-RM, in three resumable stages under ``run_dir``:
 2. **warmup** (``<run_dir>/judge_warmup``) — optional SFT of the judge on the training
    judgments (``judge.warmup_data``: the balanced set, or ``all`` labelled ones, e.g. for a
    format-only warm-up that should see many answers; ``judge.warmup_corrupt``: a share of them
-   with the answer replaced by a randomly edited gold answer, see :func:`with_corrupted_answers`),
+   with the answer replaced by a rule-made one, see :func:`with_corrupted_answers`),
    so a tiny model can emit ``<think>…</think><score>…</score>`` at all. Its targets
    are ``<think>{reasoning}</think><score>{s}</score>`` where ``s`` is the teacher label with
    probability ``1 − judge.warmup_label_noise`` and a uniformly random score otherwise (default

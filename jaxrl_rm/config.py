@@ -192,7 +192,8 @@ class TaskSpec:
     #: verifiable ({prompt, answer}) | open ({prompt, reference?}) | ranking ({prompt, responses, gold_scores})
     #: | judgment ({prompt, response, label}: the policy judges; J1).
     kind: Literal["verifiable", "open", "ranking", "judgment"] = "verifiable"
-    #: JSONL(.gz) path or synthetic:<task>.
+    #: JSONL(.gz) path or synthetic:<task>; verifiable tasks also take `gsm8k:<path>` (GSM8K rows, gold
+    #: after `####`) and `math:<path>` (MATH rows {problem, solution}: gold = the last \boxed{}, or `answer`).
     data: str = "synthetic:arithmetic"
     #: Held-out prompts for evaluation (same forms); empty: a held-out synthetic split, or none.
     eval_data: str = ""
@@ -201,10 +202,12 @@ class TaskSpec:
     #: Curriculum: the task joins the mixture at this step.
     start_step: int = 0
     rewards: list[RewardSpec] = dataclasses.field(default_factory=lambda: [RewardSpec()])
-    #: Options of the task's prompt format (e.g. judge template for ranking/judgment tasks), and
-    #: evaluation: `eval_verifier` (verifier | exact_match) for held-out accuracy; `win_rate_judge`
-    #: ({type: judge, path: <HF judge dir>, options: {...}}) for `win_rate/<task>`: the policy's greedy
-    #: answer vs the item's reference, judged pairwise in both orders (ties count 1/2).
+    #: Options of the task's prompt format (ranking/judgment tasks: `template`, `template_options`,
+    #: which render the prompt and parse the answer; ranking: `shuffle_responses`, default true: a
+    #: fresh seeded order of the responses at every draw), and evaluation: `eval_verifier` (verifier |
+    #: exact_match) for held-out accuracy; `win_rate_judge` ({type: judge, path: <HF judge dir>,
+    #: options: {...}}) for `win_rate/<task>`: the policy's greedy answer vs the item's reference,
+    #: judged pairwise in both orders with greedy verdicts (ties count 1/2).
     options: dict = dataclasses.field(default_factory=dict)
 
 
@@ -225,7 +228,7 @@ class GRPOConfig:
     clip_high: float = 0.28
     #: Dual-clip constant for negative advantages (0: off).
     clip_ratio_c: float = 0.0
-    #: token (GRPO/DAPO) | sequence (GSPO).
+    #: token (GRPO/DAPO) | sequence (GSPO; needs loss_agg_mode: seq-mean-token-mean, as verl forces).
     ratio_level: Literal["token", "sequence"] = "token"
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                            "seq-mean-token-sum-norm"] = "token-mean"
@@ -236,14 +239,31 @@ class GRPOConfig:
     #: KL to a frozen reference policy (0: off, as in DAPO / URPO).
     kl_coef: float = 0.0
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    #: Clamp of the per-token k3 KL value to [-kl_clamp, kl_clamp] (verl: 10; 0: off); where it
+    #: binds, the token gets no KL gradient.
+    kl_clamp: float = 10.0
     entropy_coef: float = 0.0
     #: Passes over each step's samples, and optimizer steps per pass.
     ppo_epochs: int = 1
     mini_batches: int = 1
-    #: Truncated importance weights against the sampler's log-probs (0: off).
+    #: Train/infer mismatch correction against the sampler's unfiltered log-probs (at `temperature`,
+    #: before top-k/top-p), w = exp(old - sampler), old recomputed by the trainer whenever a
+    #: correction is on. tis_cap: truncated-IS cap, pg *= min(w, tis_cap) (0: off; verl
+    #: `rollout_is_threshold`).
     tis_cap: float = 0.0
+    #: TIS weight per token, or one per sequence (product of the token ratios; verl `rollout_is`).
+    tis_level: Literal["token", "sequence"] = "token"
+    #: Masked IS / rejection (verl `rollout_rs`; token = IcePop): tokens, or whole sequences (product
+    #: ratio), whose w leaves [1/c, c] drop out of the loss and its denominator (none: off).
+    is_mask: Literal["none", "token", "sequence"] = "none"
+    #: c > 1 of is_mask (verl `rollout_rs_threshold`, lower bound 1/c).
+    is_mask_threshold: float = 2.0
     #: DAPO dynamic sampling: drop zero-variance groups and sample more prompts to refill.
     dynamic_sampling: bool = False
+    #: What dynamic sampling tests for zero variance (verl's `filter_groups.metric`): acc = the
+    #: task verifier's correctness (score for tasks without one), score = task reward before overlong
+    #: shaping, seq_final_reward = the shaped reward. DAPO filters on accuracy.
+    dynamic_sampling_metric: Literal["acc", "score", "seq_final_reward"] = "acc"
     #: Cap on extra generation rounds per step for dynamic sampling.
     max_sampling_rounds: int = 3
     #: DAPO soft overlong punishment: the last `overlong_buffer` tokens before max_new_tokens ramp
@@ -269,6 +289,15 @@ class GRPOConfig:
         check(self.clip_ratio_c == 0 or self.clip_ratio_c > 1 + self.clip_high, f"{key}.clip_ratio_c",
               "must be 0 (off) or > 1 + clip_high")
         check(self.kl_coef >= 0, f"{key}.kl_coef", "must be >= 0")
+        check(self.kl_clamp >= 0, f"{key}.kl_clamp", "must be >= 0 (0: off)")
+        check(self.ratio_level != "sequence" or self.loss_agg_mode == "seq-mean-token-mean",
+              f"{key}.loss_agg_mode", f"ratio_level: sequence (GSPO) requires loss_agg_mode: seq-mean-token-mean "
+              f"(got {self.loss_agg_mode}; any other mode weights the sequence ratio by length, as verl forbids)")
+        check(self.tis_cap >= 0, f"{key}.tis_cap", "must be >= 0 (0: off)")
+        check(self.tis_level == "token" or self.tis_cap > 0, f"{key}.tis_level",
+              f"tis_level: {self.tis_level} has no effect without tis_cap > 0")
+        check(self.is_mask == "none" or self.is_mask_threshold > 1, f"{key}.is_mask_threshold",
+              "must be > 1 (ratios outside [1/c, c] are masked)")
         check(self.ppo_epochs >= 1, f"{key}.ppo_epochs", "must be >= 1")
         rows = self.num_samples * self.prompts_per_step
         check(self.mini_batches >= 1 and rows % self.mini_batches == 0, f"{key}.mini_batches",
@@ -421,7 +450,8 @@ class JudgeConfig:
     `model.*` is the architecture of random-init policy / judge models.
     """
 
-    #: Problems with gold answers: synthetic:<task> or a JSONL of {prompt, answer} (VerifiableProblem).
+    #: Problems with gold answers: synthetic:<task>, a JSONL of {prompt, answer} (VerifiableProblem),
+    #: `gsm8k:<path>` or `math:<path>` (see TaskSpec.data).
     problems: str = "synthetic:reverse"
     #: Held-out problems (same forms); empty: the held-out synthetic split (a file source needs one).
     eval_problems: str = ""

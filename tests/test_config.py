@@ -38,6 +38,7 @@ def test_every_shipped_config_loads():
     (["data.on_bad_row=ignore"], "data.on_bad_row: expected one of ['error', 'skip']"),
     (["train.micro_batches=3"], "train.micro_batches: must be > 0 and divide train.batch_size=32"),
     (["optim.learning_rate=-1"], "optim.learning_rate: must be > 0"),
+    (["grpo.kl_clamp=-1"], "grpo.kl_clamp: must be >= 0 (0: off)"),
     (["train"], "is not of the form key=value"),
     (["train.steps.x=1"], "train.steps: expected int, got {'x': 1}"),
 ])

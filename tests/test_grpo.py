@@ -141,6 +141,56 @@ def test_dynamic_sampling_stops_at_cap(tmp_path):
     assert not batch["loss_mask"].any() and not batch["advantages"].any()  # filler trains nothing
 
 
+def _all_correct_of_different_lengths(rl):
+    """Wrap `rl.sample`: every completion is the gold answer, lengths spread over the overlong buffer."""
+    sample = rl.sample
+
+    def patched(params, items, **kw):
+        rollouts, res, prompts = sample(params, items, **kw)
+        b, g = rollouts.shape
+        rollouts.completions = [[f"\\boxed{{{it.answer}}}"] * g for it in items]
+        rollouts.lengths = np.tile(np.arange(rl.T - g + 1, rl.T + 1), (b, 1)).astype(np.int32)
+        rollouts.truncated = np.zeros((b, g), bool)
+        return rollouts, res, prompts
+
+    rl.sample = patched
+
+
+@pytest.mark.parametrize("metric,reward", [("acc", "verifier"), ("acc", "test_constant"), ("score", "verifier"),
+                                           ("seq_final_reward", "verifier")])
+def test_dynamic_sampling_filters_on_accuracy_not_on_length_shaping(tmp_path, metric, reward):
+    """DAPO / verl `filter_groups.metric=acc`: a group whose answers are all right but differ in
+    length (so the overlong shaping differs) carries no accuracy signal and is dropped; only
+    `seq_final_reward` keeps it, to train on length alone."""
+    cfg = tiny_cfg(tmp_path, "grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=1", "grpo.overlong_buffer=5",
+                   f"grpo.dynamic_sampling_metric={metric}", f"grpo.tasks=[{{name: math, rewards: [{{type: {reward}}}]}}]")
+    rl = GRPO(cfg)
+    _all_correct_of_different_lengths(rl)
+    rollouts, _, _ = rl.sample(rl.state["params"], rl.mixer.draw(0, 4), seed=0, num_samples=4)
+    rewards, m, signal = rl.rewards(rollouts)
+    assert (rewards.max(1) > rewards.min(1)).all()  # the shaped rewards differ by length
+    assert m["reward/overlong_shaping"] < 0
+    parts, kept, metrics = rl.collect(rl.state["params"], 0)
+    if metric == "seq_final_reward":
+        np.testing.assert_array_equal(signal, rewards)
+        assert kept == 4 and metrics["dynamic_sampling/dropped_fraction"] == 0.0
+    else:
+        assert (signal == 1.0).all()
+        assert kept == 0 and metrics["dynamic_sampling/dropped_fraction"] == 1.0
+        assert metrics["sampling_rounds"] == 2  # refilling went on to the cap
+
+
+def test_dynamic_sampling_metric_acc_is_the_weighted_verifiers_correctness(tmp_path):
+    """`acc` reads the task's weighted rule verifier (not a weight-0 monitor) and falls back to
+    the task score without one."""
+    cfg = tiny_cfg(tmp_path, "grpo.tasks=[{name: math, rewards: [{type: test_parity}, {type: verifier, weight: 0}]}]")
+    rl = GRPO(cfg)
+    _all_correct_of_different_lengths(rl)
+    rollouts, _, _ = rl.sample(rl.state["params"], rl.mixer.draw(0, 4), seed=0, num_samples=4)
+    rewards, _, signal = rl.rewards(rollouts)
+    np.testing.assert_array_equal(signal, rewards)  # the monitor-only verifier is not the task's accuracy
+
+
 def test_overlong_penalty_in_tokens():
     lengths = np.array([10, 12, 13, 15, 16, 16])
     truncated = np.array([False, False, False, False, False, True])
@@ -186,6 +236,95 @@ def test_config_validation_names_keys(tmp_path):
         tiny_cfg(tmp_path, "grpo.tasks=[{name: a, ratio: 0}]")
 
 
+def test_gspo_requires_seq_mean_token_mean(tmp_path):
+    """GSPO's sequence ratio with token-mean is a length-weighted variant: a config error naming
+    both keys (verl forces seq-mean-token-mean); the mismatch-correction keys are checked too."""
+    from jaxrl_rm.configlib import ConfigError
+
+    gspo = r"grpo.loss_agg_mode: ratio_level: sequence \(GSPO\) requires loss_agg_mode: seq-mean-token-mean"
+    with pytest.raises(ConfigError, match=gspo + r" \(got token-mean"):
+        tiny_cfg(tmp_path, "grpo.ratio_level=sequence")
+    with pytest.raises(ConfigError, match=gspo):
+        tiny_cfg(tmp_path, "grpo.ratio_level=sequence", "grpo.loss_agg_mode=seq-mean-token-sum")
+    cfg = tiny_cfg(tmp_path, "grpo.ratio_level=sequence", "grpo.loss_agg_mode=seq-mean-token-mean")
+    assert cfg.grpo.ratio_level == "sequence"
+    with pytest.raises(ConfigError, match="grpo.tis_cap: must be >= 0"):
+        tiny_cfg(tmp_path, "grpo.tis_cap=-1")
+    with pytest.raises(ConfigError, match="grpo.tis_level: tis_level: sequence has no effect without tis_cap"):
+        tiny_cfg(tmp_path, "grpo.tis_level=sequence")
+    with pytest.raises(ConfigError, match="grpo.is_mask_threshold: must be > 1"):
+        tiny_cfg(tmp_path, "grpo.is_mask=token", "grpo.is_mask_threshold=1.0")
+    with pytest.raises(ConfigError, match="grpo.is_mask"):
+        tiny_cfg(tmp_path, "grpo.is_mask=geometric")
+
+
+def _record_updates(rl):
+    """Wrap `rl.update`: keep a host copy of every batch it trains on."""
+    seen, update = [], rl.update
+
+    def recording(state, batch):
+        seen.append({k: np.asarray(v) for k, v in batch.items()})
+        return update(state, batch)
+
+    rl.update = recording
+    return seen
+
+
+def test_mismatch_correction_recomputes_old_logp_against_a_bf16_sampler(tmp_path, monkeypatch):
+    """A bf16-compute sampler and an f32 trainer disagree on log-probs. With one update per step,
+    no correction reuses the sampler's log-probs as pi_old (exp(old - sampler) == 1, nothing to
+    correct); with TIS / masked IS on, pi_old is the trainer's, so the weights measure the mismatch."""
+    import jaxrl_rm.train.grpo as grpo_mod
+    from jaxrl_rm.models.factory import build_model
+    from jaxrl_rm.sampling import generate
+
+    task = "grpo.tasks=[{name: math, rewards: [{type: test_parity}]}]"
+    rl = GRPO(tiny_cfg(tmp_path, task))
+    bf16 = nnx.split(build_model(tiny_cfg(tmp_path, task, "model.dtype=bfloat16").model, rl.tokenizer))[0]
+    monkeypatch.setattr(grpo_mod, "generate",  # the sampler runs the same f32 weights in bf16
+                        lambda model, prompts, **kw: generate(nnx.merge(bf16, nnx.split(model)[1]), prompts, **kw))
+
+    seen = _record_updates(rl)
+    _, metrics, _ = rl.run_step(rl.state, 0)
+    (batch,) = seen
+    gap = metrics["sampler_logp_gap"]  # mean |trainer - sampler| on the sampled tokens
+    assert gap > 1e-4  # bf16 vs f32: a real train/infer mismatch
+    np.testing.assert_array_equal(batch["old_logp"], batch["sampler_logp"])  # no correction: reused
+
+    # same seed, same samples; TIS capped at, and IcePop masking outside, [1/c, c] with c = exp(gap)
+    c = float(np.exp(gap))
+    rl = GRPO(tiny_cfg(tmp_path, task, f"grpo.tis_cap={c}", "grpo.is_mask=token", f"grpo.is_mask_threshold={c}"))
+    seen = _record_updates(rl)
+    _, metrics, _ = rl.run_step(rl.state, 0)
+    (batch,) = seen
+    m = batch["loss_mask"]
+    lr = (batch["old_logp"] - batch["sampler_logp"])[m]
+    assert np.abs(lr).mean() == pytest.approx(gap, rel=1e-2)  # old_logp is the trainer's: weights != 1
+    rejected = np.abs(lr) > np.float32(np.log(c))
+    assert 0 < rejected.mean() < 1
+    assert metrics["is_masked_frac"] == pytest.approx(rejected.mean(), abs=1e-6)
+    kept = np.exp(lr[~rejected])
+    assert metrics["tis_weight_mean"] == pytest.approx(np.minimum(kept, c).mean(), rel=1e-5)
+    assert abs(metrics["tis_weight_mean"] - 1.0) > 1e-6
+    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # pi_old = the trainer before the update
+
+
+def test_sampler_logp_is_unfiltered_under_top_p(tmp_path):
+    """With top-p the sampler's filtered log-prob carries log(nucleus mass); TIS and the
+    `sampler_logp_gap` monitor use its unfiltered log-prob at the sampling temperature, so an
+    f32 sampler and trainer agree (weights 1, gap 0) however much mass the nucleus cut."""
+    cfg = tiny_cfg(tmp_path, "grpo.top_p=0.6", "grpo.temperature=1.3", "grpo.tis_cap=2.0",
+                   "grpo.tasks=[{name: math, rewards: [{type: test_parity}]}]")
+    rl = GRPO(cfg)
+    seen = _record_updates(rl)
+    _, metrics, _ = rl.run_step(rl.state, 0)
+    (batch,) = seen
+    m = batch["loss_mask"]
+    np.testing.assert_allclose(batch["sampler_logp"][m], batch["old_logp"][m], atol=2e-4)
+    assert metrics["sampler_logp_gap"] < 2e-4
+    assert metrics["tis_weight_mean"] == pytest.approx(1.0, abs=2e-4)
+
+
 def test_gold_monitor_measures_model_rewards_against_the_verifier(tmp_path):
     """Reward-hacking monitor: a model-based source on a verifiable task is checked against the
     gold answers on the same rollouts; a self-judge that likes everything shows self-preference."""
@@ -195,7 +334,7 @@ def test_gold_monitor_measures_model_rewards_against_the_verifier(tmp_path):
     rl = GRPO(cfg)
     rollouts, _, _ = rl.sample(rl.state["params"], rl.mixer.draw(0, 4), seed=0, num_samples=4)
     rollouts.completions[0][0] = f"\\boxed{{{rollouts.items[0].answer}}}"  # one correct answer among random ones
-    _, m = rl.rewards(rollouts)
+    _, m, _ = rl.rewards(rollouts)
     gold = np.asarray(MathVerifier()([c for cs in rollouts.completions for c in cs],
                                      [it.answer for it in rollouts.items for _ in range(4)]).rewards) > 0
     assert gold.sum() >= 1
@@ -227,3 +366,123 @@ def test_win_rate_against_references(tmp_path):
     (groups,) = ReferenceLovingJudge.groups
     items = rl.eval_items["math"]
     assert len(groups) == len(items) and all(g[1] == it.reference for g, it in zip(groups, items))
+
+
+class CoinJudge:
+    """A generative judge stand-in: sampled verdicts / scores are coin flips (seeded), greedy ones a
+    fixed function of the judge prompt, as a real judge's are."""
+
+    greedy = False
+
+    def generate(self, texts, *, num_samples=1, seed=0):
+        import zlib
+
+        rng = np.random.default_rng(seed)
+
+        def judge(text):
+            x = (zlib.crc32(text.encode()) if self.greedy else int(rng.integers(1 << 30))) % 11
+            if "Assistant A's Answer" in text:
+                return f"<think>compared</think><answer>[[{'AB'[x % 2]}]]</answer>"
+            return f"<think>checked</think><score>{x}</score>"
+
+        return [[judge(t) for _ in range(num_samples)] for t in texts]
+
+
+def coin_judge_source(spec, ctx):
+    from jaxrl_rm.rewards.judge_source import JudgeSource
+
+    return JudgeSource(CoinJudge(), None, **spec.options)
+
+
+sources.register("test_coin_judge", coin_judge_source)
+
+
+def test_evaluations_of_the_same_policy_give_the_same_win_rate_and_eval_reward(tmp_path):
+    """Evaluation judges verdict greedily: the same policy on the same held-out items (here in another
+    order, which reseeds a sampling judge) gets the same win rate and judged reward."""
+    cfg = tiny_cfg(tmp_path, "grpo.tasks=[{name: chat, kind: open, data: 'synthetic:style_open', "
+                             "rewards: [{type: test_coin_judge, options: {guards: false}}], "
+                             "options: {win_rate_judge: {type: test_coin_judge, options: {guards: false}}}}]")
+    rl = GRPO(cfg)
+    first = rl.evaluate(rl.state)
+    rl.eval_items["chat"] = rl.eval_items["chat"][::-1]
+    second = rl.evaluate(rl.state)
+    assert first["win_rate/chat"] == second["win_rate/chat"]
+    assert first["eval_reward/chat"] == second["eval_reward/chat"]
+    assert rl.sources["chat"][0][0].judge.greedy is False  # training rewards still sample
+
+
+def test_chat_format_judgment_and_ranking_files_through_the_prompt_path(tmp_path):
+    """Judgment and ranking files whose prompts are chat-message lists: the task's template shows the
+    conversation as `role: content` lines (it was handed the message list and crashed)."""
+    from jaxrl_rm.data.loaders import write_jsonl
+    from jaxrl_rm.train.tasks import ranking_template
+
+    chat = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "reverse: abc"}]
+    write_jsonl(tmp_path / "judge.jsonl", [{"prompt": chat, "response": "cba", "label": True, "id": 0},
+                                           {"prompt": chat, "response": "abc", "label": False, "id": 1}])
+    write_jsonl(tmp_path / "rank.jsonl", [{"prompt": chat, "responses": ["cba", "abc"], "gold_scores": [1, 0],
+                                           "id": 0}])
+    cfg = tiny_cfg(tmp_path / "run", "grpo.max_prompt_length=64",
+                   f"grpo.tasks=[{{name: judge, kind: judgment, data: '{tmp_path / 'judge.jsonl'}', "
+                   "rewards: [{type: score_match}]}, "
+                   f"{{name: pref, kind: ranking, data: '{tmp_path / 'rank.jsonl'}', rewards: [{{type: ranking}}]}}]")
+    rl = GRPO(cfg)
+    items = rl.mixer.draw(0, 4)
+    assert {it.task for it in items} == {"judge", "pref"}
+    for it in items:
+        text = rl.prompt_text(it)
+        assert "system: Answer briefly.\nuser: reverse: abc" in text and "'role'" not in text
+    rollouts, _, _ = rl.sample(rl.state["params"], items, seed=0, num_samples=4)
+    rewards = rl.rewards(rollouts)[0]
+    assert rewards.shape == (4, 4) and np.isfinite(rewards).all()
+    assert rl.sources["pref"][0][0].template_for("pref") is ranking_template(rl.tasks["pref"])
+
+
+class _HiddenAndHead:
+    """The two things `completion_logprobs` reads of a model: final hidden states and the LM head."""
+
+    def __init__(self, hidden, head):
+        self.hidden, self.head = hidden, head
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        return self.hidden
+
+    def lm_head_weight(self):
+        return self.head
+
+
+@pytest.mark.parametrize("kl_clamp", [10.0, 0.0])
+def test_grpo_loss_clamps_k3_kl_by_config(kl_clamp):
+    """`grpo.kl_clamp` reaches the update's loss: tokens whose ratio to the reference is e^15 add
+    kl_clamp and no gradient (10, the default); with 0 (off) they add e^15 - 16."""
+    from jaxrl_rm.config import GRPOConfig
+    from jaxrl_rm.train.grpo import completion_logprobs
+
+    g = GRPOConfig(kl_coef=1.0, kl_clamp=kl_clamp)
+    n, p, t, d, v = 2, 3, 4, 8, 16
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.standard_normal((n, p + t, d)), jnp.float32)
+    head = jnp.asarray(rng.standard_normal((d, v)), jnp.float32)
+    completion = jnp.asarray(rng.integers(0, v, (n, t)), jnp.int32)
+    batch = {"input_ids": jnp.zeros((n, p + t), jnp.int32), "attention_mask": jnp.ones((n, p + t), bool),
+             "completion": completion, "loss_mask": jnp.ones((n, t), bool), "advantages": jnp.zeros(n)}
+    logp = completion_logprobs(_HiddenAndHead(hidden, head), batch, prompt_len=p, temperature=1.0)
+    x = np.array([[15.0, 0.3, -0.2, 15.0], [0.5, 15.0, -1.0, 0.1]], np.float32)  # log pi_ref / pi
+    batch.update(old_logp=logp, sampler_logp=logp, ref_logp=logp + x)
+    loss_fn = make_grpo_loss(g, prompt_len=p)
+
+    def loss(h):
+        loss_sum, den, _ = loss_fn(_HiddenAndHead(h, head), batch)
+        return loss_sum / den
+
+    value, d_hidden = jax.value_and_grad(loss)(hidden)
+    k3 = np.exp(x.astype(np.float64)) - x - 1.0
+    if kl_clamp:
+        k3 = np.minimum(k3, kl_clamp)
+    assert float(value) == pytest.approx(k3.mean(), rel=1e-4)
+    grad_norm = np.abs(np.asarray(d_hidden)[:, p - 1: p + t - 1]).sum(-1)  # [n, t] per predicting position
+    assert np.isfinite(grad_norm).all()
+    big = x == 15.0
+    assert (grad_norm[big] == 0).all() if kl_clamp else (grad_norm[big] > 1e5).all()
+    assert (grad_norm[~big] > 0).all()

@@ -77,20 +77,17 @@ def source(mode, behaviour="fair", **kw):
     return JudgeSource(judge, None, mode=mode, **kw), judge
 
 
-def test_pivot_calls_at_most_2g_and_all_pairs_g_g_minus_1():
+def test_pivot_calls_2g_and_all_pairs_g_g_minus_1():
     ro = rollouts_by_quality()
     b, g = ro.shape
     src, judge = source("pivot")
     rewards, m = src(ro)
     assert rewards.shape == (b, g) and rewards.dtype == np.float32
+    assert judge.calls == m["judge_calls"] == b * 2 * g  # fairseq2: the pivot is judged against itself too
+    assert m["calls_per_group"] == 2 * g
+    src, judge = source("pivot", pivot_reward="win_rate")
+    _, m = src(ro)
     assert judge.calls == m["judge_calls"] == b * 2 * (g - 1)
-    assert m["calls_per_group"] == 2 * (g - 1) <= 2 * g
-    # each group: exactly one pivot, every other rollout compared with it in both orders
-    for i in range(b):
-        q = np.asarray(QUALITIES[i], float)
-        r = rewards[i]
-        non_pivot = np.flatnonzero((r == 0.0) | (r == 1.0))
-        assert len(non_pivot) >= g - 1
     src, judge = source("pairwise")
     rewards, m = src(ro)
     assert judge.calls == m["judge_calls"] == b * g * (g - 1)
@@ -109,17 +106,20 @@ def test_pairwise_and_pivot_modes_with_a_ranking_judge():
     ro = rollouts_by_quality()
     for mode in ("pairwise", "pivot"):
         by_pairs, _ = source(mode, seed=1)[0](ro)
-        src, judge = source(mode, seed=1, template="listwise")
+        src, judge = source(mode, seed=1, template="listwise", pairwise_reward="outcome")
         by_lists, m = src(ro)
         np.testing.assert_allclose(by_lists, by_pairs)
         assert all(len(_LIST.findall(t)) == 2 for t in judge.seen) and m["invalid_rate"] == 0.0
+        # the default credits each side its own score: a fair ranker gives every rollout its quality
+        by_scores, _ = source(mode, seed=1, template="listwise")[0](ro)
+        np.testing.assert_allclose(by_scores, np.asarray(QUALITIES) / 10, rtol=1e-6)
 
 
-def test_pivot_rewards_are_win_rates_against_the_pivot_and_seeded():
+def test_pivot_win_rate_mode_rewards_win_rates_against_the_pivot_and_is_seeded():
     ro = rollouts_by_quality()
-    src, _ = source("pivot", seed=3)
+    src, _ = source("pivot", seed=3, pivot_reward="win_rate")
     r1, _ = src(ro)
-    r2, _ = source("pivot", seed=3)[0](ro)
+    r2, _ = source("pivot", seed=3, pivot_reward="win_rate")[0](ro)
     np.testing.assert_array_equal(r1, r2)  # pivots are a function of (seed, content)
     for i, q in enumerate(QUALITIES):
         q = np.asarray(q, float)
@@ -129,6 +129,87 @@ def test_pivot_rewards_are_win_rates_against_the_pivot_and_seeded():
         assert cands, (r1[i], q)
         p = cands[0]
         assert r1[i, p] == pytest.approx((q[p] > np.delete(q, p)).mean())
+
+
+_Q = re.compile(r"q(\d+(?:\.\d+)?)")
+
+
+class ScoringJudge:
+    """A ``pairwise_scores`` judge whose numbers can be worked out by hand: ``<score_A>`` is the
+    quality of response A, ``<score_B>`` the quality of B minus ``b_penalty`` (a position bias)."""
+
+    def __init__(self, b_penalty: float = 0.0):
+        self.b_penalty, self.seen, self.greedy = b_penalty, [], False
+
+    def generate(self, texts, *, num_samples=1, seed=0):
+        self.seen += list(texts)
+        out = []
+        for t in texts:
+            pair = dict(_PAIR.findall(t))
+            qa, qb = (float(_Q.match(pair[k]).group(1)) for k in "AB")
+            out.append([f"<think>compared</think><score_A>{qa:g}</score_A>"
+                        f"<score_B>{max(qb - self.b_penalty, 0.0):g}</score_B>"] * num_samples)
+        return out
+
+
+def test_pivot_mode_matches_fairseq2_by_hand():
+    """fairseq2's RLLM pivot recipe (``_rewards.py``, pair_type pivot) on one group of three:
+    (x, p) and (p, x) for every rollout x, the pivot p included (2G calls); each rollout is credited
+    with its own score in the non-pivot slot, the pivot with its comparison against itself; with a
+    score template the reward is the normalised score (9 vs 8.9 stays 0.9 vs 0.89, not 1 vs 0)."""
+    q = [9.0, 8.9, 3.0]
+    ro = make_rollouts([[f"q{x:g} answer {j}" for j, x in enumerate(q)]])
+    resp = ro.completions[0]
+    judge = ScoringJudge(b_penalty=1.0)
+    r, m = JudgeSource(judge, None, mode="pivot", template="pairwise_scores", seed=5)(ro)
+    shown = [tuple(dict(_PAIR.findall(t))[k] for k in "AB") for t in judge.seen]
+    (pivot,) = {a for a, b in shown if a == b}
+    assert shown == [pair for x in resp for pair in ((x, pivot), (pivot, x))]
+    assert m["judge_calls"] == 6 and m["invalid_rate"] == 0.0
+    # every rollout: its score as A (q) and as B (q - 1), each / 10, averaged: (q - 0.5) / 10
+    np.testing.assert_allclose(r[0], [0.85, 0.84, 0.25], rtol=1e-6)
+    # all pairs, scores: the same own-score average over its 2(G-1) comparisons
+    r, m = JudgeSource(ScoringJudge(b_penalty=1.0), None, mode="pairwise", template="pairwise_scores")(ro)
+    np.testing.assert_allclose(r[0], [0.85, 0.84, 0.25], rtol=1e-6)
+
+    # outcomes instead of scores (an unbiased judge): 1 / 0 against the pivot, the pivot ties itself
+    p = resp.index(pivot)
+    r, _ = JudgeSource(ScoringJudge(), None, mode="pivot", template="pairwise_scores", seed=5,
+                       pairwise_reward="outcome")(ro)
+    np.testing.assert_allclose(r[0], [0.5 if j == p else float(q[j] > q[p]) for j in range(3)])
+    # pivot_reward win_rate: no self-comparison (2(G-1) calls), the pivot gets its win rate
+    r, m = JudgeSource(ScoringJudge(), None, mode="pivot", template="pairwise_scores", seed=5,
+                       pairwise_reward="outcome", pivot_reward="win_rate")(ro)
+    assert m["judge_calls"] == 4
+    win = np.mean([q[p] > q[x] for x in range(3) if x != p])
+    np.testing.assert_allclose(r[0], [win if j == p else float(q[j] > q[p]) for j in range(3)])
+
+
+def test_for_eval_judges_greedily_or_with_the_mean_of_k_samples():
+    """Evaluation verdicts: one greedy judgment per prompt by default, `eval_num_judgments` samples
+    when set; the training source keeps its own sampling and guard counts."""
+    ro = rollouts_by_quality()
+    calls = []
+
+    class Recording(ScriptedJudge):
+        greedy = False
+
+        def generate(self, texts, *, num_samples=1, seed=0):
+            calls.append((self.greedy, num_samples))
+            return super().generate(texts, num_samples=num_samples, seed=seed)
+
+    src = JudgeSource(Recording(), None, mode="pointwise", num_judgments=4)
+    ev = src.for_eval()
+    _, m = ev(make_rollouts([[":", "q5 fine"]]))
+    assert calls == [(True, 1)] and m["judge_samples"] == 1
+    assert src.judge.greedy is False and src.k == 4 and sum(src.guard_report().values()) == 0
+    assert ev.guard_report()["master_key"] == 1
+    src(ro)
+    assert calls[-1] == (False, 4)
+    ev = JudgeSource(Recording(), None, mode="pointwise", num_judgments=4, eval_num_judgments=3).for_eval()
+    r, _ = ev(ro)
+    assert calls[-1] == (False, 3)
+    np.testing.assert_allclose(r, np.asarray(QUALITIES) / 10, rtol=1e-6)
 
 
 def test_position_bias_and_invalid_verdicts():
@@ -232,6 +313,12 @@ def test_option_errors_name_the_option():
         JudgeSource(ScriptedJudge(), mode="triplets")
     with pytest.raises(ValueError, match="needs a template of format"):
         JudgeSource(ScriptedJudge(), mode="pivot", template="pointwise")
+    with pytest.raises(ValueError, match="pivot_reward must be one of"):
+        JudgeSource(ScriptedJudge(), mode="pivot", pivot_reward="mean")
+    with pytest.raises(ValueError, match="pairwise_reward must be one of"):
+        JudgeSource(ScriptedJudge(), mode="pairwise", pairwise_reward="verdict")
+    with pytest.raises(ValueError, match="eval_num_judgments must be"):
+        JudgeSource(ScriptedJudge(), eval_num_judgments=-1)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['modee'\]"):
         sources.build_source(RewardSpec(type="judge", path="/nonexistent", options={"modee": "pivot"}), {})
     with pytest.raises(ValueError, match="set `path`"):
@@ -272,7 +359,7 @@ def test_self_judge_and_model_judge_in_grpo(tmp_path):
     self_src.judge.model_fn = lambda: seen.append(True) or orig()
     parts, kept, metrics = rl.collect(rl.state["params"], step=0)
     assert seen and rl.current_params is rl.state["params"] and params_before is rl.state["params"]
-    assert metrics["reward/math/self_judge/judge_calls"] <= 2 * 2 * (3 - 1)  # B groups x 2(G-1)
+    assert metrics["reward/math/self_judge/judge_calls"] <= 2 * 2 * 3  # B groups x 2G (pivot vs itself too)
     live = round(6 * (1 - metrics["reward/math/judge/guarded_rate"]))  # guarded rollouts are not judged
     assert metrics["reward/math/judge/judge_calls"] == live
     assert metrics["reward/math/judge/judge_samples"] == live

@@ -162,6 +162,38 @@ def test_bf16_inputs_accumulate_in_float32(impl):
                              **IMPL_KW[impl])
 
 
+@pytest.mark.parametrize("shape,with_entropy", [((77, 96, 1003), True), ((1024, 64, 2048), False)])
+def test_chunked_bf16_one_block_at_default_block_sizes(shape, with_entropy):
+    """N <= 1024, V <= 2048 at the default blocks: one token block and one vocab block. XLA
+    drops the one-trip loops and used to fold hidden^T back into the d_lm_head dot, a
+    bf16 x bf16 -> f32 "TN" dot XLA:CPU cannot run (`UNIMPLEMENTED ... DotThunk`)."""
+    hidden, lm_head, targets = _inputs(*shape, dtype=jnp.bfloat16, seed=6)
+    _check_against_reference(hidden, lm_head, targets, with_entropy, 0.7, 1e-4, grad_tol=3e-2,
+                             impl="chunked")
+
+
+MIXED_IMPL_KW = {"reference": {"impl": "reference"}, "chunked_default": {"impl": "chunked"},
+                 **IMPL_KW}
+
+
+@pytest.mark.parametrize("impl", list(MIXED_IMPL_KW))
+def test_f32_head_next_to_bf16_hidden_is_cast_to_bf16(impl):
+    """bf16 compute with float32 parameters: the head is cast to the hidden's dtype, as the
+    sampler's logits are, so log-probs are those of the bf16-rounded head (not a float32
+    HIGHEST matmul of the unrounded head, 2e-2 away here); d_lm_head comes back float32,
+    d_hidden bf16."""
+    hidden, _, targets = _inputs(77, 96, 1003, dtype=jnp.bfloat16, seed=7)
+    _, head32, _ = _inputs(77, 96, 1003, seed=7)
+    (_, out), (d_hidden, d_head) = _loss_fn(targets, True, 0.7, **MIXED_IMPL_KW[impl])(hidden, head32)
+    (_, ref_out), ref_grads = _reference(hidden, head32.astype(jnp.bfloat16), targets, True, 0.7)
+    for name, a, b in zip(("logp", "entropy"), out, ref_out):
+        assert a.dtype == jnp.float32, name
+        assert_close(a, b, 1e-5, name)
+    assert d_hidden.dtype == jnp.bfloat16 and d_head.dtype == jnp.float32
+    assert_close(d_hidden, ref_grads[0], 3e-2, "d_hidden")
+    assert_close(d_head, ref_grads[1], 3e-2, "d_lm_head")
+
+
 # ---------------------------------------------------------------------------------- API
 
 
@@ -273,6 +305,21 @@ _SHARDED_SCRIPT = textwrap.dedent(
     h, w, t = inputs(64, 16, 300, seed=7)
     logp = jax.jit(lambda h, w, t: token_logprobs_vocab_parallel(h, w, t, mesh=mesh))(h, w, t)
     close(np.asarray(logp), np.asarray(token_logprobs(h, w, t, impl="reference")), 1e-5, "fwd")
+
+    # bf16 hidden next to a float32 head (bf16 compute, float32 parameters): each shard computes
+    # with the bf16-rounded head, as one device does, and d_lm_head comes back float32.
+    mesh = jax.make_mesh((2, 1, 4), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    h, w, t = inputs(64, 32, 1000, seed=11)
+    h = h.astype(jnp.bfloat16)
+    single = value_and_grads(h, w.astype(jnp.bfloat16), t, impl="chunked")
+    sharded = value_and_grads(jax.device_put(h, NamedSharding(mesh, P("data", None))),
+                              jax.device_put(w, NamedSharding(mesh, P(None, "tensor"))),
+                              jax.device_put(t, NamedSharding(mesh, P("data"))),
+                              mesh=mesh, impl="chunked")
+    assert str(sharded[2].dtype) == "bfloat16" and sharded[3].dtype == np.float32
+    for name, a, b, tol in zip(names, sharded, single, (1e-5, 1e-5, 3e-2, 3e-2)):
+        close(a.astype(np.float32), b.astype(np.float32), tol, f"bf16 hidden, f32 head: {name}")
     try:
         token_logprobs_vocab_parallel(h, w[:, :299], t, mesh=mesh)
         raise AssertionError("expected ValueError for V % tensor != 0")

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from jaxrl_rm.data.errors import BadRowError, BadRowPolicy, RowStats
 from jaxrl_rm.data.loaders import (
+    extract_boxed_answer,
     iter_records,
     load_alpaca_eval_annotations,
     load_alpaca_eval_outputs,
@@ -22,7 +23,10 @@ from jaxrl_rm.data.loaders import (
     load_gsm8k,
     load_gsm8k_solutions,
     load_hh_rlhf,
+    load_math,
     load_records,
+    load_verifiable,
+    problem_format,
     read_jsonl,
     split_hh_pair,
     write_jsonl,
@@ -563,6 +567,97 @@ def test_gsm8k_solutions(tmp_path, monkeypatch):
     assert all(e.reference == "gt\nA: 2" and e.prompt == "q" for e in first)
     assert first[1].response == "sol 6b_verification\nA: 1"
     assert ex[4].response == "json form"
+
+
+# ---------------------------------------------------------------------------------------------
+# MATH (competition format: gold = the solution's last \boxed{})
+# ---------------------------------------------------------------------------------------------
+
+
+def _math_row(solution, **over):
+    row = {"problem": "Compute it.", "level": "Level 3", "type": "Algebra", "solution": solution}
+    row.update(over)
+    return row
+
+
+def _math_file(tmp_path):
+    path = tmp_path / "math_test.jsonl"
+    write_lines(path, [
+        dump(_math_row(r"Dividing, $x = \frac{3}{6} = \boxed{\frac{1}{2}}$.")),
+        dump(_math_row(r"First $\boxed{3}$ is a guess; in fact $y = \boxed{3\sqrt{3}}$.", type="Geometry")),
+        dump(_math_row(r"The roots are $\boxed{\{1, 2\}}$.")),
+        dump(_math_row(r"So $A = \boxed{\begin{pmatrix} 1 \\ -2 \end{pmatrix}}$.", type="Precalculus")),
+        dump(_math_row(r"Hence the total is $\fbox{\$18.90}$.")),
+        dump(_math_row(r"The answer is $\boxed 5$.")),
+        dump(_math_row(r"We get $x = 4$, no box.")),                                   # 7: no final answer
+        dump(_math_row(r"Then $\boxed{\frac{1}{2}$.")),                                 # 8: never closed
+        dump(_math_row(r"\boxed{2}", problem="")),                                      # 9: empty problem
+        dump({"problem": "Find x.", "solution": r"... $\boxed{\frac{14}{3}}$", "answer": r"\frac{14}{3}",
+              "subject": "Algebra", "level": 2, "unique_id": "test/algebra/1.json"}),  # MATH-500 schema
+        dump({"problem": "AIME: find n.", "answer": 204}),                              # int answer, no solution
+        dump({"problem": "No gold."}),                                                  # 12: neither field
+        dump({"problem": "p", "answer": ["1"]}),                                        # 13: answer not a string
+    ])
+    return path
+
+
+MATH_GOLD = [r"\frac{1}{2}", r"3\sqrt{3}", r"\{1, 2\}", r"\begin{pmatrix} 1 \\ -2 \end{pmatrix}", r"\$18.90", "5",
+             r"\frac{14}{3}", "204"]
+
+
+def test_math(tmp_path):
+    path = _math_file(tmp_path)
+    with pytest.raises(BadRowError, match=rf"{path}:7: field 'solution': expected a closed, non-empty \\boxed"):
+        load_math(path)
+    probs, stats = load_math(path, on_bad_row="skip")
+    assert [p.answer for p in probs] == MATH_GOLD
+    assert [p.id for p in probs] == [f"math_test:{i}" for i in (1, 2, 3, 4, 5, 6, 10, 11)]
+    assert probs[0].prompt == "Compute it." and probs[-1].prompt == "AIME: find n."
+    assert [(e.line, e.field, e.kind) for e in stats.first_errors] == [
+        (7, "solution", "no_final_answer"), (8, "solution", "no_final_answer"), (9, "problem", "empty_string"),
+        (12, "solution", "missing"), (13, "answer", "wrong_type"),
+    ]
+    assert stats.rows_read == 13 and stats.rows_skipped == 5
+    assert extract_boxed_answer(r"$\boxed{}$") is None and extract_boxed_answer("no box") is None
+
+
+def test_verifiable_sources(tmp_path):
+    """`math:<path>` / `gsm8k:<path>` next to a plain {prompt, answer} file, in RL tasks and SFT."""
+    from types import SimpleNamespace
+
+    from jaxrl_rm.config import TaskSpec
+    from jaxrl_rm.rewards import MathVerifier
+    from jaxrl_rm.train.sft import load_sft_records
+    from jaxrl_rm.train.tasks import load_task_items
+
+    path = _math_file(tmp_path)
+    assert problem_format(f"math:{path}") == "math" and problem_format(str(path)) is None
+    probs, stats = load_verifiable(f"math:{path}", on_bad_row="skip")
+    assert [p.answer for p in probs] == MATH_GOLD and stats.rows_skipped == 5
+    gsm = tmp_path / "gsm.jsonl"
+    write_lines(gsm, [dump({"question": "q1", "answer": "2 + 2 = 4\n#### 4"})])
+    assert [(p.prompt, p.answer) for p in load_verifiable(f"gsm8k:{gsm}")[0]] == [("q1", "4")]
+    plain = tmp_path / "plain.jsonl"
+    write_lines(plain, [dump({"question": "q", "gold": "7"})])
+    assert load_verifiable(plain, field_map={"question": "prompt", "gold": "answer"})[0][0].answer == "7"
+    with pytest.raises(ValueError, match="field_map does not apply to a math: source"):
+        load_verifiable(f"math:{path}", field_map={"question": "problem"})
+
+    task = TaskSpec(name="math", kind="verifiable", data=f"math:{path}", options={"on_bad_row": "skip"})
+    items = load_task_items(task, split="train", seed=0, size=8)
+    assert [it.answer for it in items] == MATH_GOLD and items[1].prompt == "Compute it."
+    records, counts = load_sft_records(f"math:{path}", SimpleNamespace(data=SimpleNamespace(on_bad_row="skip")),
+                                       seed=0, split="train")
+    assert [r.response for r in records] == MATH_GOLD and counts["rows_skipped"] == 5
+
+    # the golds a MATH file yields verify the forms models answer in, and reject prefixes of themselves
+    responses = [r"The answer is $\boxed{0.5}$.", r"$\boxed{\sqrt{27}}$", r"\boxed{\{2, 1\}}",
+                 r"\boxed{\begin{pmatrix}1\\-2\end{pmatrix}}", "#### 18.90", "The answer is 5.",
+                 r"\boxed{\dfrac{14}{3}}", "#### 204"]
+    out = MathVerifier(backend="inline")(responses, [it.answer for it in items])
+    assert out.rewards.tolist() == [1.0] * len(items), [r.reason for r in out.results]
+    wrong = MathVerifier(backend="inline")([r"\boxed{3}", r"\boxed{\frac{14}{4}}"], [items[1].answer, items[6].answer])
+    assert wrong.rewards.tolist() == [0.0, 0.0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -234,6 +234,106 @@ def test_tis_entropy_and_kl_together(batch, mode, level):
     assert 0 < float(metrics["tis_clip_frac"]) < 1
 
 
+@pytest.mark.parametrize("tis_level", ["token", "sequence"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_tis_levels_weight_the_policy_gradient_like_scaled_advantages(batch, tis_level, level):
+    """pg * w with w > 0 is the surrogate (clip, dual clip included) with advantage A * w: TIS at
+    token level (w_t = min(exp(old_t - sampler_t), cap)) and at sequence level (w_b = min(exp(sum
+    over the sequence of old - sampler), cap), verl's rollout_is: sequence) against that identity."""
+    cfg = dict(**CLIPS["dual_clip"], ratio_level=level, loss_agg_mode="seq-mean-token-mean")
+    d = {k: np.asarray(v, np.float64) for k, v in batch.items() if k != "mask"}
+    lr = np.where(batch["mask"], d["old_logp"] - d["sampler_logp"], 0.0)
+    lr = lr if tis_level == "token" else np.broadcast_to(lr.sum(-1, keepdims=True), lr.shape)
+    w = np.minimum(np.exp(lr), 1.5)
+    adv_w = (d["advantages"][:, None] * w).astype(np.float32)
+
+    def tis(logp):
+        return policy_loss(logp, batch["old_logp"], batch["advantages"], batch["mask"],
+                           sampler_logp=batch["sampler_logp"], tis_cap=1.5, tis_level=tis_level, **cfg)
+
+    def scaled(logp):
+        return policy_loss(logp, batch["old_logp"], adv_w, batch["mask"], **cfg)
+
+    (loss, m), grad = jax.value_and_grad(tis, has_aux=True)(jnp.asarray(batch["logp"]))
+    (want, _), want_grad = jax.value_and_grad(scaled, has_aux=True)(jnp.asarray(batch["logp"]))
+    np.testing.assert_allclose(float(loss), float(want), rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(want_grad), rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(float(m["tis_weight_mean"]), w[batch["mask"]].mean(), rtol=1e-5)
+    assert 0 < float(m["tis_clip_frac"]) < 1  # the cap binds on some tokens / sequences, not all
+
+
+def _mismatch_example():
+    """Rows of 5, 3, 4 and 0 valid tokens with chosen log-ratios old - sampler (c = 2, log c = 0.693):
+    token level rejects row 0 t1 (0.9) and row 2 t3 (-0.75): 2 of 12 tokens, 2 of 3 sequences;
+    sequence level rejects row 1 (sum 0.9; rows 0 and 2 sum to 0.5 and -0.65): 3 tokens, 1 sequence."""
+    mask = np.arange(5)[None, :] < np.array([5, 3, 4, 0])[:, None]
+    lr = np.array([[0.1, 0.9, -0.2, 0.0, -0.3],
+                   [0.3, 0.3, 0.3, 5.0, 5.0],
+                   [-0.5, 0.6, 0.0, -0.75, 9.0],
+                   [9.0, -9.0, 9.0, -9.0, 9.0]])  # values off the mask are never looked at
+    rng = np.random.default_rng(3)
+    logp = rng.uniform(-3.0, -0.1, mask.shape).astype(np.float32)
+    old = (logp + rng.normal(0.0, 0.3, mask.shape)).astype(np.float32)
+    sampler = (old - lr).astype(np.float32)
+    sampler[~mask] = np.nan
+    return dict(logp=logp, old_logp=old, sampler_logp=sampler, mask=mask,
+                advantages=np.array([1.0, -0.5, 0.8, 0.3], np.float32),
+                ref_logp=(logp + rng.normal(0.0, 0.3, mask.shape)).astype(np.float32),
+                entropy=rng.uniform(0.1, 2.0, mask.shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("is_mask,rejected,tok_frac,seq_frac", [
+    ("token", [(0, 1), (2, 3)], 2 / 12, 2 / 3),
+    ("sequence", [(1, 0), (1, 1), (1, 2)], 3 / 12, 1 / 3),
+])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_masked_is_rejects_exactly_and_reports_the_masked_fraction(is_mask, rejected, tok_frac, seq_frac, mode):
+    """Masked IS (IcePop / verl rollout_rs): tokens (sequences) whose ratio leaves [1/c, c] leave
+    the loss, KL and entropy included, and its denominator - the loss equals the plain loss on the
+    reduced mask; the masked fractions are exact; micro-batches add up."""
+    d = _mismatch_example()
+    keep = d["mask"].copy()
+    for b, t in rejected:
+        keep[b, t] = False
+    common = dict(ref_logp=d["ref_logp"], kl_coef=0.1, entropy_coef=0.01, loss_agg_mode=mode)
+
+    def masked(logp, tis_cap=None):
+        return policy_loss(logp, d["old_logp"], d["advantages"], d["mask"], entropy=d["entropy"],
+                           sampler_logp=d["sampler_logp"], tis_cap=tis_cap, is_mask=is_mask,
+                           is_mask_threshold=2.0, **common)
+
+    def reduced(logp):
+        return policy_loss(logp, d["old_logp"], d["advantages"], keep, entropy=d["entropy"], **common)
+
+    (loss, m), grad = jax.value_and_grad(masked, has_aux=True)(jnp.asarray(d["logp"]))
+    (want, _), want_grad = jax.value_and_grad(reduced, has_aux=True)(jnp.asarray(d["logp"]))
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(want_grad), rtol=1e-6, atol=1e-8)
+    assert not np.asarray(grad)[d["mask"] & ~keep].any()
+    assert float(m["is_masked_frac"]) == pytest.approx(tok_frac, abs=1e-7)
+    assert float(m["is_masked_seq_frac"]) == pytest.approx(seq_frac, abs=1e-7)
+    assert "tis_weight_mean" not in m  # tis_cap=None: masking only
+    # the same sums from two row micro-batches
+    parts = [policy_loss_terms(d["logp"][r], d["old_logp"][r], d["advantages"][r], d["mask"][r],
+                               **{**common, "ref_logp": d["ref_logp"][r]}, entropy=d["entropy"][r],
+                               sampler_logp=d["sampler_logp"][r], tis_cap=None, is_mask=is_mask,
+                               is_mask_threshold=2.0)
+             for r in (slice(0, 2), slice(2, 4))]
+    total = parts[0] + parts[1]
+    np.testing.assert_allclose(float(total.loss()), float(loss), rtol=1e-6)
+    assert float(total.metrics()["is_masked_frac"]) == pytest.approx(tok_frac, abs=1e-7)
+    assert float(total.metrics()["is_masked_seq_frac"]) == pytest.approx(seq_frac, abs=1e-7)
+    # IcePop: with tis_cap >= c the kept tokens carry their exact ratio exp(old - sampler)
+    lr = np.where(keep, d["old_logp"].astype(np.float64) - d["sampler_logp"], 0.0)
+    w = np.exp(lr if is_mask == "token" else np.broadcast_to(lr.sum(-1, keepdims=True), lr.shape))
+    icepop, _ = policy_loss(d["logp"], d["old_logp"], d["advantages"], d["mask"], sampler_logp=d["sampler_logp"],
+                            tis_cap=2.0, tis_level=is_mask, is_mask=is_mask, is_mask_threshold=2.0,
+                            loss_agg_mode=mode)
+    want, _ = policy_loss(d["logp"], d["old_logp"], (d["advantages"][:, None] * w).astype(np.float32), keep,
+                          loss_agg_mode=mode)
+    np.testing.assert_allclose(float(icepop), float(want), rtol=1e-6, atol=1e-7)
+
+
 def test_gspo_small_clip_is_per_sequence(batch):
     """GSPO ranges (3e-4 / 4e-4): the clip decision is the same for every token of a sequence, and
     unclipped sequences get gradient -A * s / (G |y|) per token (the GSPO objective's gradient)."""
@@ -443,6 +543,10 @@ def test_empty_mask_gives_zero_not_nan(batch):
         (dict(clip_low=1.0), "clip_low"),
         (dict(ref_logp=np.zeros((B, T + 1))), "ref_logp has shape"),
         (dict(sampler_logp=np.zeros((B, T)), tis_cap=0.0), "tis_cap"),
+        (dict(sampler_logp=np.zeros((B, T)), tis_level="seq"), "tis_level"),
+        (dict(sampler_logp=np.zeros((B, T)), is_mask="geometric"), "is_mask"),
+        (dict(sampler_logp=np.zeros((B, T)), is_mask="token", is_mask_threshold=1.0), "is_mask_threshold"),
+        (dict(is_mask="token"), "needs sampler_logp"),
     ],
 )
 def test_policy_loss_rejects_bad_arguments(batch, kwargs, match):
@@ -482,3 +586,44 @@ def test_kl_estimators_exact_expectation():
     assert (np.asarray(kl_estimate(logp, logq, "k3")) >= 0).all()
     big = kl_estimate(jnp.float32(-200.0), jnp.float32(-1.0), "k3")
     assert np.isfinite(float(big))
+
+
+@pytest.mark.parametrize("kl_clamp", [None, 3.0, 0.0])  # None: the default (10, as verl)
+def test_k3_kl_clamp_value_and_gradient_at_large_ratios(kl_clamp):
+    """The k3 value is clamped to [-kl_clamp, kl_clamp] (verl's low_var_kl: [-10, 10]): one token
+    far from the reference adds at most kl_clamp and no gradient, instead of up to e^20. Values
+    and gradients of the policy loss's KL term against the closed form, finite everywhere."""
+    x = np.array([-200.0, -25.0, -11.5, -3.0, -0.5, 0.0, 0.4, 1.5, 2.2, 2.5, 15.0, 19.0, 30.0, 200.0])
+    ref = np.full_like(x, -1.0)
+    logp = (ref - x).astype(np.float32)  # log_r = ref - logp = x, ratio pi_ref / pi up to e^200
+    mask = np.ones((1, x.size), bool)
+    kw = {} if kl_clamp is None else {"kl_clamp": kl_clamp}
+    c = 10.0 if kl_clamp is None else kl_clamp
+
+    def loss(lp):  # zero advantages: the KL term alone, token-mean over the row
+        return policy_loss(lp, lp, jnp.zeros(1), mask, ref_logp=jnp.asarray(ref[None], jnp.float32),
+                           kl_coef=1.0, kl_estimator="k3", **kw)
+
+    (value, metrics), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(jnp.asarray(logp[None]))
+    xc = np.clip(x, -20.0, 20.0)
+    k3 = np.exp(xc) - xc - 1.0
+    dk3 = np.where(np.abs(x) < 20.0, 1.0 - np.exp(xc), 0.0)  # d k3 / d logp
+    if c > 0:
+        k3, dk3 = np.minimum(k3, c), np.where(k3 < c, dk3, 0.0)
+    grad = np.asarray(grad)[0]
+    assert np.isfinite(float(value)) and np.isfinite(grad).all()
+    assert float(value) == pytest.approx(k3.mean(), rel=1e-5)
+    assert float(metrics["kl"]) == pytest.approx(k3.mean(), rel=1e-5)
+    np.testing.assert_allclose(grad * x.size, dk3, rtol=1e-4, atol=1e-6)
+    if c > 0:
+        assert (grad[k3 >= c] == 0).all() and (grad[(k3 < c) & (x != 0)] != 0).all()
+        assert float(value) <= c
+    np.testing.assert_allclose(np.asarray(kl_estimate(logp, ref, "k3", kl_clamp=c)), k3, rtol=1e-5)
+
+
+def test_kl_clamp_bad_values_raise():
+    with pytest.raises(ValueError, match="kl_clamp=-1"):
+        kl_estimate(np.zeros(3), np.zeros(3), "k3", kl_clamp=-1.0)
+    with pytest.raises(ValueError, match="kl_clamp=-1"):
+        policy_loss(jnp.zeros((1, 3)), jnp.zeros((1, 3)), jnp.zeros(1), np.ones((1, 3), bool),
+                    ref_logp=jnp.zeros((1, 3)), kl_coef=0.1, kl_clamp=-1.0)

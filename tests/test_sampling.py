@@ -86,8 +86,8 @@ def test_logprobs_equal_teacher_forced(tiny):
     assert res.tokens.shape == (12, 40) and res.logprobs.dtype == jnp.float32
     tf = teacher_forced_logprobs(model, res, temperature=0.7)
     np.testing.assert_allclose(np.asarray(res.logprobs), np.asarray(tf), atol=1e-4, rtol=0)
-    tf1 = teacher_forced_logprobs(model, res, temperature=1.0)
-    np.testing.assert_allclose(np.asarray(res.unfiltered_logprobs), np.asarray(tf1), atol=1e-4, rtol=0)
+    # no filter: the unfiltered log-probs are the sampled distribution's, at the same temperature
+    np.testing.assert_array_equal(np.asarray(res.unfiltered_logprobs), np.asarray(res.logprobs))
     assert np.all(np.asarray(res.logprobs)[np.asarray(res.mask)] < 0)
 
 
@@ -100,6 +100,58 @@ def test_topk_topp_end_to_end_consistent(tiny):
     tf = teacher_forced_logprobs(model, res, temperature=1.3, top_k=5, top_p=0.8)
     assert np.isfinite(np.asarray(tf)).all()  # -inf would mean a token outside top-k / top-p
     np.testing.assert_allclose(np.asarray(res.logprobs), np.asarray(tf), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("filters", [dict(top_p=0.7), dict(top_k=5), dict(top_k=5, top_p=0.8)])
+def test_unfiltered_logprobs_are_teacher_forced_at_the_sampling_temperature(tiny, filters):
+    """With top-p / top-k on, `unfiltered_logprobs` is log_softmax(logits / T) of the sampled token
+    before filtering - what a trainer recomputes (GRPO's TIS and sampler_logp_gap use it) - while
+    `logprobs` also holds the log of the kept mass."""
+    _, model, _ = tiny("qwen3")
+    res = generate(model, _prompts(2), num_samples=4, max_new_tokens=8, temperature=1.3, seed=1,
+                   return_unfiltered_logprobs=True, **filters)
+    mask = np.asarray(res.mask)
+    tf = np.asarray(teacher_forced_logprobs(model, res, temperature=1.3))  # no filter
+    np.testing.assert_allclose(np.asarray(res.unfiltered_logprobs), tf, atol=1e-4, rtol=0)
+    assert (np.asarray(res.unfiltered_logprobs)[~mask] == 0).all()
+    nucleus = np.asarray(res.logprobs) - np.asarray(res.unfiltered_logprobs)  # -log(kept mass) >= 0
+    assert (nucleus[mask] > -1e-5).all() and nucleus[mask].max() > 0.05
+
+
+def test_trainer_logprobs_match_sampler_bf16_compute_f32_params(tiny):
+    """bf16 compute with float32 parameters: the sampler's logits use the head cast to bf16 (default
+    precision, float32 accumulation). The trainer's log-probs (`grpo.completion_logprobs` ->
+    `kernels.token_logprobs`, jitted as in the update step) must use the same head: an uncast float32
+    head (a float32 HIGHEST matmul) lands ~1e-3 away, a gap that is not the policy's."""
+    from flax import nnx
+
+    from jaxrl_rm.train.grpo import completion_hidden, completion_logprobs
+
+    _, _, path = tiny("qwen2")  # untied float32 lm_head
+    model = hf.load_model(path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    assert model.lm_head_weight().dtype == jnp.float32
+    res = generate(model, _prompts(4), num_samples=4, max_new_tokens=16, temperature=0.7, seed=3)
+    ids, attn = res.sequences()
+    p = int(res.prompt_tokens.shape[1])
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def trainer(state, ids, attn, tokens):
+        m = nnx.merge(graphdef, state)
+        logp = completion_logprobs(m, {"input_ids": ids, "attention_mask": attn, "completion": tokens},
+                                   prompt_len=p, temperature=0.7)
+        # what an uncast float32 head computes: log_softmax(h @ W / T) in float32 at HIGHEST
+        h = completion_hidden(m, ids, attn, p).astype(jnp.float32)
+        z = jnp.dot(h, m.lm_head_weight(), precision=jax.lax.Precision.HIGHEST) / 0.7
+        f32_head = jnp.take_along_axis(jax.nn.log_softmax(z, -1), tokens[..., None], -1)[..., 0]
+        return logp, f32_head
+
+    logp, f32_head = trainer(state, ids, attn, res.tokens)
+    mask = np.asarray(res.mask)
+    gap = np.abs(np.asarray(logp) - np.asarray(res.logprobs))[mask]
+    f32_gap = np.abs(np.asarray(f32_head) - np.asarray(res.logprobs))[mask]
+    assert gap.max() < 1e-5, gap.max()
+    assert f32_gap.max() > 100 * gap.max()  # the bound above tells the two heads apart
 
 
 # --- the distribution against its definition --------------------------------------------------------

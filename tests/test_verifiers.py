@@ -143,6 +143,117 @@ def test_exact_match_verifier():
     assert exact_match(["A: blue"], [["red", "Blue"]]).rewards.tolist() == [1.0]
 
 
+# ----------------------------------------------------------------------------- MATH-style answers
+
+# Final answers as they appear in MATH solutions' \boxed{} (all subjects: radicals, powers,
+# fractions, intervals, tuples, sets, pi, polynomials, units, percent, dollars, text, matrices).
+MATH_GOLDS = [
+    r"3\sqrt{3}", r"2^{10}", r"\frac{1}{2}", r"\dfrac{5}{9}", r"\frac34", r"-\frac{2}{3}", r"\sqrt{2}",
+    r"\frac{\sqrt{3}}{2}", r"2\sqrt{5}", r"(1, 2)", r"(3,-1)", r"[1, 2)", r"(-\infty, 3]",
+    r"(-\infty,-2)\cup(3,\infty)", r"-2, 1", r"\{1, 2, 3\}", r"\pi", r"\frac{\pi}{2}", r"4\pi", r"6 - 2\pi",
+    r"x^2+2x+1", r"2x^2 - 5x + 3", r"-7", r"0", r"1.25", r"1000", r"20\%", r"90^\circ", r"10\text{ inches}",
+    r"\text{(C)}", r"\text{Monday}", r"\begin{pmatrix} 1 \\ -2 \end{pmatrix}", r"y = -2x + 3", r"x = 5",
+    r"\$18.90", r"1,\!000", r"\left( 3, \frac{\pi}{2} \right)", r"\sqrt[3]{2}", r"\frac{1+\sqrt{5}}{2}",
+    r"\infty", r"\frac{1}{\sqrt{2}}", r"10!", r"\log_2 3", r"\tfrac{3}{8}", r"\text{even}",
+    r"\sqrt{6} - \sqrt{2}", r"\frac{-1 + \sqrt{13}}{2}", r"4x(x+2)", r"\$42", r"12{,}500",
+]
+
+# The forms models emit: boxed (bare, in $…$, mid-text), "The answer is …", "#### …", "Final Answer: …".
+RESPONSE_FORMS = [
+    lambda a: f"\\boxed{{{a}}}",
+    lambda a: f"The answer is ${a}$.",
+    lambda a: f"Adding them up gives\n#### {a}",
+    lambda a: f"Final Answer: {a}",
+    lambda a: f"So the answer is $\\boxed{{{a}}}$.",
+    lambda a: f"The answer is {a}.",
+]
+
+# (gold, an equivalent form of it)
+MATH_EQUIVALENT = [
+    (r"3\sqrt{3}", r"\sqrt{27}"), (r"3\sqrt{3}", r"3\sqrt3"), (r"2^{10}", "1024"), (r"\frac{1}{2}", "0.5"),
+    (r"\frac{1}{2}", r"\dfrac{1}{2}"), (r"\frac34", r"\frac{3}{4}"), (r"\frac34", "0.75"),
+    (r"\dfrac{5}{9}", r"\frac{10}{18}"), (r"-\frac{2}{3}", r"\frac{-2}{3}"), (r"-\frac{2}{3}", "-2/3"),
+    (r"\sqrt{2}", r"2^{1/2}"), (r"\frac{\sqrt{3}}{2}", r"\frac{1}{2}\sqrt{3}"),
+    (r"\frac{1}{\sqrt{2}}", r"\frac{\sqrt{2}}{2}"), (r"2\sqrt{5}", r"\sqrt{20}"),
+    ("(1, 2)", "(1,2)"), ("(3,-1)", r"\left(3, -1\right)"), ("[1, 2)", "[1,2)"), (r"(-\infty, 3]", r"(-\infty,3]"),
+    ("-2, 1", "1, -2"), (r"\{1,2,3\}", r"\{3, 2, 1\}"), (r"\frac{\pi}{2}", r"\pi/2"), (r"4\pi", r"4 \pi"),
+    (r"6 - 2\pi", r"-2\pi + 6"), ("x^2+2x+1", "(x+1)^2"), ("2x^2 - 5x + 3", "(2x-3)(x-1)"), ("4x(x+2)", "4x^2+8x"),
+    ("-7", "-7.0"), ("-4", r"-\frac{8}{2}"), ("1.25", r"\frac{5}{4}"), (r"\frac{9}{4}", "2.25"), ("1000", "1,000"),
+    ("1000", "1{,}000"), (r"12{,}500", "12500"), (r"1,\!000", "1000"), (r"20\%", "20"), (r"20\%", "0.2"),
+    (r"90^\circ", "90"), (r"10\text{ inches}", "10"), (r"10 \text{ cm}", "10"), (r"\text{(C)}", "C"),
+    (r"\text{(C)}", "(C)"), ("x = 5", "5"), ("5", "x = 5"), ("y = -2x + 3", "y = 3 - 2x"), (r"\$18.90", "18.9"),
+    (r"\frac{1+\sqrt{5}}{2}", r"\frac{1}{2} + \frac{\sqrt{5}}{2}"), (r"\sqrt[3]{2}", r"2^{1/3}"),
+    (r"\begin{pmatrix} 1 \\ -2 \end{pmatrix}", r"\begin{pmatrix}1\\-2\end{pmatrix}"),
+    (r"\sqrt{6} - \sqrt{2}", r"-\sqrt{2} + \sqrt{6}"),
+    (r"0.\overline{3}", r"\frac13"),  # math-verify does not read repeating decimals: the known miss
+]
+
+# (gold, a wrong answer sharing a prefix with it): what a prefix-only parse would accept
+MATH_WRONG = [
+    (r"3\sqrt{3}", "3"), (r"2^{10}", "2"), (r"2^{10}", "2^{11}"), (r"\frac{1}{2}", "1"), (r"\sqrt{2}", "2"),
+    ("(1, 2)", "(1, 3)"), ("(1, 2)", "2"), ("(1, 2)", "1"), ("[1, 2)", "[1, 2]"), ("[1, 2)", "(1, 2)"),
+    (r"-\frac{2}{3}", "-2"), (r"2\sqrt{5}", "2"), (r"\frac{\pi}{2}", r"\pi"), (r"4\pi", "4"), ("x^2+2x+1", "x^2+2x"),
+    ("x^2+2x+1", "x^2"), ("1.25", "1.2"), ("1000", "100"), ("-7", "7"), (r"20\%", "2"),
+    (r"\frac{1+\sqrt{5}}{2}", r"\frac{1}{2}"), (r"6 - 2\pi", "6"), (r"(-\infty, 3]", r"(-\infty, 3)"), ("10!", "10"),
+    (r"\sqrt{6} - \sqrt{2}", r"\sqrt{6}"), ("2x^2 - 5x + 3", "2x^2 - 5x"), ("-2, 1", "-2"),
+    (r"\frac{-1 + \sqrt{13}}{2}", "-1"), (r"12{,}500", "12"), (r"\frac34", "3"), (r"\frac{\sqrt{3}}{2}", r"\sqrt{3}"),
+    ("x = 5", "x = 6"), (r"\log_2 3", r"\log_2 4"),
+]
+
+
+def test_math_gold_answers_verify_against_themselves():
+    assert len(MATH_GOLDS) >= 30
+    v = MathVerifier(backend="inline")
+    for g in MATH_GOLDS:
+        solution = f"Combining the cases, the answer is $\\boxed{{{g}}}$."
+        responses = [form(g) for form in RESPONSE_FORMS] + [solution]
+        golds = [g] * len(RESPONSE_FORMS) + [solution]  # bare gold; full worked solution vs itself
+        out = v(responses, golds)
+        assert [r.reason for r in out.results] == ["correct"] * len(responses), (g, [r.answer for r in out.results])
+
+
+def test_math_equivalent_and_prefix_sharing_wrong_answers():
+    """≥ 98 % right on (gold, equivalent) and (gold, prefix-sharing wrong) pairs in every response
+    form (measured: all but the repeating decimal)."""
+    rows = [(g, form(a), True) for g, a in MATH_EQUIVALENT for form in RESPONSE_FORMS]
+    rows += [(g, form(a), False) for g, a in MATH_WRONG for form in RESPONSE_FORMS]
+    assert len(MATH_EQUIVALENT) + len(MATH_WRONG) >= 60
+    out = MathVerifier(backend="inline")([r[1] for r in rows], [r[0] for r in rows])
+    assert all(r.valid for r in out.results)
+    misses = [(g, resp, want) for (g, resp, want), r in zip(rows, out.results) if r.value != want]
+    assert 1 - len(misses) / len(rows) >= 0.98, misses
+    # every prefix-sharing wrong answer is wrong in every form: a partial parse never scores
+    assert [m for m in misses if not m[2]] == []
+
+
+def test_math_prefix_of_gold_is_not_correct():
+    """The issue's cases: a LaTeX gold read as its prefix made wrong answers right and right ones wrong."""
+    v = MathVerifier(backend="inline")
+    gold = "$\\boxed{3\\sqrt{3}}$"
+    out = v(["\\boxed{3\\sqrt{3}}", "\\boxed{3}", "The answer is 3.", "The answer is $3\\sqrt{3}$."], [gold] * 4)
+    assert [r.reason for r in out.results] == ["correct", "incorrect", "incorrect", "correct"]
+    out = v(["#### 1024", "#### 2", "\\boxed{2^{10}}"], ["2^{10}"] * 3)
+    assert out.rewards.tolist() == [1.0, 0.0, 1.0]
+    out = v(["\\boxed{(1, 2)}", "\\boxed{2}"], ["(1, 2)"] * 2)
+    assert out.rewards.tolist() == [1.0, 0.0]
+    # the gold used to parse to nothing
+    out = v(["The answer is $\\sqrt{2}$.", "\\boxed{\\sqrt{2}}", "#### 2"], ["\\sqrt{2}"] * 3)
+    assert [r.reason for r in out.results] == ["correct", "correct", "incorrect"]
+
+
+def test_math_bare_and_prose_answers():
+    # bare final answers (no marker): the lenient fallback reads a one-line answer as LaTeX
+    lenient = MathVerifier(backend="inline", fallback="math_verify")
+    out = lenient(["3\\sqrt{3}", "3", "\\frac{1}{2}", "It is 18."], ["3\\sqrt{3}", "3\\sqrt{3}", "0.5", "18"])
+    assert out.rewards.tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert MathVerifier(backend="inline")(["3\\sqrt{3}"], ["3\\sqrt{3}"]).results[0].reason == "no_answer"
+    # prose around a number is read as the number, not as a product of letters
+    v = MathVerifier(backend="inline")
+    out = v(["A: 18 eggs", "The answer is $18 per day.", "\\boxed{18 \\text{ eggs}}", "Final Answer: 3/4 of a cup",
+             "#### $18.50", "The answer is (C)."], ["18", "18", "18", "\\frac{3}{4}", "\\$18.50", "\\text{(C)}"])
+    assert out.rewards.tolist() == [1.0] * 6
+
+
 # ----------------------------------------------------------------------------- real data
 
 

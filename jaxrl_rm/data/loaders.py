@@ -13,6 +13,9 @@ Data sets (each returns `(records, RowStats)`):
   load_alpaca_eval_triples          AlpacaEval -> POLAR RankedTriple (baseline answer = reference)
   load_gsm8k                        GSM8K -> VerifiableProblem (gold answer after '#### ')
   load_gsm8k_solutions              GSM8K model solutions -> JudgmentExample (label = is_correct)
+  load_math                         MATH / competition JSONL -> VerifiableProblem (gold: `answer`, else
+                                    the solution's last \boxed{})
+  load_verifiable(source)           `gsm8k:<path>` | `math:<path>` | a {prompt, answer} file -> VerifiableProblem
 
 Every loader takes `on_bad_row="error"|"skip"` (or a `BadRowPolicy` to share counts across
 files). Errors are `BadRowError`s naming file, 1-based line and field; skipped rows are counted in
@@ -771,11 +774,128 @@ def load_gsm8k_solutions(
     return out, policy.stats
 
 
+# --------------------------------------------------------------------------------------------
+# MATH (competition-style problems with a \boxed{} final answer)
+# --------------------------------------------------------------------------------------------
+
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+(?=[^\s{]))")
+
+
+def extract_boxed_answer(solution: str) -> str | None:
+    r"""The final answer of a MATH solution: the contents of its last `\boxed{…}` (or `\fbox{…}`),
+    braces balanced (`\boxed{\frac{1}{2}}` -> `\frac{1}{2}`), stripped. The brace-less form
+    `\boxed 5` gives the token after it. None if there is no box, the last one is never closed, or
+    it is empty.
+
+    >>> extract_boxed_answer(r"so $x = \boxed{\frac{1}{2}}$. Check: $\boxed{\{1, 2\}}$.")
+    '\\{1, 2\\}'
+    """
+    starts = list(_BOXED_RE.finditer(solution))
+    if not starts:
+        return None
+    m = starts[-1]
+    if not m.group(0).endswith("{"):
+        token = re.match(r"[^\s$]+", solution[m.end():])
+        return (token.group(0).rstrip(".,;") or None) if token else None
+    depth, i = 1, m.end()
+    while i < len(solution) and depth:
+        c = solution[i]
+        if c == "\\":  # an escaped character (\{, \}) never opens or closes
+            i += 2
+            continue
+        depth += c == "{"
+        depth -= c == "}"
+        i += 1
+    if depth:
+        return None
+    return solution[m.end(): i - 1].strip() or None
+
+
+def load_math(
+    path: PathLike,
+    *,
+    on_bad_row: str | BadRowPolicy = "error",
+) -> tuple[list[VerifiableProblem], RowStats]:
+    r"""MATH / competition-style rows -> `VerifiableProblem(prompt=problem, answer=gold)`.
+
+    Rows: `{"problem", "solution", ...}` (Hendrycks MATH: also `level`, `type`) or
+    `{"problem", "answer", ...}` (MATH-500, AIME-style sets; an int answer is accepted). Gold =
+    the row's `answer` when present, else the last `\boxed{…}` / `\fbox{…}` of `solution`
+    (`extract_boxed_answer`: nested braces kept, e.g. `\frac{1}{2}`). Reads JSONL(.gz), parquet
+    or a HF `save_to_disk` dir (`iter_rows`). Ids `"<file stem>:<line>"`.
+
+    Bad rows: missing / empty `problem`; neither `answer` nor `solution`; an `answer` that is not
+    a non-empty string or an int; a `solution` without a closed, non-empty `\boxed{}` (field
+    'solution', kind `no_final_answer`).
+    """
+    policy = BadRowPolicy.coerce(on_bad_row)
+    name, stem = str(path), _stem(path)
+    out: list[VerifiableProblem] = []
+    for line, row in iter_rows(path, on_bad_row=policy):
+        try:
+            v = RowValidator(row, file=name, line=line)
+            problem = v.req_str("problem")
+            answer = row.get("answer")
+            if isinstance(answer, int) and not isinstance(answer, bool):
+                gold = str(answer)
+            elif answer is not None:
+                gold = v.check_str(answer, "answer").strip()
+            else:
+                if row.get("solution") is None:
+                    raise v.error("solution", "missing", "required field is missing (no 'answer' either)")
+                solution = v.req_str("solution")
+                found = extract_boxed_answer(solution)
+                if found is None:
+                    raise v.error(
+                        "solution", "no_final_answer",
+                        f"expected a closed, non-empty \\boxed{{...}}, got {describe_value(solution[-40:])}",
+                    )
+                gold = found
+        except BadRowError as err:
+            policy.bad(err)
+            continue
+        out.append(VerifiableProblem(prompt=problem, answer=gold, id=f"{stem}:{line}"))
+    return out, policy.stats
+
+
+# --------------------------------------------------------------------------------------------
+# Verifiable-problem sources: `gsm8k:<path>`, `math:<path>` or a {prompt, answer} file
+# --------------------------------------------------------------------------------------------
+
+#: Data-source prefixes of public verifiable formats (`TaskSpec.data`, `judge.problems`, SFT data).
+PROBLEM_FORMATS: dict[str, Any] = {"gsm8k": load_gsm8k, "math": load_math}
+
+
+def problem_format(source: str) -> str | None:
+    """`math:data/test.jsonl` -> `"math"`; `gsm8k:…` -> `"gsm8k"`; any other source -> None."""
+    head, sep, _ = str(source).partition(":")
+    return head if sep and head in PROBLEM_FORMATS else None
+
+
+def load_verifiable(
+    source: str,
+    *,
+    on_bad_row: str | BadRowPolicy = "error",
+    field_map: Mapping[str, str] | None = None,
+) -> tuple[list[VerifiableProblem], RowStats]:
+    """Verifiable problems of a data source: `gsm8k:<path>` (`load_gsm8k`: gold after `####`),
+    `math:<path>` (`load_math`: gold = `answer`, else the solution's last `\\boxed{}`), or a file
+    of `{prompt, answer}` rows (`load_records`, renamed by `field_map`)."""
+    fmt = problem_format(source)
+    if fmt is None:
+        return load_records(source, VerifiableProblem, on_bad_row=on_bad_row, field_map=field_map)
+    if field_map:
+        raise ValueError(f"field_map does not apply to a {fmt}: source ({source}); its fields are fixed")
+    return PROBLEM_FORMATS[fmt](source[len(fmt) + 1:], on_bad_row=on_bad_row)
+
+
 __all__ = [
     "ALPACA_EVAL_BASELINE",
     "AlpacaEvalAnnotation",
     "GSM8K_POLICIES",
     "InstructionOutputs",
+    "PROBLEM_FORMATS",
+    "extract_boxed_answer",
     "extract_gsm8k_answer",
     "iter_records",
     "iter_rows",
@@ -785,9 +905,12 @@ __all__ = [
     "load_gsm8k",
     "load_gsm8k_solutions",
     "load_hh_rlhf",
+    "load_math",
     "load_records",
+    "load_verifiable",
     "parse_hh_turns",
     "parse_json_line",
+    "problem_format",
     "read_jsonl",
     "split_hh_pair",
     "write_jsonl",

@@ -183,9 +183,13 @@ def backward(hidden, lm_head, targets, lse, a, b, c, *, temperature: float = 1.0
             dw_j = jnp.where(cols >= col_lo, dw_j, lax.dynamic_slice_in_dim(dw, col0, bv, axis=1))
         return dh, lax.dynamic_update_slice_in_dim(dw, dw_j, col0, axis=1), h_t
 
-    # hidden^T rides in the loop carry so XLA cannot fold the transpose back into the dot.
+    # hidden^T is materialised behind an optimization barrier so XLA cannot fold the transpose
+    # back into the d_lm_head dot. A loop carry alone is not enough: with one vocab block the
+    # loop is removed, the "TN" dot returns, and XLA:CPU has no bf16 x bf16 -> f32 kernel for it
+    # (`UNIMPLEMENTED ... DotThunk`); f32 would take its slow path.
     zeros = lambda shape, dtype: vary_like(jnp.zeros(shape, dtype), hidden, lm_head, *side)
-    carry = (zeros((rows, d), jnp.float32), zeros(lm_head.shape, lm_head.dtype), hp.T)
+    carry = (zeros((rows, d), jnp.float32), zeros(lm_head.shape, lm_head.dtype),
+             lax.optimization_barrier(hp.T))
     carry = lax.fori_loop(0, n_full, lambda j, cr: vocab_step(j * bv, None, cr), carry)
     if last_start is not None:
         carry = vocab_step(last_start, n_full * bv, carry)

@@ -5,7 +5,9 @@ token (policy, old policy, reference policy), and the dense way materialises `[N
 several times over under autodiff. All fast implementations here share one differentiable
 primitive, `_stats`, that returns per-token statistics `(lse, z_target[, entropy])` and has a
 `jax.custom_vjp` whose backward recomputes blocks of logits instead of saving any `[N, V]`
-buffer. `logp = z_target - lse`; the entropy is returned as is.
+buffer. `logp = z_target - lse`; the entropy is returned as is. Every implementation first casts
+the head to the hidden's (compute) dtype, as the model's logits and the sampler do, so training
+and sampling log-probs come from the same matmul (bf16 compute, float32 parameters included).
 
 Implementations (`impl=`):
 
@@ -129,6 +131,15 @@ def _check_shapes(hidden, lm_head, targets):
         raise ValueError(f"targets must be integers, got {targets.dtype}")
 
 
+def _head_in_compute_dtype(hidden, lm_head):
+    """`lm_head` cast to `hidden.dtype` (the compute dtype), as `Transformer.logits` and the sampler
+    use it. With bf16 compute and float32 parameters an uncast head would make the matmul float32
+    at `Precision.HIGHEST` (multi-pass on TPU/GPU) and give log-probs the sampler never computed.
+    The cast's transpose returns `d_lm_head` in the head's own dtype (float32 parameters keep
+    float32 gradients)."""
+    return lm_head if lm_head.dtype == hidden.dtype else lm_head.astype(hidden.dtype)
+
+
 def _resolve(impl: str, d: int, pallas_platform: str | None, interpret: bool | None):
     """`impl="auto"` -> concrete impl by backend; the Pallas flavour and interpret mode."""
     if impl not in IMPLS:
@@ -156,8 +167,12 @@ def token_logprobs(hidden, lm_head, targets, *, temperature: float = 1.0,
     """Log-probability of each target token (and the entropy) under `softmax(h @ W / T)`.
 
     Args:
-      hidden: `[N, D]` float32 or bf16 final hidden states (flatten `[B, T, D]` first).
-      lm_head: `[D, V]` same dtype family; the unembedding.
+      hidden: `[N, D]` float32 or bf16 final hidden states (flatten `[B, T, D]` first); its
+        dtype is the compute dtype.
+      lm_head: `[D, V]` the unembedding, any float dtype; every implementation first casts it to
+        `hidden.dtype` (bf16 hidden + float32 head -> a bf16 matmul at default precision with
+        float32 accumulation, exactly the sampler's logits); `d_lm_head` comes back in
+        `lm_head.dtype`.
       targets: `[N] int32` token ids in `[0, V)` (the streaming implementations treat an id
         outside as matching no column, i.e. logit 0; the textbook reference gives NaN).
       temperature: logits are `hidden @ lm_head / temperature` (static Python float).
@@ -177,6 +192,7 @@ def token_logprobs(hidden, lm_head, targets, *, temperature: float = 1.0,
       `hidden` and `lm_head` (both outputs); float32 accumulation throughout.
     """
     _check_shapes(hidden, lm_head, targets)
+    lm_head = _head_in_compute_dtype(hidden, lm_head)
     if mesh is not None and mesh.shape.get(vocab_axis, 1) > 1:
         return token_logprobs_vocab_parallel(
             hidden, lm_head, targets, mesh=mesh, temperature=temperature,
@@ -231,7 +247,8 @@ def token_logprobs_vocab_parallel(hidden, lm_head, targets, *, mesh: jax.shardin
     over those of `token_axes` that the mesh has.
 
     Args:
-      hidden: `[N, D]`; lm_head: `[D, V]`, `V` divisible by the `vocab_axis` size;
+      hidden: `[N, D]`; lm_head: `[D, V]` (cast to `hidden.dtype`), `V` divisible by the
+        `vocab_axis` size;
       targets: `[N] int32`; `N` divisible by the product of the token axes' sizes.
       mesh: a `jax.sharding.Mesh` (axes `data`, `fsdp`, `tensor`, `AxisType.Auto`).
       Other args as `token_logprobs`.
@@ -240,6 +257,7 @@ def token_logprobs_vocab_parallel(hidden, lm_head, targets, *, mesh: jax.shardin
       `logp: [N] float32` or `(logp, entropy)`, sharded over the token axes.
     """
     _check_shapes(hidden, lm_head, targets)
+    lm_head = _head_in_compute_dtype(hidden, lm_head)
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
     if vocab_axis not in mesh.shape:

@@ -7,7 +7,10 @@ Per token (b, t) with advantage A = advantages[b] (or advantages[b, t]):
                  s_b = exp(mean over valid t of (logp - old_logp))
   surrogate  pg = max(-r A, -clip(r, 1 - clip_low, 1 + clip_high) A)     (PPO; DAPO clip-higher)
   dual clip  pg = min(pg, -clip_ratio_c A)  where A < 0                   (if clip_ratio_c is set)
-  TIS        pg = pg * sg[min(exp(old_logp - sampler_logp), tis_cap)]    (if sampler_logp is given)
+  IS ratio   w = exp(old_logp - sampler_logp)          per token (level "token"), or
+             w = exp(sum over valid t of (old_logp - sampler_logp)), one per sequence ("sequence")
+  masked IS  tokens / sequences with w outside [1/c, c] leave `mask`     (is_mask, c = is_mask_threshold)
+  TIS        pg = pg * sg[min(w, tis_cap)]                     (sampler_logp given, tis_cap not None)
   per-token  l = pg + kl_coef * KL_k(logp, ref_logp) - entropy_coef * entropy
 
 and the loss is `aggregate(l, mask, loss_agg_mode)` (see `jaxrl_rm.objectives.reduction`). Because
@@ -27,7 +30,18 @@ Decisions (documented here, tested in tests/test_objectives.py):
   `loss_agg_mode="seq-mean-token-mean"` and sequence-level advantages it equals the GSPO objective's
   gradient exactly. Its clip range is the caller's `clip_low` / `clip_high` (the paper uses 3e-4 /
   4e-4); clipping then acts per sequence because the ratio value is constant along a sequence.
-- TIS weights multiply the policy-gradient term only, not the KL or entropy terms (as verl).
+- The k3 KL value is clamped to [-kl_clamp, kl_clamp] (default 10, as verl's `low_var_kl`), so one
+  token whose ratio to the reference explodes adds at most kl_coef * kl_clamp and no gradient.
+- Train/infer mismatch (`sampler_logp`: the sampler's log-probs of the same tokens, *unfiltered*,
+  at the same temperature) is corrected against `old_logp` (verl's "decoupled" mode: pi_old is the
+  trainer's recomputation, so a caller must not pass the sampler's log-probs as `old_logp`).
+  TIS weights (`tis_level` token | sequence, verl's `rollout_is` / `rollout_is_threshold`) multiply
+  the policy-gradient term only, not the KL or entropy terms (as verl). Masked IS (`is_mask` token |
+  sequence, verl's `rollout_rs` / `rollout_rs_threshold` with lower bound 1/c; token level is
+  IcePop's mask) removes the rejected tokens from the whole loss *and* its denominator, as verl's
+  rejection on `response_mask`; with `tis_cap >= c` the kept tokens get their exact ratio (IcePop).
+  `is_masked_frac` is the share of the caller's valid tokens rejected, `is_masked_seq_frac` the
+  share of its sequences that lost at least one token; every other metric describes the kept ones.
 - `clip_frac_high`: share of valid tokens with A > 0 and r > 1 + clip_high (gradient cut by the upper
   clip); `clip_frac_low`: A < 0 and r < 1 - clip_low; `clip_frac_dual`: A < 0 and the dual clip
   binds. `approx_kl` is the k3 estimate of KL(pi || pi_old) per token. All metrics are means over
@@ -36,6 +50,7 @@ Decisions (documented here, tested in tests/test_objectives.py):
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import jax
@@ -55,6 +70,8 @@ from jaxrl_rm.objectives.reduction import (
 
 RatioLevel = Literal["token", "sequence"]
 RATIO_LEVELS: tuple[str, ...] = ("token", "sequence")
+IS_LEVELS: tuple[str, ...] = ("token", "sequence")  # tis_level
+IS_MASKS: tuple[str, ...] = ("none", "token", "sequence")  # is_mask
 
 _F32 = jnp.float32
 _sg = jax.lax.stop_gradient
@@ -85,10 +102,14 @@ def policy_loss_terms(
     ref_logp: jax.Array | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    kl_clamp: float = 10.0,
     entropy: jax.Array | None = None,
     entropy_coef: float = 0.0,
     sampler_logp: jax.Array | None = None,
-    tis_cap: float = 2.0,
+    tis_cap: float | None = 2.0,
+    tis_level: str = "token",
+    is_mask: str = "none",
+    is_mask_threshold: float = 2.0,
     max_log_ratio: float = 20.0,
 ) -> LossTerms:
     """Additive sums of the policy loss over a (micro-)batch; see `policy_loss` for the arguments.
@@ -107,12 +128,23 @@ def policy_loss_terms(
         raise ValueError(f"clip_high={clip_high} must be >= 0")
     if clip_ratio_c is not None and clip_ratio_c <= 1.0 + clip_high:
         raise ValueError(f"clip_ratio_c={clip_ratio_c} must be > 1 + clip_high = {1.0 + clip_high}")
+    if not kl_clamp >= 0.0:
+        raise ValueError(f"kl_clamp={kl_clamp} must be >= 0 (0: off)")
     if not _is_zero(kl_coef) and ref_logp is None:
         raise ValueError(f"kl_coef={kl_coef} needs ref_logp")
     if not _is_zero(entropy_coef) and entropy is None:
         raise ValueError(f"entropy_coef={entropy_coef} needs entropy")
-    if sampler_logp is not None and not tis_cap > 0.0:
-        raise ValueError(f"tis_cap={tis_cap} must be > 0")
+    if sampler_logp is not None and tis_cap is not None and not tis_cap > 0.0:
+        raise ValueError(f"tis_cap={tis_cap} must be > 0 (None: no TIS weights)")
+    if tis_level not in IS_LEVELS:
+        raise ValueError(f"tis_level={tis_level!r}; valid: {', '.join(IS_LEVELS)}")
+    if is_mask not in IS_MASKS:
+        raise ValueError(f"is_mask={is_mask!r}; valid: {', '.join(IS_MASKS)}")
+    if is_mask != "none" and not is_mask_threshold > 1.0:
+        raise ValueError(f"is_mask_threshold={is_mask_threshold} must be > 1 (tokens / sequences with "
+                         "an importance ratio outside [1/c, c] are masked)")
+    if is_mask != "none" and sampler_logp is None:
+        raise ValueError(f"is_mask={is_mask!r} needs sampler_logp")
     mask = jnp.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask must be [B, T], got shape {mask.shape}")
@@ -129,8 +161,22 @@ def policy_loss_terms(
     # ---- float32, masked positions zeroed before any arithmetic ----
     mask = mask.astype(bool)
 
-    def clean(x: jax.Array) -> jax.Array:
+    def clean(x: jax.Array) -> jax.Array:  # zeroes outside the current `mask` (rejections included)
         return jnp.where(mask, jnp.asarray(x).astype(_F32), 0.0)
+
+    # ---- train/infer mismatch vs the sampler: masked IS (rejection), then TIS weights ----
+    mask_in, rejected, tis_w = mask, None, None
+    if sampler_logp is not None:
+        is_log_ratio = _sg(clean(old_logp) - clean(sampler_logp))  # [B, T] log pi_old / pi_sampler
+        seq_is_log_ratio = jnp.sum(is_log_ratio, axis=-1, keepdims=True)  # [B, 1] log of the product
+        if is_mask != "none":
+            lr = is_log_ratio if is_mask == "token" else seq_is_log_ratio
+            rejected = mask_in & (jnp.abs(lr) > math.log(is_mask_threshold))
+            mask = mask_in & ~rejected
+        if tis_cap is not None:
+            lr = is_log_ratio if tis_level == "token" else seq_is_log_ratio
+            tis_raw = jnp.exp(jnp.clip(jnp.broadcast_to(lr, shape), -max_log_ratio, max_log_ratio))
+            tis_w = jnp.minimum(tis_raw, tis_cap)
 
     logp = clean(logp)
     old_logp = _sg(clean(old_logp))
@@ -160,16 +206,14 @@ def policy_loss_terms(
         pg = jnp.where(negative, jnp.minimum(pg, pg_dual), pg)
 
     # ---- truncated importance sampling against the sampler ----
-    if sampler_logp is not None:
-        sampler_log_ratio = old_logp - _sg(clean(sampler_logp))
-        tis_raw = jnp.exp(jnp.clip(sampler_log_ratio, -max_log_ratio, max_log_ratio))
-        tis_w = _sg(jnp.minimum(tis_raw, tis_cap))
+    if tis_w is not None:
         pg = pg * tis_w
 
     per_token = pg
     kl = None
     if ref_logp is not None:
-        kl = kl_estimate(logp, _sg(clean(ref_logp)), kl_estimator, max_log_ratio=max_log_ratio)
+        kl = kl_estimate(logp, _sg(clean(ref_logp)), kl_estimator, max_log_ratio=max_log_ratio,
+                         kl_clamp=kl_clamp)
         if not _is_zero(kl_coef):
             per_token = per_token + kl_coef * kl
     ent = None
@@ -200,9 +244,13 @@ def policy_loss_terms(
         means["kl"] = masked_mean_terms(_sg(kl), mask)
     if ent is not None:
         means["entropy"] = masked_mean_terms(_sg(ent), mask)
-    if sampler_logp is not None:
+    if tis_w is not None:
         means["tis_weight_mean"] = masked_mean_terms(tis_w, mask)
         means["tis_clip_frac"] = frac(tis_raw > tis_cap)
+    if rejected is not None:
+        means["is_masked_frac"] = masked_mean_terms(rejected.astype(_F32), mask_in)
+        means["is_masked_seq_frac"] = (jnp.sum(jnp.any(rejected, axis=-1)).astype(_F32),
+                                       jnp.sum(jnp.any(mask_in, axis=-1)).astype(_F32))
     return LossTerms(
         loss_sum=loss_sum,
         denominator=den,
@@ -228,10 +276,14 @@ def policy_loss(
     ref_logp: jax.Array | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    kl_clamp: float = 10.0,
     entropy: jax.Array | None = None,
     entropy_coef: float = 0.0,
     sampler_logp: jax.Array | None = None,
-    tis_cap: float = 2.0,
+    tis_cap: float | None = 2.0,
+    tis_level: str = "token",
+    is_mask: str = "none",
+    is_mask_threshold: float = 2.0,
     max_log_ratio: float = 20.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Clipped policy-gradient loss (PPO/GRPO/DAPO/Dr.GRPO/GSPO) and its metrics. Pure, jittable.
@@ -257,27 +309,40 @@ def policy_loss(
       kl_coef: coefficient of the KL penalty added per token (needs `ref_logp`). May be a traced
         scalar (a schedule); the clip values, `tis_cap` and the string options must be static.
       kl_estimator: "k1" | "k2" | "k3" (see `jaxrl_rm.objectives.kl.kl_estimate`).
+      kl_clamp: the per-token k3 value is clamped to [-kl_clamp, kl_clamp] (default 10, as verl;
+        0: off; static). Where it binds the token's KL gradient is 0. k1 / k2 are not clamped.
       entropy: [B, T] per-token entropy of the current policy (optional, differentiable).
       entropy_coef: entropy bonus coefficient: loss -= entropy_coef * aggregated entropy (may be
         traced, like `kl_coef`).
-      sampler_logp: [B, T] log-probs from the sampler (e.g. the inference engine), optional;
-        enables truncated importance sampling with weights min(exp(old_logp - sampler_logp), tis_cap).
-      tis_cap: TIS truncation cap (default 2.0).
+      sampler_logp: [B, T] log-probs of the same tokens from the sampler (e.g. the inference
+        engine): `log_softmax(logits / T)` *before* top-k / top-p, so that the ratio to the
+        trainer's `old_logp` measures only the train/infer mismatch. Optional; needed by TIS and
+        `is_mask`. w = exp(old_logp - sampler_logp) per token, or its product over a sequence.
+      tis_cap: truncated-IS cap: pg *= sg[min(w, tis_cap)] (default 2.0; None: no weights, e.g.
+        for masking only).
+      tis_level: "token" (w per token) | "sequence" (one product w per sequence; verl's
+        `rollout_is: sequence`).
+      is_mask: "none" | "token" (drop tokens with w outside [1/c, c], IcePop) | "sequence" (drop
+        whole sequences whose product w leaves [1/c, c]); dropped tokens leave the loss (KL and
+        entropy included) and its denominator.
+      is_mask_threshold: c > 1 of `is_mask`.
       max_log_ratio: log-ratios are clipped to +-max_log_ratio before exp (overflow guard).
 
     Returns:
       loss: [] float32.
       metrics: dict of [] float32: pg_loss, clip_frac_low, clip_frac_high, ratio_mean, ratio_min,
         ratio_max, approx_kl; plus clip_frac_dual (dual clip), kl (ref_logp), entropy (entropy),
-        tis_weight_mean and tis_clip_frac (sampler_logp). Metrics describe this (micro-)batch;
+        tis_weight_mean and tis_clip_frac (TIS); is_masked_frac and is_masked_seq_frac
+        (is_mask). Metrics describe this (micro-)batch;
         to combine micro-batches exactly, add their `policy_loss_terms` and call `.metrics()`.
     """
     terms = policy_loss_terms(
         logp, old_logp, advantages, mask,
         clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c,
         ratio_level=ratio_level, loss_agg_mode=loss_agg_mode, loss_norm_length=loss_norm_length,
-        ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp,
         entropy=entropy, entropy_coef=entropy_coef,
-        sampler_logp=sampler_logp, tis_cap=tis_cap, max_log_ratio=max_log_ratio,
+        sampler_logp=sampler_logp, tis_cap=tis_cap, tis_level=tis_level, is_mask=is_mask,
+        is_mask_threshold=is_mask_threshold, max_log_ratio=max_log_ratio,
     )
     return terms.loss(global_denominator), terms.metrics()

@@ -21,30 +21,52 @@ Three reward types register here (``grpo.tasks[].rewards[].type``):
 Modes of ``judge`` / ``self_judge`` (``options.mode``), for one group of G rollouts, k =
 ``options.num_judgments`` judge samples per judge prompt:
 
-============  =========================================  ==============================  ========================
+============  =========================================  ==============================  ==============================
 mode          judge prompts per group ("calls")          template (default)              reward of rollout i
-============  =========================================  ==============================  ========================
+============  =========================================  ==============================  ==============================
 ``pointwise`` G (each rollout alone)                     ``pointwise`` (0–10)            mean of its k normalised scores
-``pairwise``  G(G−1): every ordered pair (i, j), i ≠ j   ``pairwise`` (``[[A]]``/``[[B]]``)  win rate over all its comparisons
-``pivot``     2(G−1): (i, p) and (p, i) for a random     ``pairwise``                    win rate vs the pivot (the pivot:
-              pivot rollout p (seeded)                                                   its win rate vs all others)
+``pairwise``  G(G−1): every ordered pair (i, j), i ≠ j   ``pairwise`` (``[[A]]``/``[[B]]``)  mean of its own score in all its
+                                                                                         comparisons (``outcome``: its win
+                                                                                         rate)
+``pivot``     2G: (i, p) and (p, i) for every rollout i, ``pairwise``                    its own score in its two
+              the pivot p (random, seeded) included                                      comparisons with p; the pivot's:
+              (``pivot_reward: win_rate``: 2(G−1), no                                    its comparison with itself
+              comparison of p with itself)                                               (``win_rate``: its score / win
+                                                                                         rate vs all others)
 ``listwise``  1 (all G in one prompt), or with           ``listwise`` (URPO ``\boxed{}``)  mean of its normalised scores
               ``subset_size`` s < G: ⌈G/s⌉ per round,
               ``subset_rounds`` rounds of random subsets
               (a last subset of one joins the previous)
-============  =========================================  ==============================  ========================
+============  =========================================  ==============================  ==============================
 
 Scores are normalised to [0, 1]: ``(s − min_score) / (max_score − min_score)`` of the template.
 Pairwise and pivot modes also take a listwise template (a ranking judge, e.g. URPO's, shown the two
-responses as a list of 2): the higher score wins, as with ``pairwise_scores``.
-Pairwise outcomes: a win 1, a loss 0, a tie (``pairwise_scores`` with equal scores) ``tie_reward``
-(0.5), an invalid verdict ``invalid_verdict`` (0.5, neutral) for both sides. Pointwise / listwise:
-the mean over the *valid* samples; a rollout with none gets ``invalid_reward`` (0).
+responses as a list of 2).
+
+What a pairwise comparison credits (``options.pairwise_reward``):
+``score`` (default; fairseq2's RLLM recipe): with a template that scores both responses
+(``pairwise_scores``, or a listwise template shown the pair) each side is credited with *its own*
+normalised score (9 vs 8.9 gives 0.9 and 0.89, not a win and a loss); a verdict template
+(``pairwise``) has no scores, so its outcomes are used. Invalid judgments count for nothing; a
+rollout with no valid judgment gets ``invalid_reward`` (0).
+``outcome``: a win 1, a loss 0, a tie (equal scores) ``tie_reward`` (0.5), an invalid verdict
+``invalid_verdict`` (0.5, neutral) for both sides.
+Pivot mode (``options.pivot_reward``): ``self`` (default; fairseq2) judges the pivot against itself
+too and credits only the non-pivot slot of each comparison, so every rollout, the pivot included,
+is rated the same way against the same opponent; ``win_rate`` credits both slots (the pivot gets its
+score / win rate over its comparisons with all others) and makes no self-comparison.
+Pointwise / listwise: the mean over the *valid* samples; a rollout with none gets ``invalid_reward``
+(0).
+
+Evaluation (``eval_reward/<task>``, ``win_rate/<task>``) judges through :meth:`JudgeSource.for_eval`:
+greedy verdicts (``options.eval_num_judgments: 0``, the default), or the mean of
+``eval_num_judgments`` samples at the judge's temperature, so an evaluation measures the policy and
+not the judge's sampling noise.
 
 Guards (``options.guards``, on by default; see :mod:`.guards`): a judged rollout that is empty, a
 master key (``":"``, ``"Thought process:"``…), a repetition or a prompt echo is never shown to the
-judge: its reward is 0, and in pairwise modes every comparison with it is won by the other side
-(no call). Counts are in ``guard_report()`` (the run summary's ``reward_guard``).
+judge: its reward is 0, and in pairwise mode every comparison with it is won by the other side
+(1: a win, or the top score; no call). Counts are in ``guard_report()`` (the run summary's ``reward_guard``).
 
 Metrics (prefixed by the source name): ``judge_calls`` (judge prompts this step),
 ``judge_samples`` (calls × k), ``calls_per_group``, ``invalid_rate`` (invalid parses / samples),
@@ -60,6 +82,7 @@ prompts and rollouts), so a resumed run judges identically.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 from typing import Any, Callable, Sequence
@@ -73,6 +96,8 @@ from jaxrl_rm.rewards.parsers import ParseResult, verdict_from_scores
 from jaxrl_rm.rewards.sources import Rollouts, register
 
 MODES: tuple[str, ...] = ("pointwise", "pairwise", "pivot", "listwise")
+PAIRWISE_REWARDS: tuple[str, ...] = ("score", "outcome")
+PIVOT_REWARDS: tuple[str, ...] = ("self", "win_rate")
 DEFAULT_TEMPLATES = {"pointwise": "pointwise", "pairwise": "pairwise", "pivot": "pairwise", "listwise": "listwise"}
 _MODE_FORMATS = {
     "pointwise": ("pointwise",),
@@ -212,6 +237,7 @@ class _Request:
     group: int
     members: tuple[int, ...]  # rollout indices in the order shown (1 for pointwise, 2 for pairwise, n for listwise)
     text: str
+    pivot_slot: int | None = None  # pivot mode: the position (0 = A, 1 = B) the pivot is shown in
 
 
 class JudgeSource:
@@ -226,9 +252,17 @@ class JudgeSource:
                  template: str | JudgeTemplate | None = None, template_options: dict | None = None,
                  num_judgments: int = 1, subset_size: int = 0, subset_rounds: int = 1, shuffle: bool = False,
                  use_reference: bool = False, tie_reward: float = 0.5, invalid_verdict: float = 0.5,
-                 invalid_reward: float = 0.0, guards: Any = True, chat_template: bool = True, seed: int = 0):
+                 invalid_reward: float = 0.0, pairwise_reward: str = "score", pivot_reward: str = "self",
+                 eval_num_judgments: int = 0, guards: Any = True, chat_template: bool = True, seed: int = 0):
         if mode not in MODES:
             raise ValueError(f"judge option mode must be one of {list(MODES)}, got {mode!r}")
+        if pairwise_reward not in PAIRWISE_REWARDS:
+            raise ValueError(f"judge option pairwise_reward must be one of {list(PAIRWISE_REWARDS)}, "
+                             f"got {pairwise_reward!r}")
+        if pivot_reward not in PIVOT_REWARDS:
+            raise ValueError(f"judge option pivot_reward must be one of {list(PIVOT_REWARDS)}, got {pivot_reward!r}")
+        if eval_num_judgments < 0:
+            raise ValueError(f"judge option eval_num_judgments must be 0 (greedy) or >= 1, got {eval_num_judgments}")
         if num_judgments < 1:
             raise ValueError(f"judge option num_judgments must be >= 1, got {num_judgments}")
         if subset_size < 0 or subset_size == 1:
@@ -248,6 +282,7 @@ class JudgeSource:
         self.judge, self.tokenizer, self.name, self.mode, self.template = judge, tokenizer, name, mode, tpl
         self.k, self.subset_size, self.subset_rounds, self.shuffle = int(num_judgments), int(subset_size), int(subset_rounds), bool(shuffle)
         self.tie_reward, self.invalid_verdict, self.invalid_reward = float(tie_reward), float(invalid_verdict), float(invalid_reward)
+        self.pairwise_reward, self.pivot_reward, self.eval_k = pairwise_reward, pivot_reward, int(eval_num_judgments)
         self.guards = guard_config(guards)
         self.chat_template, self.seed = chat_template, int(seed)
         self.counter = GuardCounter()
@@ -274,20 +309,20 @@ class JudgeSource:
             if self.mode == "pointwise":
                 reqs += [_Request(i, (j,), self.render(item, response=resp[j])) for j in live]
             elif self.mode in ("pairwise", "pivot"):
+                pairs: list[tuple[int, int, int | None]] = []  # (shown as A, shown as B, pivot slot)
                 if self.mode == "pairwise":
-                    pairs = [(a, c) for a in live for c in live if a != c]
-                else:
-                    pairs = []
-                    if len(live) >= 2:
-                        p = live[int(rng.integers(len(live)))]
-                        for x in live:
-                            if x != p:
-                                pairs += [(x, p), (p, x)]
+                    pairs = [(a, c, None) for a in live for c in live if a != c]
+                elif len(live) >= (1 if self.pivot_reward == "self" else 2):
+                    p = live[int(rng.integers(len(live)))]
+                    for x in live:  # fairseq2: every rollout, the pivot itself included, in both orders
+                        if x != p or self.pivot_reward == "self":
+                            pairs += [(x, p, 1), (p, x, 0)]
                 if self.template.format.startswith("listwise"):  # a ranking judge shown two responses
-                    reqs += [_Request(i, (a, c), self.render(item, responses=[resp[a], resp[c]])) for a, c in pairs]
+                    reqs += [_Request(i, (a, c), self.render(item, responses=[resp[a], resp[c]]), slot)
+                             for a, c, slot in pairs]
                 else:
-                    reqs += [_Request(i, (a, c), self.render(item, response_a=resp[a], response_b=resp[c]))
-                             for a, c in pairs]
+                    reqs += [_Request(i, (a, c), self.render(item, response_a=resp[a], response_b=resp[c]), slot)
+                             for a, c, slot in pairs]
             else:
                 if not live:
                     continue
@@ -329,18 +364,26 @@ class JudgeSource:
         valid_scores: list[float] = []
         bias_flips, bias_pairs = 0, 0
         if self.mode in ("pairwise", "pivot"):
+            by_score = self.pairwise_reward == "score" and self.template.format != "pairwise"
             outcome: dict[tuple[int, int, int], list[float | None]] = {}
             for r, rs in zip(reqs, results):
-                a, c = r.members
                 outs = [pairwise_outcome(res) for res in rs]
-                outcome[(r.group, a, c)] = outs
-                for o in outs:
-                    oa = self.invalid_verdict if o is None else (self.tie_reward if o == 0.5 else o)
-                    oc = self.invalid_verdict if o is None else (self.tie_reward if o == 0.5 else 1.0 - o)
-                    entries[r.group][a].append(oa)
-                    entries[r.group][c].append(oc)
-                    if o is not None:
-                        valid_scores += [oa, oc]
+                outcome[(r.group, *r.members)] = outs
+                # pivot_reward self: only the non-pivot slot earns (the pivot's own: its self-comparison)
+                slots = (1 - r.pivot_slot,) if self.mode == "pivot" and self.pivot_reward == "self" else (0, 1)
+                for res, o in zip(rs, outs):
+                    for slot in slots:
+                        if by_score:
+                            if not res.valid:
+                                continue
+                            v = normalise(float(res.value[slot]), self.template)
+                        elif o is None:
+                            v = self.invalid_verdict
+                        else:
+                            v = self.tie_reward if o == 0.5 else (o if slot == 0 else 1.0 - o)
+                        entries[r.group][r.members[slot]].append(v)
+                        if by_score or o is not None:
+                            valid_scores.append(v)
             for (grp, a, c), outs in outcome.items():
                 if a < c and (grp, c, a) in outcome:
                     for o1, o2 in zip(outs, outcome[(grp, c, a)]):
@@ -356,7 +399,7 @@ class JudgeSource:
                     for x in range(g):
                         if x != j and ok[i, x] and self.mode == "pairwise":
                             entries[i][x] += [1.0, 1.0]
-            rewards = np.full((b, g), self.invalid_verdict, np.float32)
+            rewards = np.full((b, g), self.invalid_reward if by_score else self.invalid_verdict, np.float32)
             for i in range(b):
                 for j in range(g):
                     if entries[i][j]:
@@ -389,6 +432,19 @@ class JudgeSource:
             metrics["position_bias_rate"] = bias_flips / bias_pairs if bias_pairs else 0.0
             metrics["position_pairs"] = float(bias_pairs)
         return rewards, metrics
+
+    def for_eval(self) -> "JudgeSource":
+        """This source as evaluation uses it (``eval_reward/<task>``, ``win_rate/<task>``): the same
+        judge model, template and guards, judging greedily (``eval_num_judgments: 0``) or with the
+        mean of ``eval_num_judgments`` samples; its own guard counts (the run's ``reward_guard``
+        counts training only)."""
+        view = copy.copy(self)
+        view.counter, view.total_calls, view.judge = GuardCounter(), 0, copy.copy(self.judge)
+        if self.eval_k == 0:
+            view.k, view.judge.greedy = 1, True
+        else:
+            view.k = self.eval_k
+        return view
 
     def _parse(self, text: str, n: int) -> ParseResult:
         return self.template.parse(text, n if self.template.format.startswith("listwise") else None)
@@ -464,8 +520,8 @@ class ScoreMatchSource:
 
 
 _JUDGE_KEYS = ("name", "mode", "template", "template_options", "num_judgments", "subset_size", "subset_rounds",
-               "shuffle", "use_reference", "tie_reward", "invalid_verdict", "invalid_reward", "guards",
-               "chat_template", "seed")
+               "shuffle", "use_reference", "tie_reward", "invalid_verdict", "invalid_reward", "pairwise_reward",
+               "pivot_reward", "eval_num_judgments", "guards", "chat_template", "seed")
 _GEN_KEYS = ("max_prompt_length", "max_new_tokens", "temperature", "top_p", "top_k", "greedy", "batch_size")
 
 

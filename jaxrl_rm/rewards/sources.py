@@ -101,24 +101,37 @@ class VerifierSource:
 
 
 class RankingSource:
-    """URPO preference-as-ranking: parse `\\boxed{s1, …, sN}` and reward Kendall τ vs gold scores."""
+    """URPO preference-as-ranking: parse each ranking judgment with its task's template and reward
+    Kendall τ vs the gold scores (`mapping` raw | unit; an invalid judgment earns `invalid_reward`,
+    default the lowest reward).
 
-    def __init__(self, *, name: str = "ranking", mapping: str = "raw", min_score: float = 0.0,
-                 max_score: float = 10.0, invalid_reward: float | None = None, require_reasoning: bool = True):
+    The template is `train.tasks.ranking_template` of the item's task (`options.template`, default
+    URPO's `listwise` `\\boxed{s1, …, sN}`, with `options.template_options`, e.g. `max_score`): the
+    same object that rendered the ranking prompt parses the answer. `tasks`: TaskSpecs by name (the
+    GRPO run's); an item of a task not in it is parsed with the default `listwise` template.
+    """
+
+    def __init__(self, *, name: str = "ranking", mapping: str = "raw", invalid_reward: float | None = None,
+                 tasks: dict | None = None):
         self.name, self.mapping, self.invalid_reward = name, mapping, invalid_reward
-        self.parse_options = dict(min_score=min_score, max_score=max_score, require_reasoning=require_reasoning,
-                                  think_tags=None)
+        self.tasks = dict(tasks or {})
+
+    def template_for(self, task: str):
+        from jaxrl_rm.rewards.judges import get_template
+        from jaxrl_rm.train.tasks import ranking_template
+
+        spec = self.tasks.get(task)
+        return get_template("listwise") if spec is None else ranking_template(spec)
 
     def __call__(self, rollouts: Rollouts):
         from jaxrl_rm.rewards.judgment import kendall_tau_reward
-        from jaxrl_rm.rewards.parsers import parse_listwise
 
         b, g = rollouts.shape
         rewards = np.zeros((b, g), np.float32)
         invalid = 0
         for i, item in enumerate(rollouts.items):
-            n = len(item.gold_scores)
-            results = [parse_listwise(text, n, **self.parse_options) for text in rollouts.completions[i]]
+            n, template = len(item.gold_scores), self.template_for(item.task)
+            results = [template.parse(text, n) for text in rollouts.completions[i]]
             invalid += sum(not r.valid for r in results)
             rewards[i] = kendall_tau_reward(results, [item.gold_scores] * g, mapping=self.mapping,
                                             invalid_reward=self.invalid_reward)
@@ -150,10 +163,25 @@ Factory = Callable[..., RewardSource]
 #: Reward types computed by rules from gold data (no model): the others are what monitors watch.
 RULE_REWARDS = ("verifier", "exact_match", "ranking", "hidden_quality")
 
+
+def _ranking_source(spec, ctx: dict) -> RankingSource:
+    """`type: ranking` — parses with the templates of the GRPO run's tasks (`ctx["grpo"].tasks`)."""
+    opts, valid = dict(spec.options), ("name", "mapping", "invalid_reward")
+    moved = sorted(set(opts) & {"min_score", "max_score", "integer", "require_reasoning"})
+    if moved:
+        raise ValueError(f"reward type ranking: option(s) {moved} belong to the task's template: set them in "
+                         "grpo.tasks[].options.template_options (the template that renders the ranking prompt "
+                         "also parses the answer)")
+    unknown = sorted(set(opts) - set(valid))
+    if unknown:
+        raise ValueError(f"reward type ranking: unknown option(s) {unknown}; valid: {list(valid)}")
+    return RankingSource(tasks=getattr(ctx.get("grpo"), "tasks", None), **opts)
+
+
 REGISTRY: dict[str, Factory] = {
     "verifier": lambda spec, ctx: VerifierSource("math", **spec.options),
     "exact_match": lambda spec, ctx: VerifierSource("exact", **spec.options),
-    "ranking": lambda spec, ctx: RankingSource(**spec.options),
+    "ranking": _ranking_source,
     "hidden_quality": lambda spec, ctx: HiddenQualitySource(**spec.options),
 }
 #: Rule rewards that can measure a non-verifiable task's greedy eval answers (`options.eval_scorer`).
@@ -184,6 +212,13 @@ def _load_builtin_sources() -> None:
         except ModuleNotFoundError as e:
             if e.name != module:
                 raise
+
+
+def for_eval(source: RewardSource) -> RewardSource:
+    """The source as evaluation uses it: its `for_eval()` view where it has one (a generative judge
+    judges greedily there: `judge_source.JudgeSource.for_eval`), else the source itself."""
+    view = getattr(source, "for_eval", None)
+    return view() if callable(view) else source
 
 
 def combine(weighted: Sequence[tuple[RewardSource, float]], rollouts: Rollouts,

@@ -18,11 +18,15 @@ Both verifiers work in three steps per response:
    ================  =====================================  ======================
 
    A response without any marker is ``no_answer`` (reward 0) unless ``fallback`` says otherwise
-   (math: ``"math_verify"`` hands the whole text to math-verify's own extraction; exact match:
-   ``"whole"`` compares the whole response).
-3. **Comparison**: :class:`MathVerifier` — ``math_verify.parse`` of gold and answer, then
-   ``math_verify.verify(gold, answer)`` (numbers, fractions, LaTeX, sets…; thousands separators
-   removed first). :class:`ExactMatchVerifier` — equality after :func:`normalize_answer`.
+   (math: ``"math_verify"`` reads a one-line answer such as ``3\sqrt{3}`` as LaTeX and hands
+   any other text to math-verify's own extraction; exact match: ``"whole"`` compares the whole
+   response).
+3. **Comparison**: :class:`MathVerifier` — ``math_verify.parse`` of gold and answer, each inside
+   a math environment (``$3\sqrt{3}$``: outside one math-verify reads only ``3``; prose answers
+   such as ``18 eggs`` and ones already in ``$…$`` go in as written, see :func:`_mv_inputs`), then
+   ``math_verify.verify(gold, answer)`` (numbers, fractions, radicals, powers, intervals, tuples,
+   sets, polynomials, ``x = 5`` ≡ ``5``; thousands separators removed first).
+   :class:`ExactMatchVerifier` — equality after :func:`normalize_answer`.
 
 Gold answers may be a final answer (``"18"``) or a full worked solution with a marker (GSM8K's
 ``"…\n#### 18"``); they go through the same extraction (no marker → the whole gold string).
@@ -39,8 +43,9 @@ main thread; elsewhere it raises. :class:`MathVerifier` therefore picks a backen
   bounds a pathological input (a warning is logged once).
 * ``"process"`` — ``workers`` spawned worker processes. math-verify's timeouts work there
   (each worker runs tasks in its main thread), and the parent enforces a hard per-item deadline
-  of ``3 * ceil(timeout_s) + 1`` s (two parses + one comparison): a worker past it is killed and
-  replaced, the item is ``timeout``. Safe from any thread, no signals in the caller.
+  of ``5 * ceil(timeout_s) + 1`` s (gold and answer, each parsed at most twice, + one
+  comparison): a worker past it is killed and replaced, the item is ``timeout``. Safe from any
+  thread, no signals in the caller.
 * ``"auto"`` (default) — ``inline`` on the main thread, ``process`` elsewhere.
 
 Call :meth:`MathVerifier.close` (or use it as a context manager) to stop worker processes.
@@ -274,26 +279,83 @@ def _mv_parse(text: str, timeout: int | None) -> tuple:
     return tuple(parse(text, parsing_timeout=timeout))  # type: ignore[arg-type]
 
 
-def _mv_input(answer: str, fmt: str | None) -> str:
-    # boxed contents are LaTeX: give math-verify a math environment to find them in
-    return f"${answer}$" if fmt == "boxed" else answer
+# A math environment already present: $…$ (balanced), \(…\), \[…\].
+_MATH_DELIMITED_RE = re.compile(r"\$[^$]+\$|\\\(|\\\[")
+# LaTeX commands whose argument is words, not math (dropped before looking for prose words).
+_LATEX_TEXT_ARG_RE = re.compile(
+    r"\\(?:text[a-z]*|math(?:rm|bf|it|sf|tt|bb|cal|frak)|mbox|hbox|operatorname|begin|end)\s*\{[^{}]*\}"
+)
+_LATEX_COMMAND_RE = re.compile(r"\\[A-Za-z]+")
+# A whitespace-separated word (punctuation around it allowed) of >= 3 letters or a short English
+# one: "18 eggs", "3/4 of a cup"; not variables such as "ab + bc" or "2 xy".
+_PROSE_WORD_RE = re.compile(
+    r"(?:^|(?<=\s))[(\"']*(?:[A-Za-z]{3,}|(?i:is|of|to|in|on|at|an|or|by|it|he|we|so|as|be|if|my|no))"
+    r"[)\"'.,;:!?]*(?=\s|$)"
+)
+
+
+def _is_prose(answer: str) -> bool:
+    r"""True when an answer reads as words around a number (``18 eggs``, ``She has 18 left``)
+    rather than one expression (``3\sqrt{3}``, ``10 \text{ cm}``, ``2 xy``, ``\text{(C)}``)."""
+    bare = _LATEX_COMMAND_RE.sub(" ", _LATEX_TEXT_ARG_RE.sub(" ", answer))
+    return _PROSE_WORD_RE.search(bare) is not None
+
+
+def _mv_inputs(answer: str, fmt: str | None) -> tuple[str, ...]:
+    r"""Texts for ``math_verify.parse``, in order: the first that parses to something is used.
+
+    math-verify reads LaTeX only inside a math environment; outside one it extracts a plain
+    expression and stops at the first LaTeX it cannot read (``2^{10}`` → ``2``, ``3\sqrt{3}`` →
+    ``3``, ``\sqrt{2}`` → nothing). So an answer goes in as ``$answer$``, with the raw text as the
+    fallback; an answer that is prose (:func:`_is_prose`: ``$18 eggs$`` would be the product
+    ``18·e·g·g·s``) goes in raw first, ``$answer$`` second. An answer that already holds a math
+    environment (``$\frac{1}{2}$``) goes in as it is; a lone ``$`` is a currency sign and dropped
+    (boxed contents are in math mode: every ``$`` there is dropped).
+    ``fmt``: the answer format that found the answer, ``""`` for a bare final answer (a gold);
+    ``None``: the answer is a whole response without a marker (fallback): one line that is not
+    prose is a bare final answer (``3\sqrt{3}``), anything else goes to math-verify's own
+    extraction as it is.
+
+    >>> _mv_inputs(r"3\sqrt{3}", "boxed"), _mv_inputs("$18 per day", "answer_is")
+    (('$3\\sqrt{3}$', '3\\sqrt{3}'), ('18 per day', '$18 per day$'))
+    """
+    a = answer.strip()
+    if fmt is None and ("\n" in a or _is_prose(a)):
+        return (a,)
+    if fmt != "boxed" and _MATH_DELIMITED_RE.search(a):
+        return (a,)
+    a = a.replace("$", "").strip()
+    if not a:
+        return ()
+    wrapped = f"${a}$"
+    return (a, wrapped) if _is_prose(a) else (wrapped, a)
+
+
+def _mv_parse_first(texts: Sequence[str], timeout: int | None) -> tuple:
+    """``math_verify.parse`` of the first of ``texts`` that parses to something (``()`` if none)."""
+    for text in texts:
+        parsed = _mv_parse(text, timeout)
+        if parsed:
+            return parsed
+    return ()
 
 
 def math_equal(golds: tuple[str, ...], answer: str, answer_fmt: str | None, timeout: int | None) -> tuple[str, str | None]:
     """One math-verify comparison; ``(reason, extracted)`` with reason ``correct``/``incorrect``/``no_answer``/``no_gold``.
 
-    ``answer_fmt=None`` means the answer is a whole response (fallback): math-verify extracts.
-    ``timeout`` is math-verify's own (signal) timeout in seconds, or None to disable it.
+    Gold and answer are parsed as :func:`_mv_inputs` says (golds as final answers, format
+    unknown). ``answer_fmt=None`` means the answer is a whole response (fallback). ``timeout``
+    is math-verify's own (signal) timeout in seconds, or None to disable it.
     Runs in the caller's process; module-level so worker processes can run it.
     """
     from math_verify import verify
 
     gold_parsed: list = []
     for g in golds:
-        gold_parsed.extend(_mv_parse(_mv_input(g, None), timeout))
+        gold_parsed.extend(_mv_parse_first(_mv_inputs(g, ""), timeout))  # "": a bare final answer
     if not gold_parsed:
         return NO_GOLD, None
-    pred = list(_mv_parse(_mv_input(answer, answer_fmt), timeout))
+    pred = list(_mv_parse_first(_mv_inputs(answer, answer_fmt), timeout))
     if not pred:
         return NO_ANSWER, None
     extracted = str(pred[-1]) if answer_fmt is None else answer
@@ -507,7 +569,8 @@ class MathVerifier(_VerifierBase):
     Args:
       answer_formats: answer markers to look for (see module docstring).
       fallback: ``"none"`` — a response without a marker is ``no_answer``; ``"math_verify"`` —
-        give the whole response to math-verify's own extraction (lenient: "last number" wins).
+        a one-line response that is not prose is a bare final answer (read as LaTeX), any other
+        goes to math-verify's own extraction (lenient: "last number" wins).
       timeout_s: time budget per math-verify call (see "Timeouts" in the module docstring).
       backend: ``"auto"`` | ``"inline"`` | ``"process"``.
       workers: worker processes for the ``process`` backend.
@@ -579,7 +642,7 @@ class MathVerifier(_VerifierBase):
         if self._pool is None:
             self._pool = ProcessPool(math_equal, self.workers, self.mp_context)
         t = _mv_timeout(self.timeout_s)
-        deadline = 3 * t + 1.0 if t else float("inf")
+        deadline = 5 * t + 1.0 if t else float("inf")
         return self._pool.run(tasks, deadline)
 
     # -- call

@@ -7,7 +7,7 @@
 """
 
 from jaxrl_rm.sampling.distribution import (filtered_logits, sample_reference, sample_tokens,
-                                            token_logprobs, top_p_keep)
+                                            token_logprobs, top_p_keep, unfiltered_logprobs)
 from jaxrl_rm.sampling.sampler import (FINISH_LENGTH, FINISH_STOP, GenerationResult, bucket_length,
                                        bucket_rows, generate, teacher_forced_logprobs)
 from jaxrl_rm.sampling.text import (TextGeneration, decode_completions, default_stop_ids, encode_prompts,
@@ -17,5 +17,5 @@ __all__ = [
     "FINISH_LENGTH", "FINISH_STOP", "GenerationResult", "TextGeneration", "bucket_length", "bucket_rows",
     "decode_completions", "default_stop_ids", "encode_prompts", "filtered_logits", "generate",
     "generate_text", "render_prompts", "sample_reference", "sample_tokens", "teacher_forced_logprobs",
-    "token_logprobs", "top_p_keep",
+    "token_logprobs", "top_p_keep", "unfiltered_logprobs",
 ]

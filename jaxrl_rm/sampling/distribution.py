@@ -5,6 +5,9 @@ from**: `log_softmax` of `logits / temperature` restricted to the tokens that su
 then top-p (HF's order: temperature -> top-k -> top-p), renormalised. With `top_k=0, top_p=1` it is
 exactly `log_softmax(logits / temperature)`, which is what a teacher-forced forward pass
 recomputes (`token_logprobs`). Greedy decoding reports the temperature-1, unfiltered log-prob.
+With a filter on, the filtered log-prob also carries the log of the kept (nucleus) mass, so a
+train/infer mismatch is measured on `unfiltered_logprobs` instead: `log_softmax(logits /
+temperature)` of the sampled token before top-k / top-p, the quantity a trainer recomputes.
 
 Two implementations of one definition:
 
@@ -70,6 +73,18 @@ def sample_reference(key: jax.Array, logits: jax.Array, *, temperature: float = 
     tok = jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
     logp = jnp.take_along_axis(jax.nn.log_softmax(x, -1), tok[:, None], -1)[:, 0]
     return tok, logp
+
+
+def unfiltered_logprobs(logits: jax.Array, tokens: jax.Array, *, temperature: jax.Array | float = 1.0
+                        ) -> jax.Array:
+    """`log_softmax(logits / temperature)` at `tokens`, ignoring top-k / top-p: logits `[B, V]`,
+    tokens `[B]` int -> `[B]` float32. One fused pass (no scaled copy of the logits)."""
+    x = logits.astype(jnp.float32)
+    m = jnp.max(x, axis=-1)
+    inv_t = 1.0 / temperature
+    lse = jnp.log(jnp.sum(jnp.exp((x - m[:, None]) * inv_t), axis=-1))
+    chosen = jnp.take_along_axis(x, tokens[:, None].astype(jnp.int32), -1)[:, 0]
+    return (chosen - m) * inv_t - lse
 
 
 # --- fast path ----------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrl_rm.parallel.mesh import replicate
-from jaxrl_rm.sampling.distribution import sample_tokens
+from jaxrl_rm.sampling.distribution import sample_tokens, unfiltered_logprobs
 
 FINISH_STOP = "stop"      # the row produced one of `stop_token_ids` (included in the completion)
 FINISH_LENGTH = "length"  # the row reached `max_new_tokens`
@@ -69,8 +69,12 @@ class GenerationResult:
     finish_reason: `[N]` numpy str array, `"stop"` or `"length"`.
     prompt_tokens: `[N, P]` int32 the prompts as fed, left-padded with `pad_id` (P = longest
                  prompt after truncation); `prompt_lengths` `[N]` int32.
-    unfiltered_logprobs: `[N, max_new_tokens]` float32 `log_softmax(logits)` at temperature 1
-                 with no top-k/top-p, when `return_unfiltered_logprobs=True`; else None.
+    unfiltered_logprobs: `[N, max_new_tokens]` float32 `log_softmax(logits / temperature)` of
+                 each token *before* top-k / top-p (greedy: temperature 1), 0 where `mask` is
+                 False, when `return_unfiltered_logprobs=True`; else None. This is what a
+                 teacher-forced trainer recomputes (`completion_logprobs`, `token_logprobs`), so
+                 `exp(trainer - unfiltered)` measures the train/infer mismatch and nothing else;
+                 without filters it equals `logprobs`.
     """
 
     tokens: jax.Array
@@ -264,9 +268,9 @@ def _generate_core(graphdef, state, head, prompt_ids, prompt_lens, live, uniform
         tok, logp = sample_tokens(logits, u, temperature=temperature, top_k=spec.top_k, top_p=top_p,
                                   use_top_p=spec.use_top_p, greedy=spec.greedy)
         base = None
-        if spec.unfiltered:
-            base = (jnp.take_along_axis(logits, tok[:, None], -1)[:, 0]
-                    - jax.nn.logsumexp(logits, axis=-1))
+        if spec.unfiltered:  # without filters the sampled distribution is the unfiltered one
+            filtered = not spec.greedy and (spec.top_k > 0 or spec.use_top_p)
+            base = unfiltered_logprobs(logits, tok, temperature=temperature) if filtered else logp
         return tok, logp, base
 
     if head is None:
@@ -465,7 +469,10 @@ def generate(model, prompts, *, num_samples: int = 1, max_new_tokens: int, tempe
     max_prompt_len: a longer prompt is an error, or with truncate_prompt='left' keeps its last
         `max_prompt_len` tokens. Default: `max_position_embeddings - max_new_tokens`.
     pad_id: filler id in `tokens` after a row ends (default: model's pad id, else 0).
-    return_unfiltered_logprobs: also return temperature-1 unfiltered log-probs.
+    return_unfiltered_logprobs: also return `log_softmax(logits / temperature)` of each sampled
+        token before top-k / top-p (`GenerationResult.unfiltered_logprobs`): the log-prob a
+        teacher-forced trainer recomputes. Costs one more pass over the logits per step only
+        when a filter is on.
     host_threads: CPU without a mesh only: split the rows into this many shards decoded
         concurrently from host threads (default `_host_splits`: one per core, >= 8 rows each).
         XLA:CPU runs one program's matmuls on one core; independent executions run in parallel.

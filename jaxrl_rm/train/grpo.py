@@ -4,9 +4,11 @@ One RL step (`GRPO.run_step`):
   draw B prompts (task mixture + curriculum) -> sample G completions each (jitted KV-cache
   sampler) -> rewards [B, G] from each task's weighted reward sources (+ DAPO overlong shaping)
   -> group-relative advantages -> (dynamic sampling: drop zero-variance groups, sample more,
-  up to a cap) -> old-policy log-probs (the sampler's, when one update per step makes them
-  exact; else a forward pass) and reference log-probs when kl_coef > 0 -> `ppo_epochs` passes of
-  `mini_batches` jitted updates of `objectives.policy_loss_terms` (micro-batched exactly).
+  up to a cap) -> old-policy log-probs (the sampler's unfiltered ones when one update per step
+  makes them the policy's and no mismatch correction is on; else a trainer forward pass, so that
+  TIS / masked IS see exp(old - sampler) != 1) and reference log-probs when kl_coef > 0 ->
+  `ppo_epochs` passes of `mini_batches` jitted updates of `objectives.policy_loss_terms`
+  (micro-batched exactly).
 
 Sampling seeds are a function of (seed, step, round), prompts of the mixer's counters, so a
 resumed run reproduces the uninterrupted one.
@@ -66,11 +68,19 @@ def completion_logprobs(model, batch, *, prompt_len: int, temperature: float, wi
     return out.reshape(n, t)
 
 
+def mismatch_correction(g) -> bool:
+    """True when a GRPOConfig `g` corrects the train/infer mismatch (TIS or masked IS): old
+    log-probs must then come from the trainer, never be the sampler's."""
+    return g.tis_cap > 0 or g.is_mask != "none"
+
+
 def make_grpo_loss(g, *, prompt_len: int):
     """loss_fn(model, batch) for `build_train_step`, from a GRPOConfig `g`.
 
     batch: input_ids / attention_mask `[N, P+T]`, completion / loss_mask `[N, T]`,
-    old_logp `[N, T]`, advantages `[N]`, sampler_logp `[N, T]`, optional ref_logp `[N, T]`.
+    old_logp `[N, T]`, advantages `[N]`, sampler_logp `[N, T]` (the sampler's unfiltered log-probs
+    at `temperature`: the TIS / masked-IS denominator and the `sampler_logp_gap` monitor),
+    optional ref_logp `[N, T]`.
     """
     with_entropy = g.entropy_coef > 0
 
@@ -85,8 +95,10 @@ def make_grpo_loss(g, *, prompt_len: int):
             ratio_level=g.ratio_level, loss_agg_mode=g.loss_agg_mode,
             loss_norm_length=g.loss_norm_length or g.max_new_tokens,
             ref_logp=batch.get("ref_logp"), kl_coef=g.kl_coef, kl_estimator=g.kl_estimator,
-            entropy=entropy, entropy_coef=g.entropy_coef,
-            sampler_logp=batch["sampler_logp"] if g.tis_cap > 0 else None, tis_cap=g.tis_cap or 2.0)
+            kl_clamp=g.kl_clamp, entropy=entropy, entropy_coef=g.entropy_coef,
+            sampler_logp=batch["sampler_logp"] if mismatch_correction(g) else None,
+            tis_cap=g.tis_cap or None, tis_level=g.tis_level, is_mask=g.is_mask,
+            is_mask_threshold=g.is_mask_threshold)
         # train/infer mismatch monitor: |logp - sampler logp| on the sampled tokens
         gap = jnp.where(mask, jnp.abs(jax.lax.stop_gradient(logp) - batch["sampler_logp"]), 0.0)
         means = dict(terms.means, sampler_logp_gap=(gap.sum(), mask.sum().astype(jnp.float32)))
@@ -139,7 +151,9 @@ class GRPO:
                                        micro_batches=cfg.train.micro_batches)
         self._logp = jax.jit(lambda params, batch: completion_logprobs(
             nnx.merge(self.trainer.graphdef, params), batch, prompt_len=self.P, temperature=g.temperature))
-        self.reuse_sampler_logp = g.ppo_epochs * g.mini_batches == 1 and g.top_p == 1.0 and g.top_k == 0
+        # one update per step: pi_old is the sampling policy, and the sampler's unfiltered log-probs
+        # are its log-probs up to the train/infer mismatch - which a correction must measure
+        self.reuse_sampler_logp = g.ppo_epochs * g.mini_batches == 1 and not mismatch_correction(g)
         rows = g.prompts_per_step * g.num_samples // g.mini_batches
         if rows % cfg.train.micro_batches:
             raise ValueError(f"train.micro_batches={cfg.train.micro_batches} must divide the mini-batch of "
@@ -147,16 +161,19 @@ class GRPO:
 
     # --- prompts ---------------------------------------------------------------------------
     def prompt_text(self, item: PromptItem) -> str:
-        """What the policy sees for an item: the task's prompt format through the chat template."""
+        """What the policy sees for an item: the task's prompt format through the chat template
+        (a ranking / judgment task's template shows a chat-message prompt as `role: content` lines)."""
+        from jaxrl_rm.rewards.judge_source import prompt_as_text
+
         task = self.tasks[item.task]
         if task.kind == "ranking":
             return ranking_template(task).render(self.tokenizer if self.cfg.data.chat_template else None,
-                                                 prompt=item.prompt, responses=list(item.responses))
+                                                 prompt=prompt_as_text(item.prompt), responses=list(item.responses))
         if task.kind == "judgment":
             template = task_template(task, "pointwise_correctness")
             fields = {"reference": item.reference} if template.uses_reference else {}
             return template.render(self.tokenizer if self.cfg.data.chat_template else None,
-                                   prompt=item.prompt, response=item.responses[0], **fields)
+                                   prompt=prompt_as_text(item.prompt), response=item.responses[0], **fields)
         return render_prompt(item.prompt, self.tokenizer, chat_template=self.cfg.data.chat_template)
 
     def sample(self, params, items: list[PromptItem], *, seed: int, num_samples: int, greedy: bool = False):
@@ -167,6 +184,7 @@ class GRPO:
         res = generate(model, prompts, num_samples=num_samples, max_new_tokens=self.T,
                        temperature=self.g.temperature, top_p=self.g.top_p, top_k=self.g.top_k,
                        stop_token_ids=self.eos, seed=seed, greedy=greedy, mesh=self.mesh,
+                       return_unfiltered_logprobs=True,
                        max_prompt_len=self.P, truncate_prompt="left", pad_id=self.pad)
         tokens, mask = np.asarray(res.tokens), np.asarray(res.mask)
         b, gsz = len(items), num_samples
@@ -179,10 +197,20 @@ class GRPO:
             truncated=(np.asarray(res.finish_reason) == "length").reshape(b, gsz))
         return rollouts, res, prompts
 
-    def rewards(self, rollouts: Rollouts) -> tuple[np.ndarray, dict]:
-        """Per-task weighted reward sources + overlong shaping -> rewards [B, G], metrics."""
+    def rewards(self, rollouts: Rollouts) -> tuple[np.ndarray, dict, np.ndarray]:
+        """Score a step's rollouts -> (rewards `[B, G]`, metrics, filter values `[B, G]`).
+
+        rewards: per task, Σ weight · source (the *score*), plus DAPO overlong shaping — what the
+        update trains on. filter values: what DAPO dynamic sampling tests for zero variance, per
+        `grpo.dynamic_sampling_metric` (as verl's `filter_groups.metric`): `acc` the correctness
+        of the task's weighted rule verifier (`verifier` / `exact_match`; reward > 0), or its score
+        when it has none (judges, RMs, rankings); `score` the task reward before shaping;
+        `seq_final_reward` the shaped reward. Shaping is left out of the first two so that a group
+        of all-right (or all-wrong) answers of different lengths is not kept to train on length.
+        """
         b, gsz = rollouts.shape
-        rewards = np.zeros((b, gsz), np.float32)
+        scores = np.zeros((b, gsz), np.float32)
+        acc = np.zeros((b, gsz), np.float32)
         metrics: dict[str, float] = {}
         by_task: dict[str, list[int]] = {}
         for i, item in enumerate(rollouts.items):
@@ -190,16 +218,21 @@ class GRPO:
         for task, rows in by_task.items():
             sub, parts = rollouts.subset(rows), {}
             r, m = reward_sources.combine(self.sources[task], sub, parts)
-            rewards[rows] = r
+            scores[rows] = r
+            verifiers = [src.name for (src, weight), spec in zip(self.sources[task], self.tasks[task].rewards)
+                         if spec.type in ("verifier", "exact_match") and weight != 0]
+            acc[rows] = (parts[verifiers[0]] > 0).astype(np.float32) if verifiers else r
             metrics.update({f"reward/{task}/{k}": v for k, v in m.items()})
             metrics[f"reward/{task}/mean"] = float(r.mean())
             metrics.update(self.gold_monitor(self.tasks[task], sub, parts))
+        rewards = scores
         if self.g.overlong_buffer > 0:
             shaping = overlong_penalty(rollouts.lengths, rollouts.truncated, max_new_tokens=self.T,
                                        buffer=self.g.overlong_buffer, penalty=self.g.overlong_penalty)
-            rewards = rewards + shaping
+            rewards = scores + shaping
             metrics["reward/overlong_shaping"] = float(shaping.mean())
-        return rewards, metrics
+        signal = {"acc": acc, "score": scores, "seq_final_reward": rewards}[self.g.dynamic_sampling_metric]
+        return rewards, metrics, signal
 
     def gold_monitor(self, task, rollouts: Rollouts, parts: dict[str, np.ndarray]) -> dict:
         """Reward-hacking monitor for model-scored verifiable tasks: the same rollouts checked
@@ -239,20 +272,20 @@ class GRPO:
         """
         g, B = self.g, self.g.prompts_per_step
         self.current_params = params  # self-judging reward sources (URPO) score with the live policy
-        parts, kept, generated, dropped, metrics = [], 0, 0, 0, {}
+        parts, kept, generated, dropped, flat, metrics = [], 0, 0, 0, 0, {}
         for rnd in range(1 + (g.max_sampling_rounds if g.dynamic_sampling else 0)):
             items = self.mixer.draw(step, B)
             rollouts, res, prompts = self.sample(params, items, seed=step_seed(self.cfg.seed, step, rnd),
                                                  num_samples=g.num_samples)
-            rewards, m = self.rewards(rollouts)
+            rewards, m, signal = self.rewards(rollouts)
             if rnd == 0:
                 metrics.update(m)
-            zero = np.asarray(zero_variance_groups(jnp.asarray(rewards)))
             generated += B
-            dropped += int(zero.sum())
-            live = ~zero if g.dynamic_sampling else np.ones(B, bool)
-            take = np.flatnonzero(live)[: B - kept]
+            flat += int(np.asarray(zero_variance_groups(jnp.asarray(rewards))).sum())
             if g.dynamic_sampling:
+                zero = np.asarray(zero_variance_groups(jnp.asarray(signal)))
+                dropped += int(zero.sum())
+                take = np.flatnonzero(~zero)[: B - kept]
                 parts.append((rollouts, res, prompts, rewards, take))
                 kept += len(take)
                 if kept == B:
@@ -260,7 +293,7 @@ class GRPO:
             else:
                 parts.append((rollouts, res, prompts, rewards, np.arange(B)))
                 kept = B
-        metrics["zero_variance_fraction"] = dropped / generated
+        metrics["zero_variance_fraction"] = flat / generated  # groups whose rewards give no advantage
         metrics["sampling_rounds"] = len(parts)
         if g.dynamic_sampling:
             metrics["dynamic_sampling/dropped_fraction"] = dropped / generated
@@ -273,7 +306,7 @@ class GRPO:
         ids, attn, comp, cmask, slogp, rew, live = [], [], [], [], [], [], []
         for rollouts, res, prompts, rewards, take in parts:
             tokens, mask = np.asarray(res.tokens), np.asarray(res.mask)
-            logp = np.asarray(res.logprobs)
+            logp = np.asarray(res.unfiltered_logprobs)  # what the trainer recomputes (no top-p/k)
             for i in take:
                 for j in range(G):
                     r = i * G + j
@@ -395,7 +428,9 @@ class GRPO:
     def evaluate(self, state) -> dict:
         """Greedy held-out accuracy per verifiable task (`accuracy/<task>`, overall `accuracy`),
         and mean reward of the task's sources for the other tasks (`eval_reward/<task>`) plus, with
-        `options.eval_scorer`, the mean score of that scorer (`quality/<task>`) on the same answers."""
+        `options.eval_scorer`, the mean score of that scorer (`quality/<task>`) on the same answers.
+        Judges give evaluation verdicts greedily (or as the mean of their `eval_num_judgments`
+        samples: `reward_sources.for_eval`), so the same policy always gets the same numbers."""
         from jaxrl_rm.eval.policy import verifiable_accuracy
 
         out, correct, total = {}, 0.0, 0
@@ -413,7 +448,8 @@ class GRPO:
                 correct, total = correct + acc * len(items), total + len(items)
             else:
                 rollouts, _, _ = self.sample(state["params"], items, seed=0, num_samples=1, greedy=True)
-                r, _ = reward_sources.combine(self.sources[name], rollouts)
+                judged = [(reward_sources.for_eval(src), w) for src, w in self.sources[name]]
+                r, _ = reward_sources.combine(judged, rollouts)
                 out[f"eval_reward/{name}"] = float(r.mean())
                 if name in self.scorers:
                     out[f"quality/{name}"] = float(np.mean(self.scorers[name](rollouts)[0]))
@@ -427,7 +463,9 @@ class GRPO:
         """Win rate of the policy's greedy answers against the items' references, judged by
         `task.options.win_rate_judge` (a reward spec, default type judge) in pairwise mode with
         both orders: each item is a group of two rollouts (policy, reference), and the judge's
-        pairwise reward of the policy's rollout is its win rate (tie / invalid verdict = 1/2)."""
+        pairwise reward of the policy's rollout is its win rate (outcomes, whatever the spec's
+        `pairwise_reward`; tie / invalid verdict = 1/2). Verdicts are greedy, or the mean of the
+        spec's `options.eval_num_judgments` samples (`JudgeSource.for_eval`)."""
         from jaxrl_rm.config import RewardSpec
 
         items = [it for it in items if it.reference is not None]
@@ -436,10 +474,11 @@ class GRPO:
                              "reference answers to compare against")
         if task.name not in self._win_judges:
             spec = dict(task.options["win_rate_judge"])
-            opts = {"mode": "pairwise", "name": "win_rate_judge", **spec.pop("options", {})}
-            self._win_judges[task.name] = reward_sources.build_source(
+            opts = {"mode": "pairwise", "name": "win_rate_judge", **spec.pop("options", {}),
+                    "pairwise_reward": "outcome"}
+            self._win_judges[task.name] = reward_sources.for_eval(reward_sources.build_source(
                 RewardSpec(type=spec.pop("type", "judge"), path=spec.pop("path", ""), options=opts),
-                self._source_ctx)
+                self._source_ctx))
         rollouts, _, _ = self.sample(params, items, seed=0, num_samples=1, greedy=True)
         zeros = np.zeros((len(items), 2, 1), np.int32)
         pairs = Rollouts(items=items, prompt_texts=rollouts.prompt_texts,

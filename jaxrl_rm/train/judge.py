@@ -63,7 +63,8 @@ _FIXED_THINK = "I check the answer against the question."
 
 
 def load_problems(source: str, *, split: str, seed: int, n: int) -> list[VerifiableProblem]:
-    """`n` problems from `synthetic:<task>` (split train / eval) or a JSONL of {prompt, answer} (its first n)."""
+    """`n` problems from `synthetic:<task>` (split train / eval), a JSONL of {prompt, answer}, or
+    `gsm8k:<path>` / `math:<path>` (`jaxrl_rm.data.loaders.load_verifiable`; files: their first n)."""
     from jaxrl_rm.data import synthetic
 
     name = synthetic.parse_source(source)
@@ -71,9 +72,9 @@ def load_problems(source: str, *, split: str, seed: int, n: int) -> list[Verifia
         if name not in synthetic.TASKS:
             raise ValueError(f"judge.problems: unknown synthetic task {name!r}; available: {sorted(synthetic.TASKS)}")
         return synthetic.TASKS[name](n, seed=seed, split=split)
-    from jaxrl_rm.data.loaders import load_records
+    from jaxrl_rm.data.loaders import load_verifiable
 
-    records, _ = load_records(source, VerifiableProblem)
+    records, _ = load_verifiable(source)
     return records[:n]
 
 

@@ -42,14 +42,20 @@ def next_token_loss(model, batch):
 
 
 def load_sft_records(source: str, cfg, *, seed: int, split: str):
-    """Records from a JSONL path or `synthetic:<task>`; returns (records, bad-row counts)."""
+    """Records from a JSONL path, `synthetic:<task>`, or `gsm8k:<path>` / `math:<path>` (prompt ->
+    gold final answer, as a verifiable task's data in the RL warm-up); returns (records, bad-row counts)."""
     from jaxrl_rm.data import synthetic
 
     task = synthetic.parse_source(source)
     if task is not None:
         n = cfg.data.synthetic_size if split == "train" else max(cfg.data.synthetic_size // 8, 64)
         return synthetic.sft_records(task, n, seed=seed, split=split), {}
-    from jaxrl_rm.data.loaders import load_records
+    from jaxrl_rm.data.loaders import load_records, load_verifiable, problem_format
+
+    if problem_format(source) is not None:
+        problems, stats = load_verifiable(source, on_bad_row=cfg.data.on_bad_row)
+        records = [SFTRecord(prompt=p.prompt, response=p.answer, id=p.id) for p in problems]
+        return records, {"rows_skipped": stats.rows_skipped, "rows_read": stats.rows_read}
 
     fmap = {cfg.data.prompt_field: "prompt", cfg.data.response_field: "response"}
     records, stats = load_records(source, SFTRecord, on_bad_row=cfg.data.on_bad_row,

@@ -5,12 +5,17 @@ batch of B prompts is split over the tasks active at this step (`start_step <= s
 proportion to their ratios with largest-remainder rounding, so the mixture holds exactly over
 batches (the URPO P:R:I mix), and open-ended prompts can join after a warm-up.
 Which prompts are drawn is a pure function of (seed, per-task draw counters); the counters are
-the mixer's resumable state.
+the mixer's resumable state. A ranking task's responses are shown in a fresh order at every draw
+(`shuffle_ranking`; `options.shuffle_responses: false` keeps the data's order), again a pure
+function of (seed, draw counter, item id), so a resumed run shows the same orders.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
 
 import numpy as np
 
@@ -18,7 +23,10 @@ from jaxrl_rm.rewards.sources import PromptItem
 
 
 def load_task_items(task, *, split: str, seed: int, size: int) -> list[PromptItem]:
-    """PromptItems of a TaskSpec: `task.data` (train) or `task.eval_data` / a held-out synthetic split."""
+    """PromptItems of a TaskSpec: `task.data` (train) or `task.eval_data` / a held-out synthetic split.
+
+    Ranking items come with their responses in a seeded order of their own (`shuffle_ranking`), so
+    held-out rankings and warm-up demonstrations carry no position shortcut either."""
     from jaxrl_rm.data import synthetic
 
     source = task.data if split == "train" else (task.eval_data or (task.data if task.data.startswith("synthetic:") else ""))
@@ -26,18 +34,32 @@ def load_task_items(task, *, split: str, seed: int, size: int) -> list[PromptIte
         return []
     name = synthetic.parse_source(source)
     if name is not None:
-        return synthetic.prompt_items(name, task, split=split, seed=seed, size=size)
-    return _load_items_from_file(source, task)
+        items = synthetic.prompt_items(name, task, split=split, seed=seed, size=size)
+    else:
+        items = _load_items_from_file(source, task)
+    return [shuffle_ranking(it, task, seed, split, k) for k, it in enumerate(items)]
+
+
+def shuffle_ranking(item: PromptItem, task, seed: int, *key) -> PromptItem:
+    """A ranking item with its responses and gold scores permuted together (other items as they
+    are): data converted from preference pairs lists the chosen response first, a position shortcut
+    a ranker must not learn. The permutation is a pure function of (seed, task, `key`, item id);
+    `task.options.shuffle_responses: false` keeps the data's order."""
+    if task.kind != "ranking" or not task.options.get("shuffle_responses", True) or item.gold_scores is None:
+        return item
+    digest = hashlib.blake2b(repr((seed, task.name, repr(item.id)) + key).encode(), digest_size=8).digest()
+    order = np.random.default_rng(int.from_bytes(digest, "little")).permutation(len(item.responses))
+    return dataclasses.replace(item, responses=tuple(item.responses[j] for j in order),
+                               gold_scores=tuple(item.gold_scores[j] for j in order))
 
 
 def _load_items_from_file(path: str, task) -> list[PromptItem]:
-    from jaxrl_rm.data.loaders import load_records
-    from jaxrl_rm.data.records import JudgmentExample, RankingItem, SFTRecord, VerifiableProblem
+    from jaxrl_rm.data.loaders import load_records, load_verifiable
+    from jaxrl_rm.data.records import JudgmentExample, RankingItem, SFTRecord
 
     on_bad_row = task.options.get("on_bad_row", "error")
-    if task.kind == "verifiable":
-        records, _ = load_records(path, VerifiableProblem, on_bad_row=on_bad_row,
-                                  field_map=task.options.get("field_map"))
+    if task.kind == "verifiable":  # a {prompt, answer} file, or gsm8k:<path> / math:<path>
+        records, _ = load_verifiable(path, on_bad_row=on_bad_row, field_map=task.options.get("field_map"))
         return [PromptItem(task=task.name, prompt=r.prompt, answer=r.answer, reference=r.answer, id=r.id)
                 for r in records]
     if task.kind == "open":
@@ -105,7 +127,8 @@ class TaskMixer:
             n = len(self.items[task.name])
             for _ in range(count):
                 k = self.drawn[task.name]
-                out.append(self.items[task.name][int(self._perm(task.name, k // n)[k % n])])
+                item = self.items[task.name][int(self._perm(task.name, k // n)[k % n])]
+                out.append(shuffle_ranking(item, task, self.seed, "draw", k))  # a fresh order per draw
                 self.drawn[task.name] = k + 1
         return out
 
@@ -117,26 +140,47 @@ class TaskMixer:
         self.credit.update({k: float(v) for k, v in state.get("credit", {}).items() if k in self.credit})
 
 
+_TEMPLATES: dict = {}
+
+
 def task_template(task, default: str):
     """The judge template of a ranking or judgment task: `options.template` (default `default`)
-    with `options.template_options` overrides (e.g. a compact `user` text)."""
+    with `options.template_options` overrides (e.g. a compact `user` text, `max_score`).
+
+    One object per setting: what renders a task's prompts (`GRPO.prompt_text`, warm-up
+    demonstrations) and what parses the answers (`RankingSource`, `score_match`) is the same
+    template."""
     from jaxrl_rm.rewards.judges import get_template
 
-    return get_template(task.options.get("template", default), **task.options.get("template_options", {}))
+    name, options = task.options.get("template", default), task.options.get("template_options", {})
+    key = (task.name, name, json.dumps(options, sort_keys=True, default=repr))
+    if key not in _TEMPLATES:
+        try:
+            _TEMPLATES[key] = get_template(name, **options)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"grpo.tasks[{task.name}].options.template / template_options: {e}") from e
+    return _TEMPLATES[key]
 
 
 def ranking_template(task):
     """The listwise template of a ranking task (default URPO's `listwise`)."""
-    return task_template(task, "listwise")
+    template = task_template(task, "listwise")
+    if template.format not in ("listwise", "listwise_tags"):
+        raise ValueError(f"grpo.tasks[{task.name}].options.template: a ranking task needs a listwise template "
+                         f"(listwise or listwise_tags), got {template.name!r} ({template.format})")
+    return template
 
 
 def demonstration(item: PromptItem, task):
     """An SFT record showing the task's output format (SFT warm-up before RL), or None.
 
     verifiable: prompt -> gold answer; open: prompt -> reference; ranking: the ranking prompt ->
-    `<best response> \\boxed{s1, ..., sN}` with gold scores mapped to the template's range.
+    `<best response> \\boxed{s1, ..., sN}` (template `listwise_tags`: `<think><best response></think>
+    <score_1>s1</score_1> ...`) with gold scores mapped to the template's range: an answer the
+    task's reward parses with the same template.
     """
     from jaxrl_rm.data.records import SFTRecord
+    from jaxrl_rm.rewards.judge_source import prompt_as_text
 
     if task.kind == "verifiable" and item.answer:
         return SFTRecord(prompt=item.prompt, response=item.answer, id=item.id)
@@ -149,8 +193,12 @@ def demonstration(item: PromptItem, task):
         unit = (gold - gold.min()) / span if span > 0 else np.ones_like(gold)
         scores = np.rint(template.min_score + unit * (template.max_score - template.min_score)).astype(int)
         best = item.responses[int(np.argmax(gold))]
-        messages = tuple(template.messages(prompt=item.prompt, responses=list(item.responses)))
-        return SFTRecord(prompt=messages, response=f"{best} \\boxed{{{', '.join(map(str, scores))}}}", id=item.id)
+        messages = tuple(template.messages(prompt=prompt_as_text(item.prompt), responses=list(item.responses)))
+        if template.format == "listwise_tags":
+            answer = f"<think>{best}</think> " + " ".join(f"<score_{i}>{s}</score_{i}>" for i, s in enumerate(scores, 1))
+        else:
+            answer = f"{best} \\boxed{{{', '.join(map(str, scores))}}}"
+        return SFTRecord(prompt=messages, response=answer, id=item.id)
     return None
 
 

@@ -390,7 +390,8 @@ class PolarDataConfig:
     #: `.txt`: one document per line) for prefix mode, or synthetic:style_prompts.
     prompts: str = "synthetic:style_prompts"
     #: instruction: prompts used as given (policies' chat templates applied if `chat_template`) |
-    #: prefix: a random head of min..max_prefix_tokens tokens of each document, continued as raw text.
+    #: prefix: a random head of min..max_prefix_tokens tokens of each document (cut back to a whole
+    #: character), continued as raw text.
     prompt_kind: Literal["instruction", "prefix"] = "instruction"
     #: Document field of a JSONL corpus (prefix mode).
     text_field: str = "text"

@@ -6,8 +6,18 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Property tests draw the same examples on every run (a failure in CI reproduces locally):
+# derandomized, no example database, no wall-clock deadline or too-slow health check (the CI
+# machine is shared). `pytest --hypothesis-profile=explore` draws fresh random examples.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, max_examples=100,
+                          suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.register_profile("explore", derandomize=False, deadline=None, max_examples=1000,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")
@@ -78,3 +88,22 @@ def tiny_hf_model(tmp_path):
         return make_tiny_hf_model(family, path, **overrides), path
 
     return make
+
+
+# --- a realistic tokenizer: byte-level BPE, ChatML, eos <|im_end|>, no pad token -----------------
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory) -> Path:
+    """A directory holding the byte-level BPE tokenizer of `tests/bpe_tokenizer.py` (trained once)."""
+    from bpe_tokenizer import build_bpe_tokenizer
+
+    path = tmp_path_factory.mktemp("bpe_tokenizer")
+    build_bpe_tokenizer(path)
+    return path
+
+
+@pytest.fixture
+def bpe_tokenizer(bpe_tokenizer_dir):
+    """A fresh copy of that tokenizer, loaded as the library loads one (safe to add tokens to)."""
+    from jaxrl_rm.models.hf import load_tokenizer
+
+    return load_tokenizer(bpe_tokenizer_dir)

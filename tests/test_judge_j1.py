@@ -12,7 +12,7 @@ from jaxrl_rm.data import synthetic
 from jaxrl_rm.data.loaders import load_records
 from jaxrl_rm.data.records import JudgmentExample
 from jaxrl_rm.rewards.judges import get_template
-from jaxrl_rm.train.judge import balance_labels, build_judgment_data, label_answers, warmup_records
+from jaxrl_rm.train.judge import _FIXED_THINK, balance_labels, build_judgment_data, label_answers, warmup_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,9 +61,11 @@ def test_warmup_targets_are_valid_judgments(think):
             assert 0.35 < agree < 0.65
         ex, rec = exs[3], recs[3]
         assert rec.prompt == tpl.fill(prompt=ex.prompt, response=ex.response)[1]
-        inside = results[3].reasoning
-        assert inside == {"reference": ex.reference, "response": ex.response,
-                          "compare": f"want {ex.reference}, got {ex.response}"}.get(think, inside)
+        assert results[3].reasoning == {"reference": ex.reference, "response": ex.response,
+                                        "compare": f"want {ex.reference}, got {ex.response}",
+                                        "fixed": _FIXED_THINK}[think]
+        if think == "fixed":  # one text for every record: it shows neither the answer nor the reference
+            assert {r.reasoning for r in results} == {_FIXED_THINK}
 
 
 def test_aligned_view_and_its_warmup_check():

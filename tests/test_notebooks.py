@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
-#: Wall-clock budget per notebook in tiny mode (CI machines are shared; typical is well under).
+#: Per-cell hang guard in tiny mode (nbclient's timeout; not a speed test: CI machines are shared).
 NOTEBOOK_TIMEOUT_S = 900
 
 
@@ -72,9 +72,11 @@ def test_notebook_executes(path, tmp_path, kernel_name, monkeypatch):
         client.execute()
     except nbclient.exceptions.CellExecutionError as e:
         pytest.fail(f"{path.name} failed:\n{str(e)[-6000:]}")
-    elapsed = time.perf_counter() - start
-    print(f"{path.name}: {elapsed:.0f} s")
-    assert elapsed < NOTEBOOK_TIMEOUT_S
+    print(f"{path.name}: {time.perf_counter() - start:.0f} s")  # informative; no bound on a shared machine
+    # what keeps it short is tiny mode (fewer steps), not the clock: the setup cell reports it
+    texts = [o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+             if o.get("output_type") == "stream"]
+    assert any("tiny=True" in t for t in texts), f"{path.name} did not run in tiny mode"
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs
                  if o.get("output_type") == "display_data" and "image/png" in o.get("data", {}))
     assert images >= 1, f"{path.name} drew no inline plot"

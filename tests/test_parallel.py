@@ -1,4 +1,5 @@
-"""Sharding: a train step on a data=2 x fsdp=2 x tensor=2 mesh equals the single-device step."""
+"""Sharding: a train step on a data=2 x fsdp=2 x tensor=2 mesh gets its batch split over (data, fsdp)
+and equals the single-device step."""
 
 from multidevice import run_with_devices
 
@@ -7,6 +8,7 @@ def test_sharded_train_step_matches_single_device():
     out = run_with_devices("""
         import jax, jax.numpy as jnp, numpy as np, optax
         from flax import nnx
+        from jax.sharding import NamedSharding, PartitionSpec as P
         from jaxrl_rm.config import OptimConfig
         from jaxrl_rm.models.config import ModelConfig
         from jaxrl_rm.models.transformer import Transformer
@@ -30,7 +32,12 @@ def test_sharded_train_step_matches_single_device():
             step = build_train_step(trainer, next_token_loss, micro_batches=micro)
             losses = []
             for _ in range(2):
-                state, m = step(state, shard_batch(batch, mesh))
+                device_batch = shard_batch(batch, mesh)
+                rows = 8 // (mesh.shape["data"] * mesh.shape["fsdp"])  # the batch is split, not copied
+                for x in device_batch.values():
+                    assert x.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), None)), 2), x.sharding
+                    assert {s.data.shape[0] for s in x.addressable_shards} == {rows}
+                state, m = step(state, device_batch)
                 losses.append(float(m["loss"]))
             return losses, jax.device_get(state["params"]), state
 

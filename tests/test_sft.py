@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO
 from jaxrl_rm.data.pipeline import BatchStream, pack_examples, tokenize_prompt_response
 from jaxrl_rm.main import main
+from test_reliability import spy_steps
 
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1",
         "data.max_length=16", "data.synthetic_size=256", "train.batch_size=8", "logging.progress=false",
@@ -75,10 +76,13 @@ def test_bad_rows_error_or_skip(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_matches_uninterrupted(tmp_path):
+def test_kill_and_resume_matches_uninterrupted(tmp_path, monkeypatch, capsys):
+    """kill -9 after a synchronous checkpoint; the rerun resumes from it and runs only the rest."""
     common = TINY + ["train.steps=14", "train.log_every=1", "checkpoint.every=4", "checkpoint.async_save=false"]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    ran = spy_steps(monkeypatch)
     assert main(common + [f"run_dir={ref_dir}"]) == 0
+    ref_ran = list(ran)
     cmd = [sys.executable, "-m", "jaxrl_rm.main", *common, f"run_dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = run_dir / "checkpoints"
@@ -89,9 +93,11 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     proc.wait()
     done_before = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
     assert done_before < 14
+    capsys.readouterr()
+    del ran[:]
     assert main(common + [f"run_dir={run_dir}"]) == 0  # resume=auto
-    ref = {r["step"]: r["loss"] for r in _rows(ref_dir) if "loss" in r}
-    got = {r["step"]: r["loss"] for r in _rows(run_dir) if "loss" in r}
-    assert sorted(got) == sorted(ref) == list(range(1, 15))
-    assert [got[s] for s in sorted(got)] == [ref[s] for s in sorted(ref)]
-    assert len([s for s in got if s > done_before]) >= 5
+    assert f"at step {done_before}" in capsys.readouterr().out
+    assert ran == [r for r in ref_ran if r[0] > done_before]  # the remaining steps only, same batches
+    ref = [(r["step"], r["loss"]) for r in _rows(ref_dir) if "loss" in r]
+    got = [(r["step"], r["loss"]) for r in _rows(run_dir) if "loss" in r]
+    assert [s for s, _ in got] == list(range(1, 15)) and got == ref  # each step once, same values

@@ -33,6 +33,43 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def encode_pieces(tokenizer, prefix: str, continuations: Sequence[str], *,
+                  prefix_ids: Sequence[int] | None = None) -> tuple[list[int], list[list[int]]]:
+    """Ids of each `prefix + c` encoded as ONE string, split into a shared prefix part and one
+    part per continuation: `(head, [tail_i])` with `head + tail_i == encode(prefix + c_i)`.
+
+    Concatenating separately encoded pieces is wrong for byte-level BPE tokenizers (Llama-3,
+    Qwen): their pre-tokenizer and merges cross the boundary — a chat prompt ending in "\\n"
+    followed by an answer starting with "\\n" is the one token "\\n\\n" — so a model would be
+    trained or scored on ids that the text never encodes to. Each split is at the first token
+    where `prefix + c` stops agreeing with `prefix` encoded alone (`prefix_ids`, computed when
+    not given), moved right past tokens that still decode to a piece of `prefix`: so a tail holds
+    exactly the tokens that hold a character of its continuation (one that straddles the boundary
+    included). The head is the part all continuations share. For a tokenizer where
+    encode(a + b) == encode(a) + encode(b) (the character tokenizer) this is
+    `(encode(prefix), [encode(c), ...])`.
+    """
+    prefix_ids = encode(tokenizer, prefix) if prefix_ids is None else list(prefix_ids)
+    fulls, heads = [], []
+    for c in continuations:
+        full = encode(tokenizer, prefix + c)
+        k, n = 0, min(len(prefix_ids), len(full))
+        while k < n and full[k] == prefix_ids[k]:
+            k += 1
+        if k < len(prefix_ids):  # the boundary re-merged: keep the tokens that hold only prefix text
+            while k < len(full) and prefix.startswith(
+                    tokenizer.decode(full[:k + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)):
+                k += 1
+        fulls.append(full)
+        heads.append(full[:k])
+    if not fulls:
+        return prefix_ids, []
+    k = min(len(h) for h in heads)
+    for h in heads[1:]:
+        k = next((j for j in range(k) if h[j] != heads[0][j]), k)
+    return fulls[0][:k], [full[k:] for full in fulls]
+
+
 def tokenize_prompt_response(prompt_ids: Sequence[int], response_ids: Sequence[int], max_length: int,
                              eos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate prompt + response (+ eos) -> (ids `[L]` int32, loss_mask `[L]` bool on response).
@@ -51,10 +88,15 @@ def tokenize_prompt_response(prompt_ids: Sequence[int], response_ids: Sequence[i
 
 
 def tokenize_sft(record, tokenizer, max_length: int, *, chat_template: bool = True):
-    """SFTRecord -> (ids, loss_mask) with the loss on the response (and its eos) only."""
-    prompt_ids = encode(tokenizer, render_prompt(record.prompt, tokenizer, chat_template=chat_template))
-    return tokenize_prompt_response(prompt_ids, encode(tokenizer, record.response), max_length,
-                                    tokenizer.eos_token_id)
+    """SFTRecord -> (ids, loss_mask) with the loss on the response (and its eos) only.
+
+    The ids are those of the rendered prompt and the response encoded as one text (then the eos
+    id): the chat text the model will see. The loss covers every token that holds a character of
+    the response, one merged across the prompt/response boundary included (`encode_pieces`).
+    """
+    prompt_ids, (response_ids,) = encode_pieces(
+        tokenizer, render_prompt(record.prompt, tokenizer, chat_template=chat_template), [record.response])
+    return tokenize_prompt_response(prompt_ids, response_ids, max_length, tokenizer.eos_token_id)
 
 
 def pad_examples(examples: Sequence[tuple[np.ndarray, np.ndarray]], length: int, pad_id: int) -> dict:

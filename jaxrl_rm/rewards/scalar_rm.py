@@ -6,7 +6,9 @@ Bradley–Terry (BT): `render(prompt) + response [+ eos]`; the head reads the la
 
 POLAR (Dou et al. 2025, Sec. 4.1): `prompt + reference <|split|> prompt + candidate <|reward|>`
     ids = P  R  [split]  P  C  [reward]        P = rendered prompt, R / C = response ids (+ eos)
-the head reads the `<|reward|>` token. Over-long inputs are cut to `max_length` keeping the
+the head reads the `<|reward|>` token. P + R and P + C are the ids of `render(prompt) + response`
+encoded as one text (`jaxrl_rm.data.pipeline.encode_pieces`: with a byte-level BPE a token can
+merge across the boundary; it then belongs to R / C, and P is the part both copies share). Over-long inputs are cut to `max_length` keeping the
 *tail* of the prompt (the part next to the answer) and the *head* of each response:
     room = max_length - 2 (the two special tokens)
     1. if 2|P| + |R| + |C| <= room nothing is cut;
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrl_rm.data.pipeline import encode, render_prompt, tokenize_prompt_response
+from jaxrl_rm.data.pipeline import encode, encode_pieces, render_prompt, tokenize_prompt_response
 
 SPLIT_TOKEN = "<|split|>"
 REWARD_TOKEN = "<|reward|>"
@@ -86,11 +88,16 @@ class PolarInputBuilder:
         self.split_id, self.reward_id = vocab[split_token], vocab[reward_token]
         self.eos_id = tokenizer.eos_token_id if append_eos else None
 
-    def prompt_ids(self, prompt) -> list[int]:
-        return encode(self.tokenizer, render_prompt(prompt, self.tokenizer, chat_template=self.chat_template))
+    def prompt_text(self, prompt) -> str:
+        return render_prompt(prompt, self.tokenizer, chat_template=self.chat_template)
 
-    def response_ids(self, text: str) -> list[int]:
-        return encode(self.tokenizer, text) + ([self.eos_id] if self.eos_id is not None else [])
+    def pieces(self, prompt_text: str, reference: str, candidate: str,
+               prompt_ids: Sequence[int] | None = None) -> tuple[list[int], list[int], list[int]]:
+        """(P, R, C) ids: `prompt_text + reference` and `prompt_text + candidate` each encoded as one
+        text, split where they part (`encode_pieces`); R and C end with eos when `append_eos`."""
+        head, (ref, cand) = encode_pieces(self.tokenizer, prompt_text, [reference, candidate], prefix_ids=prompt_ids)
+        eos = [self.eos_id] if self.eos_id is not None else []
+        return head, ref + eos, cand + eos
 
     def build_ids(self, prompt_ids: Sequence[int], ref_ids: Sequence[int], cand_ids: Sequence[int]) -> Sequence_:
         """Token-level layout + truncation -> (ids `[L]` int32, L <= max_length; index of <|reward|> = L-1)."""
@@ -105,42 +112,47 @@ class PolarInputBuilder:
         return np.asarray(ids, np.int32), len(ids) - 1
 
     def build(self, prompt, reference: str, candidate: str) -> Sequence_:
-        return self.build_ids(self.prompt_ids(prompt), self.response_ids(reference), self.response_ids(candidate))
+        return self.build_ids(*self.pieces(self.prompt_text(prompt), reference, candidate))
 
     def build_many(self, prompts: Sequence, references: Sequence[str], candidates: Sequence[str]) -> list[Sequence_]:
-        """Batch form; prompts / references repeated across candidates are encoded once."""
+        """Batch form; a prompt repeated across rows is rendered and encoded alone once."""
         if not (len(prompts) == len(references) == len(candidates)):
             raise ValueError(f"prompts ({len(prompts)}), references ({len(references)}) and candidates "
                              f"({len(candidates)}) must have the same length")
         cache: dict = {}
-
-        def cached(kind, value, fn):
-            key = (kind, value if isinstance(value, str) else repr(value))
+        out = []
+        for p, r, c in zip(prompts, references, candidates):
+            key = p if isinstance(p, str) else repr(p)
             if key not in cache:
-                cache[key] = fn(value)
-            return cache[key]
-
-        return [self.build_ids(cached("p", p, self.prompt_ids), cached("r", r, self.response_ids),
-                               self.response_ids(c)) for p, r, c in zip(prompts, references, candidates)]
+                text = self.prompt_text(p)
+                cache[key] = (text, encode(self.tokenizer, text))
+            text, ids = cache[key]
+            out.append(self.build_ids(*self.pieces(text, r, c, prompt_ids=ids)))
+        return out
 
 
 class BTInputBuilder:
     """`render(prompt) + response [+ eos]`, cut to `max_length` (response head, prompt tail, as
-    `tokenize_prompt_response`); the head reads the last token."""
+    `tokenize_prompt_response`); the head reads the last token. Prompt and response are encoded
+    as one text (`jaxrl_rm.data.pipeline.encode_pieces`), so the ids are those of the chat text."""
 
     def __init__(self, tokenizer, max_length: int, *, chat_template: bool = True, append_eos: bool = True):
         self.tokenizer, self.max_length, self.chat_template = tokenizer, int(max_length), chat_template
         self.eos_id = tokenizer.eos_token_id if append_eos else None
 
-    def prompt_ids(self, prompt) -> list[int]:
-        return encode(self.tokenizer, render_prompt(prompt, self.tokenizer, chat_template=self.chat_template))
+    def prompt_text(self, prompt) -> str:
+        return render_prompt(prompt, self.tokenizer, chat_template=self.chat_template)
 
     def build_ids(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> Sequence_:
         ids, _ = tokenize_prompt_response(prompt_ids, response_ids, self.max_length, self.eos_id)
         return ids, len(ids) - 1
 
+    def build_text(self, prompt_text: str, response: str, prompt_ids: Sequence[int] | None = None) -> Sequence_:
+        head, (tail,) = encode_pieces(self.tokenizer, prompt_text, [response], prefix_ids=prompt_ids)
+        return self.build_ids(head, tail)
+
     def build(self, prompt, response: str) -> Sequence_:
-        return self.build_ids(self.prompt_ids(prompt), encode(self.tokenizer, response))
+        return self.build_text(self.prompt_text(prompt), response)
 
     def build_many(self, prompts: Sequence, responses: Sequence[str]) -> list[Sequence_]:
         if len(prompts) != len(responses):
@@ -150,8 +162,10 @@ class BTInputBuilder:
         for p, r in zip(prompts, responses):
             key = p if isinstance(p, str) else repr(p)
             if key not in cache:
-                cache[key] = self.prompt_ids(p)
-            out.append(self.build_ids(cache[key], encode(self.tokenizer, r)))
+                text = self.prompt_text(p)
+                cache[key] = (text, encode(self.tokenizer, text))
+            text, ids = cache[key]
+            out.append(self.build_text(text, r, prompt_ids=ids))
         return out
 
 

@@ -162,13 +162,34 @@ class RunLogger:
                 self._wandb.close()
 
 
+def read_metrics(path) -> list[tuple[str, dict]]:
+    """The rows of a `metrics.jsonl` as (line, parsed row), blank lines skipped.
+
+    The file may be in the middle of a write (a reader beside a live run) or end in a row torn
+    by `kill -9`: an unparsable *last* line without its newline is left out. Any other unparsable
+    line is corruption and raises ValueError naming file and line."""
+    text = path.read_text()
+    lines = text.split("\n")  # a complete file ends with "\n": its last piece is ""
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if i == len(lines):  # still being written, or torn: not a row yet
+                break
+            raise ValueError(f"{path}:{i}: unreadable metrics row ({e.msg})") from e
+    return rows
+
+
 def truncate_metrics_after(run_dir: str | Path, step: int) -> None:
-    """On resume from `step`, drop metric rows logged after it (they will be logged again)."""
+    """On resume from `step`, drop metric rows logged after it (they will be logged again),
+    and a last row torn by the kill that stopped the run."""
     path = run_path(run_dir) / "metrics.jsonl"
     if jax.process_index() != 0 or not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
+    kept = [line for line, row in read_metrics(path) if row.get("step", 0) <= step]
     path.write_text("".join(r + "\n" for r in kept))
 
 
@@ -180,8 +201,7 @@ def run_means(run_dir: str | Path, prefix: str) -> dict[str, float]:
     if not path.exists():
         return {}
     sums: dict[str, list[float]] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line) if line.strip() else {}
+    for _, row in read_metrics(path):
         if row.get("step", 0) <= 0:
             continue
         for k, v in row.items():

@@ -171,6 +171,18 @@ def _documents(path: str, cfg):
     return docs
 
 
+def whole_characters(tokenizer, ids: Sequence[int], length: int) -> str:
+    """The text of `ids[:length]`, cut back to its last whole character: a byte-level BPE token
+    can end inside a multi-byte character (decoded as U+FFFD). A first character that needs more
+    than `length` tokens is kept whole instead."""
+    text = ""
+    for cut in [*range(length, 0, -1), *range(length + 1, len(ids) + 1)]:
+        text = tokenizer.decode(ids[:cut])
+        if not text.endswith("\ufffd"):
+            break
+    return text
+
+
 def load_prompts(cfg, tokenizer) -> list:
     """The prompts of a data run, in order (see `PolarDataConfig.prompts` / `prompt_kind`)."""
     pd = cfg.polar_data
@@ -205,7 +217,7 @@ def load_prompts(cfg, tokenizer) -> list:
         rng = np.random.default_rng([cfg.seed, i, 5])
         hi = min(pd.max_prefix_tokens, len(ids))
         length = int(rng.integers(min(pd.min_prefix_tokens, hi), hi + 1))
-        prompts.append(tokenizer.decode(ids[:length]))
+        prompts.append(whole_characters(tokenizer, ids, length))
         if n and len(prompts) >= n:
             break
     return prompts

@@ -143,7 +143,7 @@ def _parse_number(s: str) -> float | None:
 
 def _tag_re(tag: str) -> re.Pattern[str]:
     t = re.escape(tag)
-    return re.compile(rf"<{t}>(.*?)</{t}>", re.S)  # BROKEN
+    return re.compile(rf"<{t}>([^<]{{0,{_MAX_TAG_CONTENT}}})</{t}>")
 
 
 _LABEL_RE = re.compile(

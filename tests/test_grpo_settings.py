@@ -1,16 +1,16 @@
 """GRPO's loss settings through the trainer, where they bind (tiny random policy, CPU).
 
 The batches are the policy's own samples; `old_logp` (and the sampler's and reference's log-probs)
-are the trainer's log-probs of the current policy shifted token by token, so that the ratios fall
-into every clipping region (below 1 - clip_low, inside, above 1 + clip_high, above the dual-clip
-constant) for positive and negative advantages, and the importance weights against the sampler on
-both sides of `tis_cap` / the masking threshold. The trainer's loss (the jitted update `GRPO.update`
-built from `grpo.*`), its gradient (`make_grpo_loss`) and its metrics are compared with a direct
-computation written out here from the papers' formulas, with the settings as literals: dense logits,
-plain log-softmax, PPO clip, dual clip, k3 KL, TIS, masked IS, GSPO's sequence ratio. Then two
-`run_step` checks: the KL reference is the initial policy, copied once and never updated; with
-`ppo_epochs=2, mini_batches=2`, old log-probs are the policy's before the first update and each
-RL step makes ppo_epochs * mini_batches optimizer steps.
+are the trainer's log-probs of the policy shifted token by token, so that the ratios fall into
+every clipping region (below 1 - clip_low, inside, above 1 + clip_high, above the dual-clip
+constant) for positive and negative advantages, and the importance weights against the sampler
+fall on both sides of `tis_cap` / the masking threshold. The trainer's loss (`make_grpo_loss` of a
+GRPO run's `grpo.*` settings), its gradient (with respect to the policy's final hidden states) and
+its metrics are compared with a direct computation written out here from the papers' formulas,
+with the settings as literals: dense logits, plain log-softmax, PPO clip, dual clip, k3 KL, TIS,
+masked IS, GSPO's sequence ratio. Then `run_step` with `ppo_epochs=2, mini_batches=2, kl_coef > 0`:
+old log-probs are the policy's before the first update, each RL step makes ppo_epochs *
+mini_batches optimizer steps, and the KL reference is the initial policy, copied once.
 """
 
 import jax
@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxrl_rm.config import load_config
 from jaxrl_rm.rewards import sources
-from jaxrl_rm.train.grpo import GRPO, make_grpo_loss
+from jaxrl_rm.train.grpo import GRPO, completion_logprobs, make_grpo_loss
 
 
 class IndexParitySource:
@@ -55,22 +55,40 @@ def tiny_cfg(tmp_path, *overrides):
                               "logging.progress=false", *overrides])
 
 
+class HiddenAndHead:
+    """What the trainer's loss reads of a model (`completion_logprobs`): final hidden states
+    `[N, P+T, D]` and the LM head `[D, V]`; gradients are taken with respect to the hidden states."""
+
+    def __init__(self, hidden, head):
+        self.hidden, self.head = hidden, head
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        return self.hidden
+
+    def lm_head_weight(self):
+        return self.head
+
+
 @pytest.fixture(scope="module")
 def sampled(tmp_path_factory):
-    """One RL step's training rows sampled by the tiny policy (numpy; input_ids `[16, 16 + 6]`)."""
+    """One RL step's training rows sampled by the tiny policy (numpy; input_ids `[16, 16 + 6]`),
+    and the policy's final hidden states `[16, 22, 32]` and LM head `[32, V]` on them."""
     rl = GRPO(tiny_cfg(tmp_path_factory.mktemp("sample")))
     parts, kept, _ = rl.collect(rl.state["params"], step=0)
     batch, _ = rl.build_batch(parts, kept)
     assert batch["loss_mask"].sum() > 0.9 * N * T  # (almost) every token counts: all regions are populated
-    return batch
+    model = nnx.merge(rl.trainer.graphdef, rl.state["params"])
+    hidden = model.hidden_states(jnp.asarray(batch["input_ids"]), attention_mask=jnp.asarray(batch["attention_mask"]))
+    return batch, hidden, model.lm_head_weight()
 
 
 def shifted_batch(rl, sampled, log_ratio, *, mismatch=None, ref=None):
-    """`sampled` with advantages +0.8 (even rows) / -1.2 (odd rows), old_logp = logp - log_ratio,
-    sampler_logp = old_logp - mismatch, ref_logp = logp + ref (all `[N, T]`), where logp is the
-    trainer's log-prob under the current policy."""
-    batch = {k: jnp.asarray(v) for k, v in sampled.items()}
-    logp = rl._logp(rl.state["params"], batch)
+    """The sampled rows with advantages +0.8 (even rows) / -1.2 (odd rows), old_logp = logp -
+    log_ratio, sampler_logp = old_logp - mismatch, ref_logp = logp + ref (all `[N, T]`), where logp
+    is the trainer's log-prob under the policy."""
+    rows, hidden, head = sampled
+    batch = {k: jnp.asarray(v) for k, v in rows.items()}
+    logp = completion_logprobs(HiddenAndHead(hidden, head), batch, prompt_len=rl.P, temperature=1.0)
     batch["advantages"] = jnp.asarray(np.where(np.arange(N) % 2 == 0, 0.8, -1.2), jnp.float32)
     batch["old_logp"] = logp - jnp.asarray(log_ratio, jnp.float32)
     if mismatch is not None:
@@ -86,10 +104,11 @@ def token_pattern(values):
     return np.stack([np.roll(values, b // 2) for b in range(N)])
 
 
-def direct_loss(rl, batch, *, clip_low, clip_high, clip_ratio_c=None, sequence_ratio=False,
+def direct_loss(rl, batch, head, *, clip_low, clip_high, clip_ratio_c=None, sequence_ratio=False,
                 agg="token-mean", norm_length=None, kl_coef=0.0, tis_cap=None, tis_sequence=False,
                 is_mask=None, is_threshold=None):
-    """loss(params): the GRPO objective written out (dense logits, plain log-softmax, float32)."""
+    """loss(hidden): the GRPO objective written out (dense logits, plain log-softmax, float32);
+    and the mask of the tokens it keeps `[N, T]`."""
     mask = np.asarray(batch["loss_mask"], bool)
     adv = jnp.asarray(batch["advantages"])[:, None]
     old = batch["old_logp"]
@@ -105,9 +124,8 @@ def direct_loss(rl, batch, *, clip_low, clip_high, clip_ratio_c=None, sequence_r
             weight = jnp.asarray(np.minimum(np.exp(seq_d if tis_sequence else d), tis_cap), jnp.float32)
     m = jnp.asarray(mask)
 
-    def loss(params):
-        model = nnx.merge(rl.trainer.graphdef, params)
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])[:, rl.P - 1:-1]
+    def loss(hidden):
+        logits = hidden[:, rl.P - 1:-1] @ head
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits), batch["completion"][..., None], -1)[..., 0]
         log_ratio = jnp.where(m, logp - old, 0.0)
         if sequence_ratio:  # GSPO: the length-normalised sequence likelihood ratio
@@ -133,24 +151,21 @@ def direct_loss(rl, batch, *, clip_low, clip_high, clip_ratio_c=None, sequence_r
     return loss, mask
 
 
-def assert_trainer_matches(rl, batch, direct):
-    """The trainer's loss and gradient (make_grpo_loss of rl.g) and the jitted update's loss equal
-    `direct`'s; returns the update's metrics."""
-    params = rl.state["params"]
+def assert_trainer_matches(rl, sampled, batch, direct):
+    """The trainer's loss (`make_grpo_loss` of the GRPO run's `grpo` settings) and its gradient
+    equal `direct`'s; returns the metrics the update would report."""
+    _, hidden, head = sampled
     loss_fn = make_grpo_loss(rl.g, prompt_len=rl.P)
 
-    def via_trainer(p):
-        loss_sum, denominator, _ = loss_fn(nnx.merge(rl.trainer.graphdef, p), batch)
-        return loss_sum / denominator
+    def via_trainer(h):
+        loss_sum, denominator, terms = loss_fn(HiddenAndHead(h, head), batch)
+        return loss_sum / denominator, terms
 
-    l1, g1 = jax.value_and_grad(direct)(params)
-    l2, g2 = jax.value_and_grad(via_trainer)(params)
+    l1, g1 = jax.jit(jax.value_and_grad(direct))(hidden)
+    (l2, terms), g2 = jax.jit(jax.value_and_grad(via_trainer, has_aux=True))(hidden)
     np.testing.assert_allclose(float(l2), float(l1), rtol=1e-5, atol=1e-7)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
-    _, metrics = rl.update(jax.tree.map(jnp.copy, rl.state), batch)
-    np.testing.assert_allclose(float(metrics["loss"]), float(l1), rtol=1e-5, atol=1e-7)
-    return {k: float(v) for k, v in metrics.items()}
+    np.testing.assert_allclose(g2, g1, rtol=1e-4, atol=1e-7)
+    return {"loss": float(l2), **{k: float(v) for k, v in terms.metrics().items()}}
 
 
 @pytest.mark.parametrize("clip_ratio_c,agg", [(3.0, "seq-mean-token-mean"), (0.0, "token-mean")])
@@ -161,8 +176,9 @@ def test_clip_bounds_and_dual_clip_bind_in_the_trainer(tmp_path, sampled, clip_r
                        f"grpo.loss_agg_mode={agg}"))
     ratio = token_pattern(RATIOS)
     batch = shifted_batch(rl, sampled, np.log(ratio))
-    direct, mask = direct_loss(rl, batch, clip_low=0.2, clip_high=0.28, clip_ratio_c=clip_ratio_c, agg=agg)
-    metrics = assert_trainer_matches(rl, batch, direct)
+    direct, mask = direct_loss(rl, batch, sampled[2], clip_low=0.2, clip_high=0.28, clip_ratio_c=clip_ratio_c,
+                               agg=agg)
+    metrics = assert_trainer_matches(rl, sampled, batch, direct)
     pos = np.broadcast_to((np.arange(N) % 2 == 0)[:, None], mask.shape)
     expected = {"clip_frac_high": pos & (ratio > 1.28), "clip_frac_low": ~pos & (ratio < 0.8)}
     if clip_ratio_c:
@@ -179,8 +195,8 @@ def test_kl_penalty_to_the_reference_in_the_trainers_loss(tmp_path, sampled):
     rl = GRPO(tiny_cfg(tmp_path, "grpo.kl_coef=0.05"))
     ref = token_pattern(REF)
     batch = shifted_batch(rl, sampled, np.log(token_pattern(RATIOS)), ref=ref)
-    direct, mask = direct_loss(rl, batch, clip_low=0.2, clip_high=0.28, kl_coef=0.05)
-    metrics = assert_trainer_matches(rl, batch, direct)
+    direct, mask = direct_loss(rl, batch, sampled[2], clip_low=0.2, clip_high=0.28, kl_coef=0.05)
+    metrics = assert_trainer_matches(rl, sampled, batch, direct)
     k3 = np.exp(ref) - ref - 1
     assert metrics["kl"] == pytest.approx(k3[mask].mean(), rel=1e-4)
     assert metrics["loss"] == pytest.approx(metrics["pg_loss"] + 0.05 * metrics["kl"], rel=1e-5)
@@ -200,19 +216,21 @@ def test_tis_and_masked_is_against_the_sampler(tmp_path, sampled, settings):
     mismatch = token_pattern(MISMATCH) + MISMATCH_SEQ[np.arange(N) // 2 % 4][:, None]
     batch = shifted_batch(rl, sampled, np.log(token_pattern(RATIOS)), mismatch=mismatch)
     agg = settings.get("loss_agg_mode", "token-mean")
-    direct, kept = direct_loss(rl, batch, clip_low=0.2, clip_high=0.28, agg=agg, norm_length=8,
+    direct, kept = direct_loss(rl, batch, sampled[2], clip_low=0.2, clip_high=0.28, agg=agg, norm_length=8,
                                tis_cap=settings.get("tis_cap"), tis_sequence=settings.get("tis_level") == "sequence",
                                is_mask=settings.get("is_mask"), is_threshold=settings.get("is_mask_threshold"))
-    metrics = assert_trainer_matches(rl, batch, direct)
-    mask = np.asarray(sampled["loss_mask"], bool)
+    metrics = assert_trainer_matches(rl, sampled, batch, direct)
+    mask = np.asarray(sampled[0]["loss_mask"], bool)
     if "is_mask" in settings:
         rejected = mask & ~kept
-        assert 0 < metrics["is_masked_frac"] == pytest.approx(rejected[mask].mean(), abs=1e-6) < 1
+        assert 0 < rejected[mask].mean() < 1
+        assert metrics["is_masked_frac"] == pytest.approx(rejected[mask].mean(), abs=1e-6)
     if "tis_cap" in settings:
         d = np.where(mask, mismatch, 0.0)
         w = np.exp(d.sum(-1, keepdims=True) if settings.get("tis_level") == "sequence" else d)
         w = np.broadcast_to(w, mask.shape)[kept]
-        assert 0 < metrics["tis_clip_frac"] == pytest.approx((w > settings["tis_cap"]).mean(), abs=1e-6) < 1
+        assert 0 < (w > settings["tis_cap"]).mean() < 1
+        assert metrics["tis_clip_frac"] == pytest.approx((w > settings["tis_cap"]).mean(), abs=1e-6)
         assert metrics["tis_weight_mean"] == pytest.approx(np.minimum(w, settings["tis_cap"]).mean(), rel=1e-4)
 
 
@@ -222,9 +240,9 @@ def test_gspo_sequence_ratio_in_the_trainer(tmp_path, sampled):
     rl = GRPO(tiny_cfg(tmp_path, "grpo.ratio_level=sequence", "grpo.loss_agg_mode=seq-mean-token-mean"))
     log_ratio = np.log(SEQ_RATIOS[np.arange(N) // 2 % 5])[:, None] + token_pattern(SEQ_NOISE)
     batch = shifted_batch(rl, sampled, log_ratio)
-    direct, mask = direct_loss(rl, batch, clip_low=0.2, clip_high=0.28, sequence_ratio=True,
+    direct, mask = direct_loss(rl, batch, sampled[2], clip_low=0.2, clip_high=0.28, sequence_ratio=True,
                                agg="seq-mean-token-mean")
-    metrics = assert_trainer_matches(rl, batch, direct)
+    metrics = assert_trainer_matches(rl, sampled, batch, direct)
     seq = np.exp(np.where(mask, log_ratio, 0).sum(-1) / mask.sum(-1))
     pos = np.arange(N) % 2 == 0
     assert ((pos & (seq > 1.28)) | (~pos & (seq < 0.8))).any()  # the sequence clip binds
@@ -244,49 +262,46 @@ def _record_updates(rl):
     return seen
 
 
-def test_kl_reference_is_the_initial_policy_copied_once(tmp_path):
-    """With kl_coef > 0 the reference is the policy at the start of the run: two RL steps update
-    the policy, never the reference; the second step's KL is taken against the start."""
-    rl = GRPO(tiny_cfg(tmp_path, "grpo.kl_coef=0.05"))
+def test_ppo_epochs_mini_batches_and_the_frozen_kl_reference(tmp_path):
+    """ppo_epochs=2, mini_batches=2, kl_coef > 0, two RL steps: 4 optimizer steps per RL step, each
+    on half the rows (an epoch sees every row once), all with the old log-probs of the policy
+    before the step's first update (so the later updates train on ratios != 1); the KL reference
+    is the policy at the start of the run, copied once: never updated, and the second step's KL is
+    taken against it, not against the policy the step starts from."""
+    rl = GRPO(tiny_cfg(tmp_path, "grpo.ppo_epochs=2", "grpo.mini_batches=2", "grpo.kl_coef=0.05"))
     start = jax.device_get(rl.state["params"])
     seen = _record_updates(rl)
     state, first, _ = rl.run_step(rl.state, 0)
-    state, second, _ = rl.run_step(state, 1)
-    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(jax.device_get(rl.ref_params))):
-        np.testing.assert_array_equal(b, a)
-    moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(jax.device_get(state["params"])))]
-    assert all(moved)
-    batch = seen[1][0]
-    mask = batch["loss_mask"]
-    np.testing.assert_allclose(batch["ref_logp"][mask], np.asarray(rl._logp(start, batch))[mask], atol=1e-5)
-    assert np.abs(batch["ref_logp"] - batch["old_logp"])[mask].max() > 1e-3  # the policy left the reference
-    assert first["kl"] < 1e-6 < second["kl"]  # step 0: the policy is the reference
-    assert second["loss"] == pytest.approx(second["pg_loss"] + 0.05 * second["kl"], rel=1e-5)
-
-
-def test_ppo_epochs_and_mini_batches_take_old_logp_before_the_first_update(tmp_path):
-    """ppo_epochs=2, mini_batches=2: 4 optimizer steps per RL step, each on half the rows (each
-    epoch sees every row once), all with old log-probs of the policy before the first update, so
-    the later updates train on ratios != 1."""
-    rl = GRPO(tiny_cfg(tmp_path, "grpo.ppo_epochs=2", "grpo.mini_batches=2"))
-    start = jax.device_get(rl.state["params"])
-    seen = _record_updates(rl)
-    state, metrics, _ = rl.run_step(rl.state, 0)
     assert [step for _, _, step in seen] == [0, 1, 2, 3] and int(state["step"]) == 4
+    after_first = jax.device_get(state["params"])
+    state, second, _ = rl.run_step(state, 1)
+    assert [step for _, _, step in seen] == list(range(8)) and int(state["step"]) == 8
     counts = [int(c) for path, c in jax.tree_util.tree_leaves_with_path(state["opt_state"])
               if "count" in jax.tree_util.keystr(path)]
-    assert counts and set(counts) == {4}  # Adam's bias-correction step count
+    assert counts and set(counts) == {8}  # Adam's bias-correction step count: one per mini-batch
+    assert first["skipped_updates"] == second["skipped_updates"] == 0
+
     for k, (batch, params, _) in enumerate(seen):
         mask = batch["loss_mask"]
         assert batch["input_ids"].shape[0] == N // 2
-        np.testing.assert_allclose(batch["old_logp"][mask], np.asarray(rl._logp(start, batch))[mask], atol=1e-5)
-        if k:  # the policy moved: pi_old is not the policy this update starts from
-            assert np.abs(np.asarray(rl._logp(params, batch)) - batch["old_logp"])[mask].max() > 1e-3
+        pi_old = start if k < 4 else after_first  # the policy before the RL step's first update
+        np.testing.assert_allclose(batch["old_logp"][mask], np.asarray(rl._logp(pi_old, batch))[mask], atol=1e-5)
+        np.testing.assert_allclose(batch["ref_logp"][mask], np.asarray(rl._logp(start, batch))[mask], atol=1e-5)
+        if k % 4:  # the policy moved: pi_old is not the policy this update starts from
+            assert np.abs(np.asarray(rl._logp(params, batch)) - batch["old_logp"])[mask].max() > 1e-3, k
+        if k >= 4:  # nor is the reference
+            assert np.abs(batch["ref_logp"] - batch["old_logp"])[mask].max() > 1e-3, k
+    for epoch in range(4):  # each epoch's two mini-batches hold the RL step's rows once each
+        rows = sorted(map(bytes, np.concatenate([seen[2 * epoch + i][0]["input_ids"] for i in (0, 1)])))
+        assert len(set(rows)) > N // 2 and rows == sorted(map(bytes, np.concatenate(
+            [seen[4 * (epoch // 2) + i][0]["input_ids"] for i in (0, 1)])))
 
-    epoch0 = sorted(map(bytes, np.concatenate([seen[k][0]["input_ids"] for k in (0, 1)])))
-    epoch1 = sorted(map(bytes, np.concatenate([seen[k][0]["input_ids"] for k in (2, 3)])))
-    assert epoch0 == epoch1 and len(epoch0) == N
-    assert metrics["skipped_updates"] == 0
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(jax.device_get(rl.ref_params))):
+        np.testing.assert_array_equal(b, a)  # the reference never moved
+    now = jax.device_get(state["params"])
+    assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(now)))
+    assert second["kl"] > 1e-6  # the last update's KL: against the start, not pi_old
+    assert second["loss"] == pytest.approx(second["pg_loss"] + 0.05 * second["kl"], rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["drgrpo", "rloo"])

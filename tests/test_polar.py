@@ -293,7 +293,9 @@ def test_polar_data_config_runs_and_resumes(tmp_path):
 def test_polar_finetune_on_alpaca_eval(tmp_path, shared_data):
     s = _cli("--config", "configs/polar_finetune_alpaca_tiny.yaml", f"run_dir={tmp_path}",
              f"data.train=alpaca_eval:{shared_data / 'alpaca_eval'}", "model.path=", *QUIET)
-    assert 0 <= s["eval_accuracy_after"] <= 1 and s["eval_count"] > 50 and s["train_pairs"] > 500
+    assert s["eval_count"] == 188 and s["train_pairs"] == 2133  # 10% of the instructions held out (seed 0)
+    # measured 0.505 -> 0.702 (60 steps, seed 0): fine-tuning learns something that carries to held-out triples
+    assert s["eval_accuracy_after"] > s["eval_accuracy_before"] + 0.1, s
 
 
 def test_polar_accuracy_on_alpaca_eval_triples(shared_data, tok, polar_rm):
@@ -308,5 +310,7 @@ def test_polar_accuracy_on_alpaca_eval_triples(shared_data, tok, polar_rm):
     sample = triples[:: max(len(triples) // 96, 1)][:96]
     scorer = PolarScorer(polar_rm, tok, 256, batch_size=32)
     m = polar_triple_accuracy(scorer, sample, prefix="alpaca_")
-    assert m["alpaca_count"] == len(sample) == 96 and 0.0 <= m["alpaca_accuracy"] <= 1.0
+    assert m["alpaca_count"] == len(sample) == 96
+    # deterministic: the seeded random RM ranks 42 of the 96 triples right, none tied (min |margin| 4.8e-5)
+    assert m["alpaca_accuracy"] == 42 / 96 and m["alpaca_tie_rate"] == 0
     assert np.isfinite(m["alpaca_loss"])

@@ -148,7 +148,8 @@ def _kill_resume_check(tmp_path, monkeypatch, capsys, args, keys, total, *, save
             assert _wait_for(lambda: point(set(_ckpt_steps(run)) - set(before), _tmp_dirs(run) - tmp_before)
                              or proc.poll() is not None, poll=poll)
             time.sleep(delay)
-            os.kill(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
         text = log.read_text()
         launches.append(text)
@@ -255,6 +256,16 @@ def test_names_key():
     assert _names_key("task: expected one of ['sft'], got 3", "task")
     assert not _names_key("grpo.tasks: expected a list", "task")  # a word inside another key
     assert not _names_key("model: bad", "model.hidden_size") and not _names_key("expected int, got 3", "seed")
+
+
+def test_hypothesis_examples_are_the_same_every_run(request):
+    """tests/conftest.py loads the derandomized `ci` profile unless --hypothesis-profile names one."""
+    if request.config.getoption("--hypothesis-profile", None) not in (None, "ci"):
+        pytest.skip("another Hypothesis profile was asked for")
+    d = settings.default
+    assert d.derandomize and d.database is None and d.deadline is None and d.max_examples == 100
+    # a test's own @settings (here max_examples=1000) keeps the profile's fixed seed
+    assert test_malformed_configs_fail_only_with_config_errors._hypothesis_internal_use_settings.derandomize
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

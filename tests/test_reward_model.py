@@ -198,7 +198,8 @@ def test_bt_accuracy_on_real_hh_rlhf_pairs(shared_data, tok, bt_rm):
     sample = pairs[::24][:96]
     m = bt_pair_accuracy(BTScorer(bt_rm, tok, 192, batch_size=48), sample, prefix="eval_")
     assert m["eval_count"] == 96 and m["eval_count/harmless_base"] == 96
-    assert 0.0 <= m["eval_accuracy"] == m["eval_accuracy/harmless_base"] <= 1.0
+    # deterministic: the seeded random RM ranks 43 of the 96 pairs right, none tied (min |margin| 1.4e-3)
+    assert m["eval_accuracy"] == m["eval_accuracy/harmless_base"] == 43 / 96 and m["eval_tie_rate"] == 0
 
 
 def test_bt_pipeline_run_dir_and_bad_rows(tmp_path):
@@ -244,8 +245,12 @@ def test_bt_tiny_config_learns(tmp_path):
 def test_bt_on_real_hh_rlhf(tmp_path, shared_data):
     s = _cli("--config", "configs/rm_bt_hh_tiny.yaml", f"run_dir={tmp_path}",
              f"data.train=hh_rlhf:{shared_data / 'hh_rlhf' / 'harmless_base_test.jsonl.gz'}", "rm.eval_size=0", *QUIET)
-    assert s["data/rows_skipped"] == 4 and s["train_pairs"] + s["eval_pairs"] == 2308 and s["eval_pairs"] > 100
-    assert 0.0 <= s["eval_accuracy_after"] <= 1.0 and "eval_accuracy/harmless_base_test_after" in s
+    assert s["data/rows_skipped"] == 4 and s["train_pairs"] + s["eval_pairs"] == 2308
+    assert s["eval_pairs"] == 242 and s["train_pairs"] == 2066  # 10% of the prompts held out (seed 0)
+    # measured 0.504 -> 0.587 (60 steps, seed 0; seeds 1, 2: 0.460 -> 0.498, 0.510 -> 0.612): a tiny
+    # character-level RM learns a little of what carries to held-out HH-RLHF pairs
+    assert s["eval_accuracy_after"] > s["eval_accuracy_before"], s
+    assert s["eval_accuracy/harmless_base_test_after"] == s["eval_accuracy_after"]
 
 
 @pytest.mark.slow

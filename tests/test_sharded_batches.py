@@ -1,10 +1,11 @@
-"""GRPO and J1 on 8 fake CPU devices (data=2 x fsdp=2 x tensor=2): every batch that the trainer's
-update and the sampler receive is split over ("data", "fsdp") - B / 4 rows per device - and two
-steps give the 1-device run's samples, rewards and losses.
+"""GRPO and J1 on 8 fake CPU devices (data=2 x fsdp=2 x tensor=2): every batch the trainer places,
+every (mini-)batch its update receives and every batch of prompt rows the sampler receives is
+split over ("data", "fsdp") - rows / 4 on each device - and two steps give the 1-device run's
+samples, rewards and losses.
 
-What the update and the sampler receive is captured by wrapping `grpo.build_train_step`'s step and
-`sampler._generate_jit` in the subprocess (a replicated batch gives the same numbers, so equality
-alone would not show the split)."""
+What they receive is captured in the subprocess by wrapping `grpo.shard_batch`, the step that
+`grpo.build_train_step` returns and `sampler._generate_jit` (a replicated batch gives the same
+numbers, so equality alone would not show the split)."""
 
 import json
 
@@ -27,7 +28,7 @@ from jaxrl_rm.train import grpo as grpo_mod
 MESH_OVERRIDES, RUN = __MESH__, __RUN__
 sizes = {k.split("=")[0].split(".")[1]: int(k.split("=")[1]) for k in MESH_OVERRIDES}
 MESH = make_mesh(sizes.get("data", -1), sizes.get("fsdp", 1), sizes.get("tensor", 1))
-SEEN = {"train": [], "sample": []}
+SEEN = {"placed": [], "train": [], "sample": []}
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1",
         "logging.progress=false", "logging.tensorboard=false", "data.synthetic_size=64"]
 
@@ -41,6 +42,13 @@ def placement(x, axis):
             "split": bool(x.sharding.is_equivalent_to(NamedSharding(MESH, P(*spec)), x.ndim)),
             "per_device": sorted({int(s.data.shape[axis]) for s in x.addressable_shards})}
 
+
+_shard = grpo_mod.shard_batch
+def shard_batch(batch, mesh):
+    out = _shard(batch, mesh)
+    SEEN["placed"].append({k: placement(v, 0) for k, v in out.items()})
+    return out
+grpo_mod.shard_batch = shard_batch
 
 _build = grpo_mod.build_train_step
 def build_train_step(*args, **kwargs):
@@ -90,7 +98,7 @@ cfg = load_config(None, ["task=judge_j1", "run_dir=" + RUN, *TINY, *MESH_OVERRID
                          "judge.num_eval_prompts=8", "judge.warmup_steps=0", "judge.eval_size=4",
                          "train.steps=2", "train.log_every=1", "checkpoint.every=0",
                          "grpo.prompts_per_step=4", "grpo.num_samples=4", "grpo.max_prompt_length=48",
-                         "grpo.max_new_tokens=8", "grpo.entropy_coef=0.05"])
+                         "grpo.max_new_tokens=8", "grpo.entropy_coef=0.05", "grpo.kl_coef=0.05"])
 summary = run_judge_j1(cfg)
 rows = [json.loads(line) for line in open(RUN + "/metrics.jsonl")]
 steps = [{k: r[k] for k in ("loss", "grad_norm", "entropy", "reward_mean", "reward_std", "sample_hash")}
@@ -105,13 +113,16 @@ def run(code: str, n: int, mesh: list[str], run_dir) -> dict:
     return json.loads(out.split("RESULT ", 1)[1])
 
 
-def assert_split(seen: dict, n_updates: int, rows: int) -> None:
-    """Every captured batch array is (data, fsdp)-sharded with rows / 4 rows on each device."""
-    assert len(seen["train"]) == n_updates
-    for batch in seen["train"]:
-        assert {"input_ids", "completion", "loss_mask", "advantages", "old_logp"} <= set(batch)
-        for name, p in batch.items():
-            assert p == {"rows": rows, "split": True, "per_device": [rows // SPLIT]}, (name, p)
+def assert_split(seen: dict, rows: int, n_updates: int, update_rows: int) -> None:
+    """Every captured batch array is (data, fsdp)-sharded with rows / 4 rows on each device: each
+    step's batch as placed (`rows`), each update's (mini-)batch (`update_rows`), each sampler call."""
+    assert len(seen["placed"]) == 2 and len(seen["train"]) == n_updates
+    for batches, n in ((seen["placed"], rows), (seen["train"], update_rows)):
+        for batch in batches:
+            assert {"input_ids", "completion", "loss_mask", "advantages"} <= set(batch)
+            for name, p in batch.items():
+                assert p == {"rows": n, "split": True, "per_device": [n // SPLIT]}, (name, p)
+    assert all({"old_logp", "ref_logp"} <= set(batch) for batch in seen["train"])
     assert seen["sample"]
     for call in seen["sample"]:
         for name, p in call.items():
@@ -132,17 +143,18 @@ def test_grpo_batches_are_split_and_steps_match_one_device(tmp_path):
     """GRPO with KL (reference log-probs) and two mini-batches: 16 rows per step, 8 per update."""
     single = run(GRPO_RUN, 1, [], tmp_path / "one")
     sharded = run(GRPO_RUN, 8, MESH_8, tmp_path / "eight")
-    assert_split(sharded["seen"], n_updates=4, rows=8)
+    assert_split(sharded["seen"], rows=16, n_updates=4, update_rows=8)
     assert all(s["reward_std"] > 0 and s["kl"] >= 0 for s in single["steps"])  # the updates do something
     assert_same_steps(single["steps"], sharded["steps"])
 
 
 @pytest.mark.slow
 def test_j1_batches_are_split_and_steps_match_one_device(tmp_path):
-    """The J1 judge loop (run_judge_j1: supplied-by-rule judgments, no warm-up, 2 RL steps): the
-    judge's rollouts and updates are split; samples, rewards, losses and judge accuracy match."""
+    """The J1 judge loop (run_judge_j1: rule-sampled judgments, no warm-up, 2 RL steps with an
+    entropy bonus and KL, so that the random judge's all-zero rewards still move it): the judge's
+    rollouts, evaluation and updates are split; samples, rewards, losses and judge accuracy match."""
     single = run(J1_RUN, 1, [], tmp_path / "one")
     sharded = run(J1_RUN, 8, MESH_8, tmp_path / "eight")
-    assert_split(sharded["seen"], n_updates=2, rows=16)
+    assert_split(sharded["seen"], rows=16, n_updates=2, update_rows=16)
     assert_same_steps(single["steps"], sharded["steps"])
     assert sharded["accuracy"] == single["accuracy"]

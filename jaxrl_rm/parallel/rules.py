@@ -9,6 +9,7 @@ so the same code runs on 1 CPU device, 8 fake devices, a GPU node or a TPU pod.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -89,6 +90,14 @@ def param_shardings(params, mesh: Mesh):
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Batch arrays `[B, ...]`: leading dim over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, P(LOGICAL_TO_MESH["batch"], *([None] * (ndim - 1))))
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def take_rows(batch, idx, mesh: Mesh):
+    """Rows `idx` (`[n]` int, the same on every process) of a device batch (dict of `[B, ...]`
+    arrays), placed like `shard_batch`'s: rows over (data, fsdp). Indexing a sharded array
+    leaves the result's placement to XLA, which may replicate it on every device."""
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x[idx], batch_sharding(mesh, x.ndim)), batch)
 
 
 def shard_batch(batch, mesh: Mesh):

@@ -8,8 +8,9 @@ POLAR (Dou et al. 2025, Sec. 4.1): `prompt + reference <|split|> prompt + candid
     ids = P  R  [split]  P  C  [reward]        P = rendered prompt, R / C = response ids (+ eos)
 the head reads the `<|reward|>` token. P + R and P + C are the ids of `render(prompt) + response`
 encoded as one text (`jaxrl_rm.data.pipeline.encode_pieces`: with a byte-level BPE a token can
-merge across the boundary; it then belongs to R / C, and P is the part both copies share). Over-long inputs are cut to `max_length` keeping the
-*tail* of the prompt (the part next to the answer) and the *head* of each response:
+merge across the boundary; it then belongs to R / C, and P is the part both copies share).
+Over-long inputs are cut to `max_length` keeping the *tail* of the prompt (the part next to the
+answer) and the *head* of each response:
     room = max_length - 2 (the two special tokens)
     1. if 2|P| + |R| + |C| <= room nothing is cut;
     2. the responses share `room - 2 * min(|P|, min_prompt_tokens)` tokens: each keeps its head,

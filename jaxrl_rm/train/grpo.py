@@ -33,7 +33,7 @@ from jaxrl_rm.models.factory import build_model
 from jaxrl_rm.objectives import group_advantages, policy_loss_terms, zero_variance_groups
 from jaxrl_rm.objectives.reduction import LossTerms
 from jaxrl_rm.parallel.mesh import mesh_from_config
-from jaxrl_rm.parallel.rules import shard_batch
+from jaxrl_rm.parallel.rules import shard_batch, take_rows
 from jaxrl_rm.rewards import sources as reward_sources
 from jaxrl_rm.rewards.shaping import overlong_penalty
 from jaxrl_rm.rewards.sources import EVAL_SCORERS, RULE_REWARDS, PromptItem, Rollouts
@@ -376,7 +376,7 @@ class GRPO:
                 if self.g.mini_batches > 1 else np.arange(n)
             for k in range(self.g.mini_batches):
                 idx = order[k * rows:(k + 1) * rows]
-                mb = device_batch if self.g.mini_batches == 1 else jax.tree.map(lambda x: x[idx], device_batch)
+                mb = device_batch if self.g.mini_batches == 1 else take_rows(device_batch, idx, self.mesh)
                 state, um = self.update(state, mb)
                 update_metrics.append(um)
         um = jax.device_get(update_metrics[-1])

@@ -19,8 +19,9 @@ markdown renders as nothing):
   `<runs>/RUN/results.md` (a pipeline's `# Results` comparison or its `## Claims` table).
 
 `--check` (the default) exits 1 listing every quote whose text differs from its run, `--write`
-rewrites them in place. A quote whose run directory does not exist under `--runs` is listed as
-unchecked and does not fail the check (CI checks what it ran; the rest needs its own run).
+rewrites them in place. A quote whose run has no `summary.json` / `results.md` under `--runs` (not run there, or not
+finished) is listed as unchecked and does not fail the check (CI checks what it ran; the rest
+needs its own run). A key or section missing from a finished run is an error (exit 2).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Quote:
     marker: str
     run: str
     old: str
-    new: str | None  # None: the run directory is absent (unchecked)
+    new: str | None  # None: no finished run to read (unchecked)
 
 
 def format_value(value, spec: str) -> str:
@@ -81,10 +82,8 @@ def _resolve_inline(args: list[str], runs: Path, where: str) -> tuple[str, str |
     run, key = args[0], args[1]
     spec = args[2] if len(args) == 3 else ".3f"
     summary_path = runs / run / "summary.json"
-    if not (runs / run).is_dir():
+    if not summary_path.exists():  # not run here, or not finished
         return run, None
-    if not summary_path.exists():
-        raise QuoteError(f"{where}: {summary_path} does not exist (the run did not finish)")
     summary = json.loads(summary_path.read_text())
     if key not in summary:
         raise QuoteError(f"{where}: key {key!r} not in {summary_path}")
@@ -95,11 +94,9 @@ def _resolve_table(args: list[str], runs: Path, where: str) -> tuple[str, str | 
     if len(args) < 2:
         raise QuoteError(f"{where}: expected `q-table RUN SECTION`")
     run, section = args[0], " ".join(args[1:])
-    if not (runs / run).is_dir():
-        return run, None
     results = runs / run / "results.md"
-    if not results.exists():
-        raise QuoteError(f"{where}: {results} does not exist")
+    if not results.exists():  # not run here, or not finished
+        return run, None
     try:
         return run, markdown_table(results.read_text(), section)
     except KeyError as e:
@@ -158,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     for q in stale:
         print(f"{'rewrote' if args.write else 'STALE'} {q.file} {q.marker}: {q.old.strip()!r} -> {q.new.strip()!r}")
     if unchecked:
-        print(f"unchecked (no run directory under {runs}): {', '.join(sorted(unchecked))}")
+        print(f"unchecked (no finished run under {runs}): {', '.join(sorted(unchecked))}")
     print(f"{total} quotes, {len(stale)} {'rewritten' if args.write else 'stale'}, "
-          f"{sum(1 for _ in unchecked)} runs unchecked")
+          f"{len(unchecked)} runs unchecked")
     return 1 if stale and not args.write else 0
 
 

@@ -107,3 +107,17 @@ def bpe_tokenizer(bpe_tokenizer_dir):
     from jaxrl_rm.models.hf import load_tokenizer
 
     return load_tokenizer(bpe_tokenizer_dir)
+
+
+class HiddenAndHead:
+    """What the trainer's loss reads of a model (`completion_logprobs`): final hidden states
+    `[N, P+T, D]` and the LM head `[D, V]`; gradients are taken with respect to the hidden states."""
+
+    def __init__(self, hidden, head):
+        self.hidden, self.head = hidden, head
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        return self.hidden
+
+    def lm_head_weight(self):
+        return self.head

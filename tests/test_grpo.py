@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import HiddenAndHead
 from jaxrl_rm.config import TaskSpec, load_config
 from jaxrl_rm.objectives import group_advantages, policy_loss
 from jaxrl_rm.rewards import sources
@@ -439,19 +440,6 @@ def test_chat_format_judgment_and_ranking_files_through_the_prompt_path(tmp_path
     assert rl.sources["pref"][0][0].template_for("pref") is ranking_template(rl.tasks["pref"])
 
 
-class _HiddenAndHead:
-    """The two things `completion_logprobs` reads of a model: final hidden states and the LM head."""
-
-    def __init__(self, hidden, head):
-        self.hidden, self.head = hidden, head
-
-    def hidden_states(self, input_ids, attention_mask=None):
-        return self.hidden
-
-    def lm_head_weight(self):
-        return self.head
-
-
 @pytest.mark.parametrize("kl_clamp", [10.0, 0.0])
 def test_grpo_loss_clamps_k3_kl_by_config(kl_clamp):
     """`grpo.kl_clamp` reaches the update's loss: tokens whose ratio to the reference is e^15 add
@@ -467,13 +455,13 @@ def test_grpo_loss_clamps_k3_kl_by_config(kl_clamp):
     completion = jnp.asarray(rng.integers(0, v, (n, t)), jnp.int32)
     batch = {"input_ids": jnp.zeros((n, p + t), jnp.int32), "attention_mask": jnp.ones((n, p + t), bool),
              "completion": completion, "loss_mask": jnp.ones((n, t), bool), "advantages": jnp.zeros(n)}
-    logp = completion_logprobs(_HiddenAndHead(hidden, head), batch, prompt_len=p, temperature=1.0)
+    logp = completion_logprobs(HiddenAndHead(hidden, head), batch, prompt_len=p, temperature=1.0)
     x = np.array([[15.0, 0.3, -0.2, 15.0], [0.5, 15.0, -1.0, 0.1]], np.float32)  # log pi_ref / pi
     batch.update(old_logp=logp, sampler_logp=logp, ref_logp=logp + x)
     loss_fn = make_grpo_loss(g, prompt_len=p)
 
     def loss(h):
-        loss_sum, den, _ = loss_fn(_HiddenAndHead(h, head), batch)
+        loss_sum, den, _ = loss_fn(HiddenAndHead(h, head), batch)
         return loss_sum / den
 
     value, d_hidden = jax.value_and_grad(loss)(hidden)

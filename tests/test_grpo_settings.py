@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import HiddenAndHead
 from jaxrl_rm.config import load_config
 from jaxrl_rm.rewards import sources
 from jaxrl_rm.train.grpo import GRPO, completion_logprobs, make_grpo_loss
@@ -53,20 +54,6 @@ def tiny_cfg(tmp_path, *overrides):
                               "grpo.tasks=[{name: math, rewards: [{type: test_index_parity}]}]",
                               "optim.warmup_steps=0", "optim.schedule=constant", "optim.learning_rate=1e-2",
                               "logging.progress=false", *overrides])
-
-
-class HiddenAndHead:
-    """What the trainer's loss reads of a model (`completion_logprobs`): final hidden states
-    `[N, P+T, D]` and the LM head `[D, V]`; gradients are taken with respect to the hidden states."""
-
-    def __init__(self, hidden, head):
-        self.hidden, self.head = hidden, head
-
-    def hidden_states(self, input_ids, attention_mask=None):
-        return self.hidden
-
-    def lm_head_weight(self):
-        return self.head
 
 
 @pytest.fixture(scope="module")

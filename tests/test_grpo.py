@@ -417,7 +417,7 @@ def test_chat_format_judgment_and_ranking_files_through_the_prompt_path(tmp_path
     """Judgment and ranking files whose prompts are chat-message lists: the task's template shows the
     conversation as `role: content` lines (it was handed the message list and crashed)."""
     from jaxrl_rm.data.loaders import write_jsonl
-    from jaxrl_rm.train.tasks import ranking_template
+    from jaxrl_rm.rewards.judges import ranking_template
 
     chat = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "reverse: abc"}]
     write_jsonl(tmp_path / "judge.jsonl", [{"prompt": chat, "response": "cba", "label": True, "id": 0},

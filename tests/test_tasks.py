@@ -10,7 +10,8 @@ from jaxrl_rm.config import RewardSpec, TaskSpec
 from jaxrl_rm.data.loaders import write_jsonl
 from jaxrl_rm.rewards import sources
 from jaxrl_rm.rewards.sources import PromptItem, Rollouts
-from jaxrl_rm.train.tasks import TaskMixer, demonstration, load_task_items, ranking_template, warmup_records
+from jaxrl_rm.rewards.judges import ranking_template
+from jaxrl_rm.train.tasks import TaskMixer, demonstration, load_task_items, warmup_records
 
 PRIME = PromptItem(task="pref", prompt="Name a prime number.", responses=("7", "8"), gold_scores=(1.0, 0.0))
 

@@ -90,7 +90,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jaxrl_rm.rewards.guards import GuardConfig, GuardCounter, check_text
-from jaxrl_rm.rewards.judges import JudgeTemplate, get_template
+from jaxrl_rm.rewards.judges import JudgeTemplate, get_template, task_template
 from jaxrl_rm.rewards.judgment import score_match_reward
 from jaxrl_rm.rewards.parsers import ParseResult, verdict_from_scores
 from jaxrl_rm.rewards.sources import Rollouts, register
@@ -478,8 +478,6 @@ class ScoreMatchSource:
             if self.template_name or spec is None:
                 tpl = get_template(self.template_name or "pointwise_correctness")
             else:
-                from jaxrl_rm.train.tasks import task_template
-
                 tpl = task_template(spec, "pointwise_correctness")
             name = tpl.name
             if tpl.format != "pointwise":

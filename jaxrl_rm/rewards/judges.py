@@ -55,6 +55,7 @@ placeholders raise ``ValueError`` at construction.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Any, Mapping, Sequence
 
@@ -508,3 +509,33 @@ def get_template(name: str, **options: Any) -> JudgeTemplate:
         raise ValueError(f"unknown judge template {name!r}; valid: {list(TEMPLATE_NAMES)}")
     ref = name.endswith("_ref")
     return judge_template(name[:-4] if ref else name, reference=ref, **options)
+
+
+# --- templates of a task (GRPO ranking / judgment tasks) -------------------------------------
+_TEMPLATES: dict = {}
+
+
+def task_template(task, default: str):
+    """The judge template of a ranking or judgment task: `options.template` (default `default`)
+    with `options.template_options` overrides (e.g. a compact `user` text, `max_score`).
+
+    One object per setting: what renders a task's prompts (`GRPO.prompt_text`, warm-up
+    demonstrations) and what parses the answers (`RankingSource`, `score_match`) is the same
+    template. `task`: a TaskSpec (`name`, `options`)."""
+    name, options = task.options.get("template", default), task.options.get("template_options", {})
+    key = (task.name, name, json.dumps(options, sort_keys=True, default=repr))
+    if key not in _TEMPLATES:
+        try:
+            _TEMPLATES[key] = get_template(name, **options)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"grpo.tasks[{task.name}].options.template / template_options: {e}") from e
+    return _TEMPLATES[key]
+
+
+def ranking_template(task):
+    """The listwise template of a ranking task (default URPO's `listwise`)."""
+    template = task_template(task, "listwise")
+    if template.format not in ("listwise", "listwise_tags"):
+        raise ValueError(f"grpo.tasks[{task.name}].options.template: a ranking task needs a listwise template "
+                         f"(listwise or listwise_tags), got {template.name!r} ({template.format})")
+    return template

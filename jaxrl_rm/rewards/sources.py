@@ -105,7 +105,7 @@ class RankingSource:
     Kendall τ vs the gold scores (`mapping` raw | unit; an invalid judgment earns `invalid_reward`,
     default the lowest reward).
 
-    The template is `train.tasks.ranking_template` of the item's task (`options.template`, default
+    The template is `judges.ranking_template` of the item's task (`options.template`, default
     URPO's `listwise` `\\boxed{s1, …, sN}`, with `options.template_options`, e.g. `max_score`): the
     same object that rendered the ranking prompt parses the answer. `tasks`: TaskSpecs by name (the
     GRPO run's); an item of a task not in it is parsed with the default `listwise` template.
@@ -117,8 +117,7 @@ class RankingSource:
         self.tasks = dict(tasks or {})
 
     def template_for(self, task: str):
-        from jaxrl_rm.rewards.judges import get_template
-        from jaxrl_rm.train.tasks import ranking_template
+        from jaxrl_rm.rewards.judges import get_template, ranking_template
 
         spec = self.tasks.get(task)
         return get_template("listwise") if spec is None else ranking_template(spec)

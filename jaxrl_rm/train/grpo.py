@@ -42,7 +42,8 @@ from jaxrl_rm.train.logger import run_means
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
 from jaxrl_rm.train.state import (Trainer, abstract_like, build_train_step, export_hf, inject_faults,
                                   make_optimizer)
-from jaxrl_rm.train.tasks import TaskMixer, load_task_items, ranking_template, task_template, warmup_records
+from jaxrl_rm.rewards.judges import ranking_template, task_template
+from jaxrl_rm.train.tasks import TaskMixer, load_task_items, warmup_records
 
 
 def step_seed(seed: int, *parts: int) -> int:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 
 import numpy as np
 
+from jaxrl_rm.rewards.judges import ranking_template
 from jaxrl_rm.rewards.sources import PromptItem
 
 
@@ -138,37 +138,6 @@ class TaskMixer:
     def load_state(self, state: dict) -> None:
         self.drawn.update({k: int(v) for k, v in state.get("drawn", {}).items() if k in self.drawn})
         self.credit.update({k: float(v) for k, v in state.get("credit", {}).items() if k in self.credit})
-
-
-_TEMPLATES: dict = {}
-
-
-def task_template(task, default: str):
-    """The judge template of a ranking or judgment task: `options.template` (default `default`)
-    with `options.template_options` overrides (e.g. a compact `user` text, `max_score`).
-
-    One object per setting: what renders a task's prompts (`GRPO.prompt_text`, warm-up
-    demonstrations) and what parses the answers (`RankingSource`, `score_match`) is the same
-    template."""
-    from jaxrl_rm.rewards.judges import get_template
-
-    name, options = task.options.get("template", default), task.options.get("template_options", {})
-    key = (task.name, name, json.dumps(options, sort_keys=True, default=repr))
-    if key not in _TEMPLATES:
-        try:
-            _TEMPLATES[key] = get_template(name, **options)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"grpo.tasks[{task.name}].options.template / template_options: {e}") from e
-    return _TEMPLATES[key]
-
-
-def ranking_template(task):
-    """The listwise template of a ranking task (default URPO's `listwise`)."""
-    template = task_template(task, "listwise")
-    if template.format not in ("listwise", "listwise_tags"):
-        raise ValueError(f"grpo.tasks[{task.name}].options.template: a ranking task needs a listwise template "
-                         f"(listwise or listwise_tags), got {template.name!r} ({template.format})")
-    return template
 
 
 def demonstration(item: PromptItem, task):

@@ -20,6 +20,15 @@ mode is an emulator: its time says nothing about TPU/GPU speed).
 
 Usage: `python benchmarks/logprob.py [--n 4096 --d 512 --v 151936 --rounds 3 --reps 2]`.
 The last line of output is one JSON object.
+
+`--tpu-aot TOPOLOGY` (e.g. v5e:2x2, v5p:2x2x1, v6e:2x2; needs the tpu-aot extra) instead compiles
+for that TPU generation on this machine (libtpu, nothing runs) and reports, per point of the
+matrix D x V x dtype (`--d-list`, `--v-list`, `--dtypes`; default the whole matrix of issue 16)
+and for dense / chunked / Pallas side by side: per-chip XLA temp memory of forward and
+forward + backward at `--n` tokens per chip, compile time, and the matmul FLOPs of each
+implementation's structure in units of N*D*V (each kernel module's `FLOPS_PER_NDV`). Then the
+data-parallel scaling: per-chip temp of the chunked and Pallas fwd+bwd at `--n` x chips tokens on
+1 chip vs all of the topology's chips on `data`, and whether any activation was all-gathered.
 """
 
 from __future__ import annotations
@@ -139,6 +148,64 @@ def _spawn(args, impl: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+AOT_D = (896, 1536, 2048, 3584, 4096, 8192)
+AOT_V = (32000, 128256, 151936)
+
+
+def tpu_aot(args) -> dict:
+    """Compile the matrix for `args.tpu_aot` (a TPU topology); see the module docstring."""
+    sys.path.insert(0, REPO)
+    from jaxrl_rm.kernels import chunked, pallas_tpu, reference
+    from jaxrl_rm.parallel import aot
+
+    flops = {"reference": reference.FLOPS_PER_NDV, "chunked": chunked.FLOPS_PER_NDV,
+             "pallas": getattr(pallas_tpu, "FLOPS_PER_NDV", None)}
+    one = aot.tpu_mesh(args.tpu_aot, (1, 1, 1))
+    impls = ["chunked", "pallas"] + ([] if args.no_dense else ["reference"])
+    points, failures = [], []
+    for dtype in args.dtypes.split(","):
+        for d in [int(x) for x in args.d_list.split(",")]:
+            for v in [int(x) for x in args.v_list.split(",")]:
+                row = {"d": d, "v": v, "dtype": dtype}
+                for impl in impls:
+                    for backward in (False, True):
+                        key = f"{impl}_{'fwd_bwd' if backward else 'fwd'}"
+                        try:
+                            rep = aot.token_logprobs_report(one, n=args.n, d=d, v=v, dtype=dtype,
+                                                            impl=impl, backward=backward)
+                        except Exception as e:  # a compile failure is a result: report it, go on
+                            row[f"{key}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                            failures.append(f"{dtype} D{d} V{v} {key}")
+                            continue
+                        row[f"{key}_temp_mib"] = round(rep.temp_bytes / MB, 1)
+                        row[f"{key}_compile_s"] = round(rep.compile_seconds, 1)
+                ok = "pallas_fwd_bwd_temp_mib" in row and "chunked_fwd_bwd_temp_mib" in row
+                row["pallas_within_chunked_plus_64mib"] = (
+                    ok and row["pallas_fwd_bwd_temp_mib"] <= row["chunked_fwd_bwd_temp_mib"] + 64)
+                points.append(row)
+                print("  " + " ".join(f"{k}={x}" for k, x in row.items()), flush=True)
+
+    chips = len(aot.tpu_devices(args.tpu_aot))
+    scaling = {}
+    for impl in ("chunked", "pallas"):
+        kw = dict(n=args.n * chips, d=args.scaling_d, v=args.scaling_v, dtype="bfloat16", impl=impl)
+        single = aot.token_logprobs_report(one, **kw)
+        dp = aot.token_logprobs_report(aot.tpu_mesh(args.tpu_aot, (chips, 1, 1)), **kw)
+        gathered = [s for s in dp.all_gather_shapes if s and s[0] in (kw["n"], kw["n"] // chips)]
+        scaling[impl] = {"temp_mib_1_chip": round(single.temp_bytes / MB, 1),
+                         f"temp_mib_{chips}_chips": round(dp.temp_bytes / MB, 1),
+                         "temp_ratio": round(single.temp_bytes / dp.temp_bytes, 2) if dp.temp_bytes else None,
+                         "activation_all_gathers": len(gathered), "collectives": dp.collectives}
+        print(f"  data-parallel {impl}: {scaling[impl]}", flush=True)
+    import jax
+
+    return {"measured": "XLA temp bytes per chip of compiled token_logprobs (libtpu AOT; nothing ran)",
+            "topology": args.tpu_aot, "jax": jax.__version__, "tokens_per_chip": args.n,
+            "flops_per_ndv": flops, "points": points, "compile_failures": failures,
+            "all_pallas_within_chunked_plus_64mib": all(p["pallas_within_chunked_plus_64mib"] for p in points),
+            "data_parallel": {"chips": chips, "d": args.scaling_d, "v": args.scaling_v, **scaling}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=4096)
@@ -150,6 +217,14 @@ def main() -> None:
     p.add_argument("--block-vocab", type=int, default=None, help="chunked; default: library's")
     p.add_argument("--no-lean", action="store_true", help="skip the lean dense variant")
     p.add_argument("--no-pallas", action="store_true", help="skip the Pallas interpret record")
+    p.add_argument("--tpu-aot", default=None, metavar="TOPOLOGY",
+                   help="compile the D x V x dtype matrix for this TPU topology (libtpu) instead")
+    p.add_argument("--d-list", default=",".join(map(str, AOT_D)), help="--tpu-aot hidden sizes")
+    p.add_argument("--v-list", default=",".join(map(str, AOT_V)), help="--tpu-aot vocab sizes")
+    p.add_argument("--dtypes", default="bfloat16,float32", help="--tpu-aot dtypes")
+    p.add_argument("--no-dense", action="store_true", help="--tpu-aot: skip the dense reference")
+    p.add_argument("--scaling-d", type=int, default=2048, help="--tpu-aot data-parallel D")
+    p.add_argument("--scaling-v", type=int, default=32000, help="--tpu-aot data-parallel V")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--pallas-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -160,6 +235,10 @@ def main() -> None:
         return
     if args.pallas_worker:
         print(json.dumps(pallas_small(args)))
+        return
+    if args.tpu_aot:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        print(json.dumps(tpu_aot(args)))
         return
 
     load_start = os.getloadavg()[0]

@@ -251,7 +251,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    from jaxrl_rm.kernels import token_logprobs, token_logprobs_vocab_parallel
+    from jaxrl_rm.kernels import token_logprobs, token_logprobs_sharded
     assert jax.device_count() == 8, jax.devices()
 
     def inputs(n, d, v, seed):
@@ -280,6 +280,10 @@ _SHARDED_SCRIPT = textwrap.dedent(
         ((2, 2, 2), dict(impl="chunked", block_vocab=96), 64, 24, 502),
         ((2, 1, 4), dict(impl="pallas", pallas_platform="tpu", block_tokens=16,
                          block_vocab=128), 32, 32, 1000),
+        # data-parallel only (tensor = 1): tokens split, the head replicated, no vocab combine
+        ((8, 1, 1), dict(impl="chunked", block_tokens=16, block_vocab=128), 64, 32, 1000),
+        ((2, 4, 1), dict(impl="pallas", pallas_platform="tpu", block_tokens=8,
+                         block_vocab=128), 64, 32, 1000),
     ]
     for shape, kw, n, d, v in cases:
         h, w, t = inputs(n, d, v, seed=n + v)
@@ -299,11 +303,20 @@ _SHARDED_SCRIPT = textwrap.dedent(
             close(a, b, 1e-5, f"{shape} {kw} {name} vs single-device")
         print("ok", shape, kw["impl"])
 
+    # Tokens that do not divide over data x fsdp (an odd evaluation batch) are padded, not
+    # gathered: 37 tokens on 8 data shards.
+    mesh = jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    h, w, t = inputs(37, 16, 300, seed=5)
+    single = value_and_grads(h, w, t, impl="chunked")
+    for name, a, b in zip(names, value_and_grads(h, w, t, impl="chunked", mesh=mesh), single):
+        close(a, b, 1e-5, f"37 tokens on 8 shards: {name}")
+
     # The explicit entry point, forward only, tokens over data and fsdp.
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
     h, w, t = inputs(64, 16, 300, seed=7)
-    logp = jax.jit(lambda h, w, t: token_logprobs_vocab_parallel(h, w, t, mesh=mesh))(h, w, t)
+    logp = jax.jit(lambda h, w, t: token_logprobs_sharded(h, w, t, mesh=mesh))(h, w, t)
     close(np.asarray(logp), np.asarray(token_logprobs(h, w, t, impl="reference")), 1e-5, "fwd")
 
     # bf16 hidden next to a float32 head (bf16 compute, float32 parameters): each shard computes
@@ -321,7 +334,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
     for name, a, b, tol in zip(names, sharded, single, (1e-5, 1e-5, 3e-2, 3e-2)):
         close(a.astype(np.float32), b.astype(np.float32), tol, f"bf16 hidden, f32 head: {name}")
     try:
-        token_logprobs_vocab_parallel(h, w[:, :299], t, mesh=mesh)
+        token_logprobs_sharded(h, w[:, :299], t, mesh=mesh)
         raise AssertionError("expected ValueError for V % tensor != 0")
     except ValueError as e:
         assert "divisible" in str(e)
@@ -330,8 +343,9 @@ _SHARDED_SCRIPT = textwrap.dedent(
 )
 
 
-def test_vocab_parallel_shard_map_8_devices():
-    """Vocab-parallel under shard_map on 8 fake CPU devices equals single-device (values and
-    gradients). A subprocess, because the device count is fixed when jax initialises."""
+def test_sharded_logprobs_8_devices():
+    """`token_logprobs(mesh=...)` under shard_map on 8 fake CPU devices (data-parallel tokens,
+    vocab-parallel head, both) equals single-device (values and gradients). A subprocess,
+    because the device count is fixed when jax initialises."""
     out = run_with_devices(_SHARDED_SCRIPT, n=8, timeout=600)
     assert "ALL OK" in out, out

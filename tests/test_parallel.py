@@ -1,11 +1,12 @@
 """Sharding: a train step on a data=2 x fsdp=2 x tensor=2 mesh gets its batch split over (data, fsdp)
-and equals the single-device step."""
+and equals the single-device step (the loss's log-probs under shard_map, as the SFT trainer runs it)."""
 
 from multidevice import run_with_devices
 
 
 def test_sharded_train_step_matches_single_device():
     out = run_with_devices("""
+        import functools
         import jax, jax.numpy as jnp, numpy as np, optax
         from flax import nnx
         from jax.sharding import NamedSharding, PartitionSpec as P
@@ -29,7 +30,7 @@ def test_sharded_train_step_matches_single_device():
             model = Transformer(cfg, rngs=nnx.Rngs(0))
             trainer = Trainer(nnx.split(model)[0], optimizer, mesh)
             state = trainer.init_state(model, 0)
-            step = build_train_step(trainer, next_token_loss, micro_batches=micro)
+            step = build_train_step(trainer, functools.partial(next_token_loss, mesh=mesh), micro_batches=micro)
             losses = []
             for _ in range(2):
                 device_batch = shard_batch(batch, mesh)

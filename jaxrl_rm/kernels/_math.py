@@ -57,6 +57,16 @@ def vary_like(x, *refs):
     return lax.pcast(x, tuple(sorted(missing)), to="varying")
 
 
+def _in_manual_context() -> bool:
+    """True inside `jax.shard_map` (some mesh axis is manual), where a Pallas output struct
+    needs its manual-axis type even when it varies over no axis (e.g. a 1-device mesh)."""
+    try:
+        mesh = jax.sharding.get_abstract_mesh()
+    except AttributeError:  # older jax: no abstract mesh context
+        return False
+    return bool(getattr(mesh, "manual_axes", ()))
+
+
 def out_struct(shape, dtype, like):
     """`jax.ShapeDtypeStruct` for a `pallas_call` output that varies like the array `like`.
 
@@ -64,7 +74,7 @@ def out_struct(shape, dtype, like):
     plain struct is used.
     """
     axes = _varying_axes(like)
-    if not axes:
+    if not axes and not _in_manual_context():
         return jax.ShapeDtypeStruct(shape, dtype)
     try:  # jax >= 0.10
         return jax.ShapeDtypeStruct(

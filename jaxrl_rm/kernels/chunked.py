@@ -38,6 +38,9 @@ from jaxrl_rm.kernels._math import (
 
 DEFAULT_BLOCK_TOKENS = 1024
 DEFAULT_BLOCK_VOCAB = 2048
+# Matmul FLOPs in units of N*D*V (a multiply-add counts 2): the forward's logits; the backward's
+# one logits recompute, d_hidden and d_lm_head. benchmarks/logprob.py reports these.
+FLOPS_PER_NDV = {"forward": 2, "backward": 6}
 
 
 def _token_blocking(n: int, block_tokens: int) -> tuple[int, int]:

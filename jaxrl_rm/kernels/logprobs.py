@@ -15,9 +15,12 @@ Implementations (`impl=`):
 * `"chunked"`: pure JAX streaming over vocab and token blocks (`chunked.py`); default on CPU;
 * `"pallas"`: Pallas kernels, Mosaic on TPU (`pallas_tpu.py`), Triton on GPU (`pallas_gpu.py`),
   `interpret=True` on CPU (how the tests run them); default on TPU and GPU;
-* vocab-parallel: `token_logprobs_vocab_parallel` (or `token_logprobs(..., mesh=mesh)`) runs
-  any of the above per vocab shard under `jax.shard_map` and combines the partial statistics
-  across the `tensor` axis.
+* under a mesh: `token_logprobs(..., mesh=mesh)` (or `token_logprobs_sharded`) runs any of the
+  above per shard under `jax.shard_map`: tokens split over the mesh's `data` and `fsdp` axes
+  (each chip computes only its own tokens' log-probs; without shard_map XLA cannot partition
+  the token loop or a Pallas custom call and all-gathers the whole `[N, D]` hidden onto every
+  chip), and, when the head is vocab-sharded over `tensor`, partial statistics combined across
+  that axis. Every trainer passes its mesh.
 
 Old-policy / reference log-probs only run the forward (no residuals are used unless
 differentiated).
@@ -184,8 +187,10 @@ def token_logprobs(hidden, lm_head, targets, *, temperature: float = 1.0,
         (the Mosaic kernels on CPU).
       interpret: run Pallas kernels in interpret mode; None = when the backend is not the
         kernels' platform (e.g. on CPU).
-      mesh: if given and its `vocab_axis` has size > 1, run vocab-parallel under
-        `jax.shard_map` (`lm_head` sharded over `vocab_axis`, tokens over `token_axes`).
+      mesh: if given and it has more than one device, run under `jax.shard_map`
+        (`token_logprobs_sharded`): tokens split over `token_axes`, `lm_head`'s vocab over
+        `vocab_axis` (when `V` divides over it; otherwise each shard takes the whole head).
+        Trainers pass theirs so the per-chip work and memory scale as 1/chips.
 
     Returns:
       `logp: [N] float32`, or `(logp, entropy)` both `[N] float32`. Differentiable w.r.t.
@@ -193,8 +198,10 @@ def token_logprobs(hidden, lm_head, targets, *, temperature: float = 1.0,
     """
     _check_shapes(hidden, lm_head, targets)
     lm_head = _head_in_compute_dtype(hidden, lm_head)
-    if mesh is not None and mesh.shape.get(vocab_axis, 1) > 1:
-        return token_logprobs_vocab_parallel(
+    if mesh is not None and mesh.size > 1:
+        if lm_head.shape[1] % mesh.shape.get(vocab_axis, 1):
+            vocab_axis = None  # a vocab that does not divide: whole on each shard, tokens still split
+        return token_logprobs_sharded(
             hidden, lm_head, targets, mesh=mesh, temperature=temperature,
             with_entropy=with_entropy, impl=impl, block_tokens=block_tokens,
             block_vocab=block_vocab, pallas_platform=pallas_platform, interpret=interpret,
@@ -230,27 +237,33 @@ def _local_stats(hidden, lm_head, targets, *, temperature, with_entropy, impl, b
     return (out[0], out[1], out[2] if with_entropy else None)
 
 
-def token_logprobs_vocab_parallel(hidden, lm_head, targets, *, mesh: jax.sharding.Mesh,
-                                  temperature: float = 1.0, with_entropy: bool = False,
-                                  impl: str = "auto", block_tokens: int | None = None,
-                                  block_vocab: int | None = None,
-                                  pallas_platform: str | None = None,
-                                  interpret: bool | None = None, vocab_axis: str = "tensor",
-                                  token_axes: Sequence[str] = ("data", "fsdp")):
-    """`token_logprobs` with `lm_head` sharded over the vocab (`mesh` axis `vocab_axis`).
+def token_logprobs_sharded(hidden, lm_head, targets, *, mesh: jax.sharding.Mesh,
+                           temperature: float = 1.0, with_entropy: bool = False,
+                           impl: str = "auto", block_tokens: int | None = None,
+                           block_vocab: int | None = None, pallas_platform: str | None = None,
+                           interpret: bool | None = None, vocab_axis: str | None = "tensor",
+                           token_axes: Sequence[str] = ("data", "fsdp")):
+    """`token_logprobs` under `jax.shard_map`: data-parallel over tokens, vocab-parallel over
+    the head.
 
-    Each shard computes `(lse_k, z_target_k, H_k)` of its vocab slice with any implementation;
-    shards are combined with `pmax`/`psum` over `vocab_axis`:
-    `lse = m + log sum_k exp(lse_k - m)`, `z_target = sum_k z_target_k` (the target lives in
-    one shard), `H = sum_k a_k (H_k - log a_k)` with `a_k = exp(lse_k - lse)`. Gradients flow
-    through the collectives (the custom VJP runs per shard). Tokens are additionally split
-    over those of `token_axes` that the mesh has.
+    Tokens are split over those of `token_axes` the mesh has (size > 1): each shard runs any
+    implementation on its own `[N / shards, D]` rows, so per-chip FLOPs and memory scale as
+    1/shards. (Left to XLA's partitioner, a token `fori_loop` or a Pallas custom call cannot be
+    split: the whole hidden is all-gathered and every chip computes every token.) When
+    `vocab_axis` has size > 1, each shard holds `V / tp` head columns and computes the
+    statistics `(lse_k, z_target_k, H_k)` of its slice; they are combined with `pmax`/`psum`
+    over `vocab_axis`: `lse = m + log sum_k exp(lse_k - m)`, `z_target = sum_k z_target_k`
+    (the target lives in one shard), `H = sum_k a_k (H_k - log a_k)` with
+    `a_k = exp(lse_k - lse)`. Gradients flow through the collectives (the custom VJP runs per
+    shard); `d_lm_head`'s partial sums over token shards are reduced by shard_map's transpose.
 
     Args:
       hidden: `[N, D]`; lm_head: `[D, V]` (cast to `hidden.dtype`), `V` divisible by the
-        `vocab_axis` size;
-      targets: `[N] int32`; `N` divisible by the product of the token axes' sizes.
+        `vocab_axis` size; targets: `[N] int32`. `N` need not divide over the token shards:
+        it is padded (with zero rows, dropped from the result) to a multiple.
       mesh: a `jax.sharding.Mesh` (axes `data`, `fsdp`, `tensor`, `AxisType.Auto`).
+      vocab_axis: the mesh axis the vocab is split over; None = not split (every shard
+        computes the whole vocab of its tokens).
       Other args as `token_logprobs`.
 
     Returns:
@@ -260,30 +273,35 @@ def token_logprobs_vocab_parallel(hidden, lm_head, targets, *, mesh: jax.shardin
     lm_head = _head_in_compute_dtype(hidden, lm_head)
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
-    if vocab_axis not in mesh.shape:
-        raise ValueError(f"mesh axes {tuple(mesh.shape)} have no vocab axis {vocab_axis!r}")
-    tp = mesh.shape[vocab_axis]
+    tp = mesh.shape.get(vocab_axis, 1) if vocab_axis else 1
     v = lm_head.shape[1]
     if v % tp:
         raise ValueError(f"vocab size {v} is not divisible by the {vocab_axis!r} axis size {tp}; "
                          "pad lm_head's vocab to a multiple (padded columns need a -inf bias, "
                          "so pad upstream where the model owns the head)")
-    tok_axes = tuple(ax for ax in token_axes if ax in mesh.shape and mesh.shape[ax] > 1)
+    tok_axes = tuple(ax for ax in token_axes if mesh.shape.get(ax, 1) > 1)
     n_tok_shards = 1
     for ax in tok_axes:
         n_tok_shards *= mesh.shape[ax]
-    if hidden.shape[0] % n_tok_shards:
-        raise ValueError(f"{hidden.shape[0]} tokens are not divisible over token axes "
-                         f"{tok_axes} of total size {n_tok_shards}")
+    n = hidden.shape[0]
+    pad = -n % n_tok_shards
+    if pad:  # e.g. an evaluation batch of odd size: zero rows, their results dropped below
+        hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
+        targets = jnp.pad(targets, (0, pad))
     tok_spec = tok_axes if tok_axes else None
+    head_spec = P(None, vocab_axis) if tp > 1 else P()
     v_local = v // tp
 
     def local(h, w, t):
-        offset = lax.axis_index(vocab_axis) * v_local
+        t = t.astype(jnp.int32)
+        if tp > 1:
+            t = t - lax.axis_index(vocab_axis) * v_local
         lse_k, zt_k, ent_k = _local_stats(
-            h, w, t.astype(jnp.int32) - offset, temperature=temperature,
-            with_entropy=with_entropy, impl=impl, block_tokens=block_tokens,
-            block_vocab=block_vocab, pallas_platform=pallas_platform, interpret=interpret)
+            h, w, t, temperature=temperature, with_entropy=with_entropy, impl=impl,
+            block_tokens=block_tokens, block_vocab=block_vocab,
+            pallas_platform=pallas_platform, interpret=interpret)
+        if tp == 1:
+            return (zt_k - lse_k, ent_k) if with_entropy else zt_k - lse_k
         m = lax.pmax(lax.stop_gradient(lse_k), vocab_axis)  # any m is exact; this one is safe
         lse = m + jnp.log(lax.psum(jnp.exp(lse_k - m), vocab_axis))
         logp = lax.psum(zt_k, vocab_axis) - lse
@@ -303,6 +321,9 @@ def token_logprobs_vocab_parallel(hidden, lm_head, targets, *, mesh: jax.shardin
     out_spec = P(tok_spec)
     fn = jax.shard_map(
         local, mesh=mesh,
-        in_specs=(P(tok_spec, None), P(None, vocab_axis), P(tok_spec)),
+        in_specs=(P(tok_spec, None), head_spec, P(tok_spec)),
         out_specs=(out_spec, out_spec) if with_entropy else out_spec, check_vma=check_vma)
-    return fn(hidden, lm_head, targets)
+    out = fn(hidden, lm_head, targets)
+    if pad:
+        out = tuple(x[:n] for x in out) if with_entropy else out[:n]
+    return out

@@ -10,6 +10,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# Matmul FLOPs in units of N*D*V: the logits, then d_hidden and d_lm_head from the saved [N, V]
+# softmax (no recompute, at the price of [N, V] memory).
+FLOPS_PER_NDV = {"forward": 2, "backward": 4}
+
 
 def token_logprobs_reference(hidden, lm_head, targets, *, temperature: float = 1.0,
                              with_entropy: bool = False):

@@ -58,12 +58,14 @@ def completion_hidden(model, input_ids, attention_mask, prompt_len: int):
     return hidden[:, prompt_len - 1: input_ids.shape[1] - 1]
 
 
-def completion_logprobs(model, batch, *, prompt_len: int, temperature: float, with_entropy: bool = False):
-    """Teacher-forced log-probs of the completion tokens `[N, T]` float32 (and entropy `[N, T]`)."""
+def completion_logprobs(model, batch, *, prompt_len: int, temperature: float, with_entropy: bool = False,
+                        mesh=None):
+    """Teacher-forced log-probs of the completion tokens `[N, T]` float32 (and entropy `[N, T]`);
+    with the trainer's `mesh`, each chip computes its own rows' (`token_logprobs` under shard_map)."""
     h = completion_hidden(model, batch["input_ids"], batch["attention_mask"], prompt_len)
     n, t, d = h.shape
     out = token_logprobs(h.reshape(n * t, d), model.lm_head_weight(), batch["completion"].reshape(-1),
-                         temperature=temperature, with_entropy=with_entropy)
+                         temperature=temperature, with_entropy=with_entropy, mesh=mesh)
     if with_entropy:
         return out[0].reshape(n, t), out[1].reshape(n, t)
     return out.reshape(n, t)
@@ -75,7 +77,7 @@ def mismatch_correction(g) -> bool:
     return g.tis_cap > 0 or g.is_mask != "none"
 
 
-def make_grpo_loss(g, *, prompt_len: int):
+def make_grpo_loss(g, *, prompt_len: int, mesh=None):
     """loss_fn(model, batch) for `build_train_step`, from a GRPOConfig `g`.
 
     batch: input_ids / attention_mask `[N, P+T]`, completion / loss_mask `[N, T]`,
@@ -87,7 +89,7 @@ def make_grpo_loss(g, *, prompt_len: int):
 
     def loss_fn(model, batch):
         out = completion_logprobs(model, batch, prompt_len=prompt_len, temperature=g.temperature,
-                                  with_entropy=with_entropy)
+                                  with_entropy=with_entropy, mesh=mesh)
         logp, entropy = out if with_entropy else (out, None)
         mask = batch["loss_mask"]
         terms = policy_loss_terms(
@@ -148,10 +150,11 @@ class GRPO:
                         for t in g.tasks}
         # `options.eval_scorer` (e.g. the hidden quality of open-ended tasks): built, and checked, up front
         self.scorers = {t.name: self.scorer_for(t) for t in g.tasks if t.options.get("eval_scorer")}
-        self.update = build_train_step(self.trainer, make_grpo_loss(g, prompt_len=self.P),
+        self.update = build_train_step(self.trainer, make_grpo_loss(g, prompt_len=self.P, mesh=self.mesh),
                                        micro_batches=cfg.train.micro_batches)
         self._logp = jax.jit(lambda params, batch: completion_logprobs(
-            nnx.merge(self.trainer.graphdef, params), batch, prompt_len=self.P, temperature=g.temperature))
+            nnx.merge(self.trainer.graphdef, params), batch, prompt_len=self.P, temperature=g.temperature,
+            mesh=self.mesh))
         # one update per step: pi_old is the sampling policy, and the sampler's unfiltered log-probs
         # are its log-probs up to the train/infer mismatch - which a correction must measure
         self.reuse_sampler_logp = g.ppo_epochs * g.mini_batches == 1 and not mismatch_correction(g)

@@ -7,6 +7,8 @@ tokenizer's chat template when it has one; rows are padded, or packed with segme
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from flax import nnx
 
@@ -24,11 +26,13 @@ from jaxrl_rm.train.state import (Trainer, abstract_like, build_eval_step, build
                                   inject_faults, make_optimizer)
 
 
-def next_token_loss(model, batch):
+def next_token_loss(model, batch, *, mesh=None):
     """Summed response-token NLL and its token count.
 
     batch: input_ids `[B, T]` int32, loss_mask `[B, T]` bool (True on tokens to predict),
     attention_mask `[B, T]`, optional segment_ids / positions `[B, T]` (packing).
+    mesh: the trainer's mesh; each chip then computes its own rows' log-probs (`token_logprobs`
+    under shard_map) instead of XLA gathering every token's hidden onto every chip.
     Returns (nll_sum, n_tokens, {}) — sums, so micro-batching is exact.
     """
     ids = batch["input_ids"]
@@ -36,7 +40,7 @@ def next_token_loss(model, batch):
                                  segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
     b, t, d = hidden.shape
     logp = token_logprobs(hidden[:, :-1].reshape(b * (t - 1), d), model.lm_head_weight(),
-                          ids[:, 1:].reshape(-1)).reshape(b, t - 1)
+                          ids[:, 1:].reshape(-1), mesh=mesh).reshape(b, t - 1)
     mask = batch["loss_mask"][:, 1:].astype(logp.dtype)
     return -(logp * mask).sum(), mask.sum(), {}
 
@@ -90,8 +94,9 @@ def run_sft(cfg) -> dict:
     state = trainer.init_state(model, cfg.seed)
     abstract_state = abstract_like(state)
     del model
-    step_fn = build_train_step(trainer, next_token_loss, micro_batches=cfg.train.micro_batches)
-    eval_fn = build_eval_step(trainer, next_token_loss)
+    loss_fn = functools.partial(next_token_loss, mesh=mesh)
+    step_fn = build_train_step(trainer, loss_fn, micro_batches=cfg.train.micro_batches)
+    eval_fn = build_eval_step(trainer, loss_fn)
 
     def run_step(state, step):
         host = inject_faults(stream.batch(step), step, cfg.debug.nan_steps)

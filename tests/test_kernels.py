@@ -206,11 +206,16 @@ def test_forward_only_and_dtypes():
     assert bool(jnp.all(logp <= 0))
 
 
-def test_auto_dispatch_on_cpu_is_chunked():
+def test_auto_dispatch_per_backend(monkeypatch):
+    """auto: chunked on CPU and GPU (Triton kernels opt-in until timed on a GPU), Mosaic on TPU;
+    Pallas is interpreted wherever the backend is not the kernels' platform."""
     assert jax.default_backend() == "cpu"
-    assert lp._resolve("auto", 512, None, None)[0] == "chunked"
-    assert lp._resolve("pallas", 512, None, None) == ("pallas", "tpu", True)
-    assert lp._resolve("pallas", 512, "gpu", None) == ("pallas", "gpu", True)
+    assert lp._resolve("auto", None, None)[0] == "chunked"
+    assert lp._resolve("pallas", None, None) == ("pallas", "tpu", True)
+    assert lp._resolve("pallas", "gpu", None) == ("pallas", "gpu", True)
+    for backend, expected in (("tpu", ("pallas", "tpu", False)), ("gpu", ("chunked", "gpu", False))):
+        monkeypatch.setattr(lp.jax, "default_backend", lambda b=backend: b)
+        assert lp._resolve("auto", None, None) == expected
     assert set(IMPLS) == {"auto", "reference", "chunked", "pallas"}
 
 

@@ -14,7 +14,7 @@ Implementations (`impl=`):
 * `"reference"`: dense float32 (`reference.py`), the oracle;
 * `"chunked"`: pure JAX streaming over vocab and token blocks (`chunked.py`); default on CPU;
 * `"pallas"`: Pallas kernels, Mosaic on TPU (`pallas_tpu.py`), Triton on GPU (`pallas_gpu.py`),
-  `interpret=True` on CPU (how the tests run them); default on TPU and GPU;
+  `interpret=True` on CPU (how the tests run them); default on TPU (`_AUTO` says why not GPU);
 * under a mesh: `token_logprobs(..., mesh=mesh)` (or `token_logprobs_sharded`) runs any of the
   above per shard under `jax.shard_map`: tokens split over the mesh's `data` and `fsdp` axes
   (each chip computes only its own tokens' log-probs; without shard_map XLA cannot partition
@@ -42,9 +42,16 @@ from jaxrl_rm.kernels._math import vary_like
 from jaxrl_rm.kernels.reference import reference_stats, token_logprobs_reference
 
 IMPLS = ("auto", "reference", "chunked", "pallas")
-# Above this hidden size the Triton kernels (which keep a [block, D] tile per program) would
-# spill registers; `impl="auto"` then uses the chunked XLA path (cuBLAS matmuls) on GPU.
-_GPU_PALLAS_MAX_D = 2048
+# What `impl="auto"` runs, per backend, and the evidence:
+#   tpu -> "pallas": Mosaic kernels; compiled for v5e / v5p / v6e at D 896-8192 and V up to 152k
+#          with working memory within the chunked path's (tests/test_tpu_aot.py,
+#          `benchmarks/logprob.py --tpu-aot`, docs/accelerators.md). No TPU has timed them yet.
+#   gpu -> "chunked": XLA with cuBLAS matmuls, memory-lean and correct at every width. The Triton
+#          kernels are correct in interpret mode and lower for CUDA, but have not run on a GPU
+#          here (no device was lent): until `benchmarks/device/logprob_gpu.py` shows them
+#          faster on an H100/H200, "pallas" on GPU is opt-in.
+#   cpu -> "chunked" (benchmarks/logprob.py: >= 16x less memory than dense at <= 1.0x the time).
+_AUTO = {"tpu": "pallas", "gpu": "chunked"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,16 +150,13 @@ def _head_in_compute_dtype(hidden, lm_head):
     return lm_head if lm_head.dtype == hidden.dtype else lm_head.astype(hidden.dtype)
 
 
-def _resolve(impl: str, d: int, pallas_platform: str | None, interpret: bool | None):
+def _resolve(impl: str, pallas_platform: str | None, interpret: bool | None):
     """`impl="auto"` -> concrete impl by backend; the Pallas flavour and interpret mode."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
     backend = jax.default_backend()
     if impl == "auto":
-        if backend == "tpu" or (backend == "gpu" and d <= _GPU_PALLAS_MAX_D):
-            impl = "pallas"
-        else:
-            impl = "chunked"
+        impl = _AUTO.get(backend, "chunked")
     platform = pallas_platform or ("gpu" if backend == "gpu" else "tpu")
     if platform not in ("tpu", "gpu"):
         raise ValueError(f"pallas_platform={platform!r}; expected 'tpu' or 'gpu'")
@@ -180,8 +184,8 @@ def token_logprobs(hidden, lm_head, targets, *, temperature: float = 1.0,
         outside as matching no column, i.e. logit 0; the textbook reference gives NaN).
       temperature: logits are `hidden @ lm_head / temperature` (static Python float).
       with_entropy: also return the entropy of the temperature-scaled softmax.
-      impl: `"auto"` (Pallas on TPU/GPU, chunked on CPU), `"reference"`, `"chunked"`,
-        `"pallas"` (interpret mode on CPU).
+      impl: `"auto"` (Pallas on TPU, chunked elsewhere: see `_AUTO` for the evidence),
+        `"reference"`, `"chunked"`, `"pallas"` (interpret mode on CPU).
       block_tokens, block_vocab: block sizes; None picks the implementation's default.
       pallas_platform: `"tpu"` (Mosaic) or `"gpu"` (Triton) kernels; None = current backend
         (the Mosaic kernels on CPU).
@@ -223,7 +227,7 @@ def _local_stats(hidden, lm_head, targets, *, temperature, with_entropy, impl, b
     if impl == "reference":  # dense, differentiated by plain autodiff
         return reference_stats(hidden, lm_head, targets, temperature=temperature,
                                with_entropy=with_entropy)
-    impl, platform, interpret = _resolve(impl, hidden.shape[1], pallas_platform, interpret)
+    impl, platform, interpret = _resolve(impl, pallas_platform, interpret)
     if hidden.shape[0] == 0:  # nothing to stream over; the dense form handles empty arrays
         return reference_stats(hidden, lm_head, targets, temperature=temperature,
                                with_entropy=with_entropy)
@@ -316,7 +320,7 @@ def token_logprobs_sharded(hidden, lm_head, targets, *, mesh: jax.sharding.Mesh,
     # gradients are the same, see tests/test_kernels.py). Compiled paths keep the check.
     check_vma = True
     if impl == "pallas":
-        _, _, interp = _resolve(impl, hidden.shape[1], pallas_platform, interpret)
+        _, _, interp = _resolve(impl, pallas_platform, interpret)
         check_vma = not interp
     out_spec = P(tok_spec)
     fn = jax.shard_map(

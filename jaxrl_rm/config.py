@@ -447,7 +447,8 @@ class JudgeConfig:
     warm-up's scores are the teacher label with probability 1 - `warmup_label_noise`, else random,
     so it teaches the format without (all of) the labels. Stage "rl": GRPO on a `kind: judgment`
     task with the `score_match` reward; held-out `judge_accuracy` before and after RL goes to the
-    summary (`judge_accuracy_before/_after/_gain`). `grpo.*` sets the RL (its `tasks` are replaced);
+    summary (`judge_accuracy_before/_after/_gain`), and so does the gold-vs-near-miss AUC on
+    held-out problems (`judge_near_miss_auc_before/_after`). `grpo.*` sets the RL (its `tasks` are replaced);
     `model.*` is the architecture of random-init policy / judge models.
     """
 
@@ -514,6 +515,13 @@ class JudgeConfig:
     warmup_think: Literal["compare", "aligned", "reference", "response", "fixed"] = "reference"
     #: Held-out judgments evaluated before / after RL (0: all).
     eval_size: int = 256
+    #: Gold-vs-near-miss AUC before / after RL (`judge_near_miss_auc_before/_after`, exact-match
+    #: teacher only; jaxrl_rm.eval.judge.evaluate_near_miss): the first `near_miss_prompts` distinct
+    #: held-out problems of the evaluated judgments (0: off), each judged on its gold answer and
+    #: `near_misses_per_prompt` one-edit near misses (seeded by `seed`); 48 x (1 + 4) = 240 judge
+    #: prompts, one batch.
+    near_miss_prompts: int = 48
+    near_misses_per_prompt: int = 4
 
     def validate(self, key="judge"):
         check(bool(self.problems) or bool(self.data), f"{key}.problems", "must name problems (or set judge.data)")
@@ -533,6 +541,8 @@ class JudgeConfig:
               "needs teacher exact_match (corrupted answers are labelled by exact match)")
         check(self.eval_size >= 0, f"{key}.eval_size", "must be >= 0")
         check(not self.eval_data or bool(self.data), f"{key}.eval_data", "needs judge.data (supplied training judgments) too")
+        check(self.near_miss_prompts >= 0, f"{key}.near_miss_prompts", "must be >= 0")
+        check(self.near_misses_per_prompt >= 1, f"{key}.near_misses_per_prompt", "must be >= 1")
         from jaxrl_rm.rewards.judges import TEMPLATE_NAMES
 
         check(self.template in TEMPLATE_NAMES and not self.template.startswith(("pairwise", "listwise")),

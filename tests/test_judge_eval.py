@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from jaxrl_rm.data.records import JudgmentExample, PreferencePair
-from jaxrl_rm.eval.judge import (alpaca_eval_pairs, evaluate_pairwise, evaluate_pointwise, gsm8k_pairs,
-                                 pairwise_metrics, pointwise_metrics)
+from jaxrl_rm.eval.judge import (alpaca_eval_pairs, evaluate_near_miss, evaluate_pairwise, evaluate_pointwise,
+                                 gsm8k_pairs, near_miss_answers, near_miss_auc, near_miss_metrics, pairwise_metrics,
+                                 pointwise_metrics)
 from jaxrl_rm.rewards.verifiers import ExactMatchVerifier
 
 _Q = re.compile(r"\[User Question\]\n(.*?)\n\n\[", re.S)
@@ -140,3 +141,58 @@ def test_metric_definitions_on_handmade_sets():
     m = evaluate_pairwise(lambda ts: ["<think>tie</think><score_A>5</score_A><score_B>5</score_B>"] * len(ts),
                           pairs, template="pairwise_scores")
     assert m["tie_rate"] == 1.0 and m["accuracy"] == 0.0
+
+
+def test_near_miss_auc_by_hand():
+    """Gold-vs-near-miss AUC: per problem the share of misses the gold out-scores (ties 1/2), then
+    the mean over problems; an unparseable verdict scores the template's minimum."""
+    assert near_miss_auc([1, 0], [[0, 1], [0, 0]]) == pytest.approx((0.75 + 0.5) / 2)
+    assert near_miss_auc([5, 5], [[5, 5, 5], [5, 5, 5]]) == 0.5  # a constant judge: no signal
+    with pytest.raises(ValueError, match=r"\[N, k\]"):
+        near_miss_auc([1, 0], [0, 1])
+    # 0-10 template, k = 3, per problem: gold then its misses
+    outputs = [score(9), score(3), score(9), "junk",  # 1 + 1/2 (tie) + 1 (junk = 0) -> 2.5 / 3
+               "junk", score(0), score(5), "junk",  # junk = 0: tie, loss, tie -> 1 / 3
+               score(4), score(6), score(2), score(4)]  # 0 + 1 + 1/2 -> 1.5 / 3
+    m = near_miss_metrics(outputs, 3, "pointwise")
+    assert m["auc"] == pytest.approx(5 / 9) and m["count"] == 3 and m["invalid_rate"] == pytest.approx(3 / 12)
+    assert m["gold_score"] == pytest.approx(1.3 / 3) and m["miss_score"] == pytest.approx(2.9 / 9)
+    with pytest.raises(ValueError, match="multiple"):
+        near_miss_metrics(outputs[:-1], 3, "pointwise")
+
+
+def test_near_miss_evaluation_with_scripted_judges():
+    from jaxrl_rm.data import synthetic
+
+    probs = synthetic.reverse_problems(40, seed=0, split="eval")
+    misses = near_miss_answers(probs, 4, seed=3)
+    assert misses == near_miss_answers(probs, 4, seed=3) and misses != near_miss_answers(probs, 4, seed=4)
+    for p, row in zip(probs, misses):  # one edit: never the gold, length within 1, gold's characters
+        assert len(row) == 4 and all(a != p.answer and abs(len(a) - len(p.answer)) <= 1 for a in row)
+        assert set("".join(row)) <= set("abcdefgh")
+    kw = dict(template="pointwise_correctness_ref", num_misses=4, seed=3)
+    m = evaluate_near_miss(verifier_judge_pointwise, probs, **kw)  # compares with the reference
+    assert m["auc"] == 1.0 and m["gold_score"] == 1.0 and m["miss_score"] == 0.0 and m["count"] == 40
+    m = evaluate_near_miss(lambda ts: [score(1)] * len(ts), probs, **kw)  # "everything is correct"
+    assert m["auc"] == 0.5 and m["miss_score"] == 1.0
+
+    def by_length(texts):  # a shortcut judge: accepts answers of the problem word's length
+        return [score(int(len(_RESP.search(t).group(1)) == len(_REF.search(t).group(1)))) for t in texts]
+
+    m = evaluate_near_miss(by_length, probs, **kw)  # beats chance on deletions / insertions only
+    assert 0.55 < m["auc"] < 0.85
+    exs = [JudgmentExample(prompt=p.prompt, response="x", label=False, reference=p.answer) for p in probs]
+    assert evaluate_near_miss(verifier_judge_pointwise, exs, **kw) == evaluate_near_miss(verifier_judge_pointwise,
+                                                                                           probs, **kw)
+
+
+def test_j1_near_miss_set_takes_distinct_held_out_problems():
+    from jaxrl_rm.config import load_config
+    from jaxrl_rm.train.judge import near_miss_set
+
+    exs = [JudgmentExample(prompt=f"reverse:{w}=", response=r, label=r == w[::-1], reference=w[::-1])
+           for w, r in [("abc", "cba"), ("abc", "cbb"), ("dde", "edd"), ("fgh", "hg"), ("hha", "ahh")]]
+    cfg = load_config(None, ["task=judge_j1", "judge.near_miss_prompts=3", "judge.near_misses_per_prompt=2"])
+    problems, misses = near_miss_set(cfg, exs)
+    assert [p.reference for p in problems] == ["cba", "edd", "hgf"] and [len(r) for r in misses] == [2, 2, 2]
+    assert near_miss_set(load_config(None, ["task=judge_j1", "judge.near_miss_prompts=0"]), exs) == ([], [])

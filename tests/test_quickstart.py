@@ -13,7 +13,8 @@ REDUCE = {
     # the full SFT (~15 s): the judge stage needs a policy that answers some prompts right
     "sft": ["train.eval_every=0", "grpo.eval_size=16", "logging.progress=false"],
     "judge": ["judge.num_train_prompts=48", "judge.num_eval_prompts=24", "judge.warmup_steps=10",
-              "judge.eval_size=24", "train.steps=2", "grpo.eval_size=16", "logging.progress=false"],
+              "judge.eval_size=24", "judge.near_miss_prompts=0", "train.steps=2", "grpo.eval_size=16",
+              "logging.progress=false"],
     "rlvr": ["train.steps=2", "train.eval_every=0", "grpo.eval_size=16", "logging.progress=false"],
     "rllm": ["train.steps=2", "train.eval_every=0", "grpo.eval_size=16", "logging.progress=false"],
 }

@@ -1,5 +1,5 @@
-"""Judge evaluation: pointwise judgment accuracy on labelled sets, pairwise accuracy with
-position consistency.
+"""Judge evaluation: pointwise judgment accuracy on labelled sets, gold-vs-near-miss AUC on
+problems with gold answers, pairwise accuracy with position consistency.
 
 A *judge* here is any callable ``judge(prompt_texts: list[str]) -> list[str]`` that returns one
 output per rendered judge prompt: a model (``jaxrl_rm.rewards.judge_source.TextJudge(...,
@@ -21,6 +21,21 @@ wrong), ``consistent_accuracy`` (right in both orders), ``position_consistency``
 two valid non-tie verdicts, the share whose winner is the same in both orders),
 ``position_bias_rate`` (1 − that), ``a_rate`` (share of valid non-tie verdicts that say A),
 ``invalid_rate``, ``tie_rate``, ``count`` (pairs), and ``accuracy/<subset>``.
+
+Near misses (``evaluate_near_miss``; pieces :func:`near_miss_answers`, :func:`near_miss_prompts`,
+:func:`near_miss_metrics`, :func:`near_miss_auc`) on held-out problems with gold answers: each
+problem's gold answer and ``k`` one-edit near misses (:func:`jaxrl_rm.data.synthetic.corrupt_answer`,
+seeded) are scored by the judge one at a time, as a pointwise reward source would score a group of
+rollouts. ``auc`` is the mean over problems of P(score(gold) > score(miss)), a tie counting 1/2:
+GRPO uses only the order of the rewards within a group (its advantages are group-relative), so a
+judge is useful to it exactly when it ranks the right answer above answers one edit away from it.
+Balanced accuracy on the policy's answers does not show that: a judge that learns which answers the
+policy tends to get wrong (their length, their look) scores well there and still calls a near miss
+as correct as the gold answer (AUC 0.5). Metrics: ``auc``, ``gold_score`` / ``miss_score`` (mean
+normalised score in [0, 1] of the gold answers / the misses), ``invalid_rate``, ``count``
+(problems). An unparseable verdict scores the template's minimum (the reward a pointwise judge
+reward source gives it, ``invalid_reward`` 0), so it ties with a valid lowest verdict and loses to
+anything above it.
 
 Data builders: :func:`gsm8k_pairs` (correct vs incorrect solutions of one GSM8K question from
 ``load_gsm8k_solutions``) and :func:`alpaca_eval_pairs` (a generator's answer vs the baseline's,
@@ -100,6 +115,102 @@ def evaluate_pointwise(judge: Judge, examples: Sequence[Any], *, template: str |
     for s in range(0, len(texts), batch_size):
         outputs += list(judge(texts[s:s + batch_size]))
     return pointwise_metrics(examples, outputs, template, tolerance=tolerance)
+
+
+# ============================================================================ near misses
+
+
+def _gold(problem: Any) -> str:
+    """The gold answer of a ``VerifiableProblem`` (``answer``) or a ``JudgmentExample`` (``reference``)."""
+    gold = getattr(problem, "answer", None)
+    if gold is None:
+        gold = getattr(problem, "reference", None)
+    if not gold:
+        raise ValueError(f"near misses need a gold answer (`answer` or `reference`): {problem!r}")
+    return str(gold)
+
+
+def near_miss_answers(problems: Sequence[Any], num_misses: int = 4, *, seed: int = 0,
+                      alphabet: str | None = None) -> list[list[str]]:
+    """``num_misses`` one-edit near misses of each problem's gold answer: ``[len(problems)][num_misses]``.
+
+    Each is :func:`jaxrl_rm.data.synthetic.corrupt_answer` of the gold (substitute, delete, insert
+    or swap one character; never the gold itself, so wrong under exact match), drawn independently
+    (two misses of a problem may coincide). ``alphabet``: characters substitutions and insertions
+    draw from (default: those of the gold answers). Deterministic in ``seed``.
+    """
+    from jaxrl_rm.data import synthetic
+
+    golds = [_gold(p) for p in problems]
+    alphabet = alphabet or "".join(sorted({c for g in golds for c in g})) or "abcdefgh"
+    rng = np.random.default_rng([seed, 59])
+    return [[synthetic.corrupt_answer(g, rng, alphabet=alphabet) for _ in range(num_misses)] for g in golds]
+
+
+def near_miss_prompts(problems: Sequence[Any], misses: Sequence[Sequence[str]],
+                      template: str | JudgeTemplate = "pointwise_correctness", tokenizer=None) -> list[str]:
+    """Rendered pointwise judge prompts, per problem its gold answer then its misses:
+    ``len(problems) * (1 + k)`` texts (the reference is shown by ``*_ref`` templates)."""
+    tpl = _template(template)
+    out = []
+    for p, row in zip(problems, misses, strict=True):
+        gold, q = _gold(p), prompt_as_text(p.prompt)
+        extra = {"reference": gold} if tpl.uses_reference else {}
+        out += [tpl.render(tokenizer, prompt=q, response=a, **extra) for a in (gold, *row)]
+    return out
+
+
+def near_miss_auc(gold_scores, miss_scores) -> float:
+    """Within-problem ranking of gold answers over near misses.
+
+    gold_scores: ``[N]`` float, the judge's score of each problem's gold answer; miss_scores:
+    ``[N, k]`` float, its scores of the problem's k near misses. Returns the mean over problems of
+    the share of misses the gold answer out-scores, a tie counting 1/2 (AUC of gold vs misses
+    within each problem; 1 = every gold above every miss, 0.5 = no within-problem signal, e.g. a
+    constant judge). NaN when N or k is 0.
+    """
+    gold = np.asarray(gold_scores, np.float64)
+    miss = np.asarray(miss_scores, np.float64)
+    if gold.ndim != 1 or miss.ndim != 2 or miss.shape[0] != gold.shape[0]:
+        raise ValueError(f"near_miss_auc: gold_scores [N] and miss_scores [N, k], got {gold.shape} and {miss.shape}")
+    if miss.size == 0:
+        return float("nan")
+    wins = (gold[:, None] > miss) + 0.5 * (gold[:, None] == miss)
+    return float(wins.mean(axis=1).mean())
+
+
+def near_miss_metrics(outputs: Sequence[str], num_misses: int,
+                      template: str | JudgeTemplate = "pointwise_correctness") -> dict:
+    """Near-miss metrics (module docstring) of judge ``outputs`` laid out as :func:`near_miss_prompts`
+    writes them (per problem: gold, then ``num_misses`` misses)."""
+    tpl = _template(template)
+    width = 1 + int(num_misses)
+    if num_misses < 1 or len(outputs) % width:
+        raise ValueError(f"near_miss_metrics: {len(outputs)} outputs is not a multiple of 1 + {num_misses}")
+    n = len(outputs) // width
+    if n == 0:
+        return {"auc": float("nan"), "count": 0}
+    results = [tpl.parse(o) for o in outputs]
+    lo, span = float(tpl.min_score), float(tpl.max_score - tpl.min_score) or 1.0
+    # invalid = the template's minimum, as the pointwise judge reward scores it (invalid_reward 0)
+    scores = np.asarray([(float(r.value) - lo) / span if r.valid else 0.0 for r in results]).reshape(n, width)
+    return {"auc": near_miss_auc(scores[:, 0], scores[:, 1:]), "gold_score": float(scores[:, 0].mean()),
+            "miss_score": float(scores[:, 1:].mean()),
+            "invalid_rate": float(1 - np.mean([r.valid for r in results])), "count": n}
+
+
+def evaluate_near_miss(judge: Judge, problems: Sequence[Any], *,
+                       template: str | JudgeTemplate = "pointwise_correctness", tokenizer=None, num_misses: int = 4,
+                       seed: int = 0, alphabet: str | None = None, batch_size: int = 256) -> dict:
+    """Judge each problem's gold answer and ``num_misses`` near misses (:func:`near_miss_answers`)
+    and score the verdicts: :func:`near_miss_metrics`. ``problems``: records with ``prompt`` and a
+    gold ``answer`` (``VerifiableProblem``) or ``reference`` (``JudgmentExample``)."""
+    misses = near_miss_answers(problems, num_misses, seed=seed, alphabet=alphabet)
+    texts = near_miss_prompts(problems, misses, template, tokenizer)
+    outputs: list[str] = []
+    for s in range(0, len(texts), batch_size):
+        outputs += list(judge(texts[s:s + batch_size]))
+    return near_miss_metrics(outputs, num_misses, template)
 
 
 # ============================================================================ pairwise
@@ -229,5 +340,6 @@ def alpaca_eval_pairs(outputs_path, annotations_path, *, min_margin: float = 0.0
     return out
 
 
-__all__ = ["alpaca_eval_pairs", "evaluate_pairwise", "evaluate_pointwise", "gsm8k_pairs", "pairwise_metrics",
+__all__ = ["alpaca_eval_pairs", "evaluate_near_miss", "evaluate_pairwise", "evaluate_pointwise", "gsm8k_pairs",
+           "near_miss_answers", "near_miss_auc", "near_miss_metrics", "near_miss_prompts", "pairwise_metrics",
            "pairwise_prompts", "pointwise_metrics", "pointwise_prompts"]

@@ -30,7 +30,10 @@ The RLLM recipe for the LM-as-RM, in three resumable stages under ``run_dir``:
    parsed score equals the label, within ``judge.tolerance``; a judgment cut by
    ``grpo.max_new_tokens`` before its stop token earns 0). Held-out judgment accuracy
    (greedy; invalid = wrong) is measured before and after: ``judge_accuracy_before``,
-   ``judge_accuracy_after``, ``judge_accuracy_gain`` in ``summary.json``. The trained judge is
+   ``judge_accuracy_after``, ``judge_accuracy_gain`` in ``summary.json``, and so is the
+   gold-vs-near-miss AUC on held-out problems (``judge_near_miss_auc_before`` / ``_after``; the
+   judge's score of each gold answer against its one-edit near misses, the within-group order
+   GRPO acts on; see :func:`jaxrl_rm.eval.judge.evaluate_near_miss`). The trained judge is
    exported to ``<run_dir>/hf`` (usable as ``type: judge, path: <run_dir>/hf``).
 
 Judge prompts use the ``judge.template`` (default ``pointwise_correctness``) through the chat
@@ -423,12 +426,33 @@ def judge_task(cfg, train_path: str, eval_path: str) -> TaskSpec:
                     options={"template": j.template, "template_options": dict(j.template_options)})
 
 
+def near_miss_set(cfg, examples) -> tuple[list, list[list[str]]]:
+    """The held-out problems and near misses of the gold-vs-near-miss AUC (`judge.near_miss_prompts`):
+    the first distinct (prompt, reference) pairs of the held-out judgments `examples` and
+    `judge.near_misses_per_prompt` one-edit misses of each reference (seeded by `seed`). None
+    (empty lists) when it is off, when the teacher is not exact match (an edited math answer may
+    still be right) or when the judgments carry no references."""
+    from jaxrl_rm.eval.judge import near_miss_answers
+
+    j = cfg.judge
+    if j.near_miss_prompts <= 0 or j.teacher != "exact_match":
+        return [], []
+    distinct: dict = {}
+    for e in examples:
+        if e.reference:
+            distinct.setdefault((prompt_as_text(e.prompt), e.reference), e)
+    problems = list(distinct.values())[: j.near_miss_prompts]
+    return problems, near_miss_answers(problems, j.near_misses_per_prompt, seed=cfg.seed)
+
+
 class JudgeGRPO(GRPO):
-    """GRPO of a judge; `evaluate` is held-out judgment accuracy (greedy) on `eval_examples`."""
+    """GRPO of a judge; `evaluate` is held-out judgment accuracy (greedy) on `eval_examples` and the
+    gold-vs-near-miss AUC on their problems (:func:`near_miss_set`; `judge_near_miss_*`)."""
 
     def __init__(self, cfg, eval_examples):
         super().__init__(cfg)
         self.eval_examples = list(eval_examples)
+        self.near_miss_problems, self.near_misses = near_miss_set(cfg, self.eval_examples)
 
     def judge_fn(self, params) -> TextJudge:
         model = nnx.merge(self.trainer.graphdef, params)
@@ -436,12 +460,18 @@ class JudgeGRPO(GRPO):
                          greedy=True, batch_size=256, mesh=self.mesh)
 
     def evaluate(self, state) -> dict:
-        from jaxrl_rm.eval.judge import evaluate_pointwise
+        from jaxrl_rm.eval.judge import evaluate_pointwise, near_miss_metrics, near_miss_prompts
 
-        m = evaluate_pointwise(self.judge_fn(state["params"]), self.eval_examples, template=judge_template(self.cfg),
-                               tokenizer=self.tokenizer if self.cfg.data.chat_template else None,
+        judge, tpl = self.judge_fn(state["params"]), judge_template(self.cfg)
+        tok = self.tokenizer if self.cfg.data.chat_template else None
+        m = evaluate_pointwise(judge, self.eval_examples, template=tpl, tokenizer=tok,
                                tolerance=self.cfg.judge.tolerance)
-        return {f"judge_{k}": float(v) for k, v in m.items() if not k.startswith("count")}
+        out = {f"judge_{k}": float(v) for k, v in m.items() if not k.startswith("count")}
+        if self.near_miss_problems:  # what GRPO with this judge acts on: gold above near misses, within a problem
+            texts = near_miss_prompts(self.near_miss_problems, self.near_misses, tpl, tok)
+            nm = near_miss_metrics(judge(texts), self.cfg.judge.near_misses_per_prompt, tpl)
+            out.update({f"judge_near_miss_{k}": float(v) for k, v in nm.items() if k != "count"})
+        return out
 
 
 def run_judge_j1(cfg) -> dict:

@@ -161,7 +161,7 @@ def test_j1_raises_held_out_judgment_accuracy(tmp_path):
     assert summary["judge_invalid_rate_before"] < 0.2  # the warm-up taught the format
     assert summary["judge_accuracy_gain"] >= 0.15, summary
     # ... without comparing: its scores do not rank a held-out gold answer above one-edit near misses
-    # (AUC 0.50 on 64 held-out words, 2026-12-07: it accepts about half of the gold answers and as
+    # (AUC 0.50 on 64 held-out words, 2026-12-06: it accepts about half of the gold answers and as
     # many misses). The README's point about the J1 recipe at this size; the aligned recipe's bound
     # (>= 0.8) is below.
     assert summary["judge_near_miss_auc_after"] < 0.8, summary
@@ -197,7 +197,7 @@ def aligned_judge(tmp_path_factory):
 @pytest.mark.slow
 def test_aligned_judge_ranks_gold_answers_above_near_misses(aligned_judge):
     """Acceptance of a judge GRPO can use: on held-out words the aligned recipe's judge scores the
-    gold answer above its one-edit near misses (AUC >= 0.8; measured 0.98-1.0 on 2026-12-07, the J1
+    gold answer above its one-edit near misses (AUC >= 0.8; measured 0.98-1.0 on 2026-12-06, the J1
     recipe's judge about 0.5), after the warm-up and after J1 RL (the exported judge)."""
     summary, _ = aligned_judge
     print("\naligned judge: near-miss AUC {judge_near_miss_auc_before:.3f} -> {judge_near_miss_auc_after:.3f}, "

@@ -44,7 +44,7 @@ def reduced_copy(path, out_dir):
 
 
 # Verdicts the reduced settings decide by themselves: the same under seed 0 and seed 1 (every stage,
-# 2026-12-07) and explained by what a few steps can do, not by a margin.
+# 2026-12-06) and explained by what a few steps can do, not by a margin.
 PINNED = {
     # 10 warm-up steps do not teach a random-init judge the <think>…</think><score> format: every
     # held-out judgment is invalid (accuracy 0 before RL), so every score-match reward is 0, the 2 RL

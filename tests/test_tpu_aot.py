@@ -76,7 +76,10 @@ MATRIX = [
     ("v5e:2x2", 4096, 128256, "bfloat16", True),
     ("v5e:2x2", 2048, 32000, "float32", False),
     ("v5p:2x2x1", 3584, 152064, "bfloat16", False),
-    ("v5p:2x2x1", 1536, 151936, "float32", True),
+    # the current Mosaic kernels run out of scoped VMEM here (16.8M of 16M): the defect this
+    # test found; the fused rewrite on branch wip/pallas-tpu-fused is meant to fix it
+    pytest.param("v5p:2x2x1", 1536, 151936, "float32", True,
+                 marks=pytest.mark.xfail(strict=True, reason="Pallas TPU forward: scoped VMEM OOM")),
     ("v6e:2x2", 8192, 128256, "bfloat16", False),
     ("v6e:2x2", 2048, 151936, "bfloat16", True),
 ]

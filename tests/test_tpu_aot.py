@@ -100,7 +100,12 @@ def test_pallas_compiles_within_chunked_memory(topology, d, v, dtype, entropy):
 
 
 def test_pallas_forward_only_compiles_f32_head_next_to_bf16_hidden():
-    """bf16 compute with float32 parameters (the head is cast to bf16 before the kernel)."""
-    rep = aot.token_logprobs_report(aot.tpu_mesh("v5e:2x2", (1, 1, 1)), n=4096, d=2048, v=151936,
+    """bf16 compute with float32 parameters: the head is cast to bf16 once before the kernel (as
+    the model's own bf16 forward casts it), so working memory is that copy, D·V·2 bytes, plus at
+    most 64 MiB; no float32 logits block of N·V."""
+    n, d, v = 4096, 2048, 151936
+    rep = aot.token_logprobs_report(aot.tpu_mesh("v5e:2x2", (1, 1, 1)), n=n, d=d, v=v,
                                     impl="pallas", head_dtype="float32", backward=False)
-    assert rep.temp_bytes < 512 * MIB
+    head_copy = d * v * 2
+    assert rep.temp_bytes <= head_copy + 64 * MIB, (rep.temp_bytes / MIB, head_copy / MIB)
+    assert rep.temp_bytes < n * v * 4  # far below one float32 logits matrix (2.3 GiB)

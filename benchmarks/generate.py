@@ -23,9 +23,13 @@ What is measured (one run, this machine, CPU):
     time of one decode step inside `generate` (decode step time = (t(128 tokens) - t(1 token)) /
     127, i.e. prefill excluded). Attention-over-cache FLOPs are not counted (they are < 3%).
 
+With `--model PATH` (a local HF causal-LM folder, e.g. SmolLM2-135M-Instruct converted by
+`python -m jaxrl_rm.models.gguf --out PATH`) both sides load that folder's weights instead (float32;
+the prompts are random ids of its vocabulary; everything else as above).
+
 Prints one JSON object as the last line.
 
-    python benchmarks/generate.py [--repeats 3] [--skip-hf]
+    python benchmarks/generate.py [--repeats 3] [--skip-hf] [--model PATH]
 """
 
 from __future__ import annotations
@@ -145,6 +149,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true", help="only time the JAX side")
+    ap.add_argument("--model", default=None, help="a local HF causal-LM folder to time instead of the "
+                                                  "random-weight ~20M Qwen2-style model")
     args = ap.parse_args()
 
     import jax
@@ -165,14 +171,16 @@ def main():
             if policy == "passive":
                 os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
             conn, child = ctx.Pipe()
-            proc = ctx.Process(target=hf_worker, args=(child, tmp, not workers), daemon=True)
+            build = args.model is None and not workers  # the first process builds the random model
+            proc = ctx.Process(target=hf_worker, args=(child, args.model or tmp, build), daemon=True)
             proc.start()
             assert conn.recv() == "ready"
             workers[policy] = (proc, conn)
         os.environ.pop("OMP_WAIT_POLICY", None)
-        model = hf.load_model(tmp)  # the very weights the torch processes hold
+        model = hf.load_model(args.model or tmp)  # the very weights the torch processes hold
     n_params = count_params(model)
-    prompts = np.random.default_rng(0).integers(3, MODEL["vocab_size"], (BATCH, PROMPT)).astype(np.int32)
+    cfg = model.config
+    prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (BATCH, PROMPT)).astype(np.int32)
 
     def hf_call(policy, seed, new=NEW):
         conn = workers[policy][1]
@@ -209,8 +217,9 @@ def main():
     cpu_jax = min(c for _, c in jax_runs)
     result = {
         "benchmark": "generate",
-        "model": f"qwen2-style random weights, {n_params / 1e6:.1f}M params, vocab {MODEL['vocab_size']}, "
-                 f"d={MODEL['hidden_size']}, L={MODEL['num_hidden_layers']}, float32",
+        "model": (f"{args.model}: {cfg.model_type}" if args.model else "qwen2-style random weights")
+                 + f", {n_params / 1e6:.1f}M params, vocab {cfg.vocab_size}, d={cfg.hidden_size}, "
+                 f"L={cfg.num_hidden_layers}, heads {cfg.num_attention_heads}:{cfg.num_key_value_heads}, float32",
         "batch": BATCH, "prompt_len": PROMPT, "new_tokens": NEW, "temperature": 1.0,
         "devices": f"{jax.device_count()} x {jax.devices()[0].platform}, {os.cpu_count()} cores",
         "jax_tokens_per_s": round(tokens / t_jax, 1),

@@ -34,6 +34,15 @@ class ModelSpec:
     dtype: Literal["float32", "bfloat16"] = "float32"
     #: Storage dtype of weights.
     param_dtype: Literal["float32", "bfloat16"] = "float32"
+    #: Stack the layers' weights ([L, ...]) and run them as one `lax.scan`: compile time and
+    #: program size stop growing with depth. false = one module per layer, unrolled. Checkpoints
+    #: resume within one layout; an HF export loads into either.
+    scan_layers: bool = True
+    #: Per-layer rematerialisation (jax.checkpoint) in the backward pass: none (save every
+    #: activation) | full (save only each layer's input, recompute the layer) | dots_saveable
+    #: (save matmul outputs, attention scores included) | dots_with_no_batch_dims_saveable (save
+    #: only the weight matmuls). Same values and gradients; trades FLOPs for memory.
+    remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
 
     def validate(self, key="model"):
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -1,6 +1,8 @@
 """Command line: `python -m jaxrl_rm.main [--config configs/x.yaml] [key=value ...]`.
 
 Without `--config` the built-in defaults run (a tiny model on a synthetic task, CPU-sized).
+`--plan TOPOLOGY` compiles the config's steps for a TPU slice instead of running them
+(`jaxrl_rm.plan`).
 `key=value` overrides any config field by its dotted path, e.g. `optim.learning_rate=3e-4
 run_dir=/tmp/r mesh.tensor=2`; values are parsed as YAML and type-checked.
 """
@@ -51,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.add_argument("--config", help="YAML config file (may `extends:` a base file)")
+    parser.add_argument("--plan", metavar="TOPOLOGY",
+                        help="compile every step of the config for a TPU topology (e.g. v5e:2x4, v5p:2x2x2) "
+                             "and print per-chip memory against HBM; runs nothing (needs libtpu: the "
+                             "tpu-aot extra); exit 1 when a step does not fit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = parser.parse_args(argv)
     from jaxrl_rm.config import load_config
@@ -60,6 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if args.plan:
+        import jax
+
+        # compile for the topology's abstract chips from this host's CPU backend: never claim a
+        # local accelerator (a TPU VM's chips may be busy training)
+        jax.config.update("jax_platforms", "cpu")
+        from jaxrl_rm.plan import run_plan
+
+        try:
+            return run_plan(cfg, args.plan)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
     from jaxrl_rm.parallel.mesh import maybe_initialize_distributed
 
     maybe_initialize_distributed(cfg.distributed)

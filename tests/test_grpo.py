@@ -474,3 +474,27 @@ def test_grpo_loss_clamps_k3_kl_by_config(kl_clamp):
     big = x == 15.0
     assert (grad_norm[big] == 0).all() if kl_clamp else (grad_norm[big] > 1e5).all()
     assert (grad_norm[~big] > 0).all()
+
+
+def test_old_logp_pass_in_chunks_equals_one_pass():
+    """The old / reference log-prob pass runs one micro-batch of rows at a time (strided blocks,
+    so sharded rows stay put); every row's log-probs equal the single pass's."""
+    from jaxrl_rm.models.config import ModelConfig
+    from jaxrl_rm.models.transformer import Transformer
+    from jaxrl_rm.train.grpo import completion_logprobs, completion_logprobs_in_chunks
+
+    cfg = ModelConfig.for_family("qwen2", vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    n, p, t = 12, 5, 7
+    ids = jnp.asarray(rng.integers(1, 37, (n, p + t)), jnp.int32)
+    attn = jnp.asarray(rng.random((n, p + t)) > 0.1, jnp.int32).at[:, p - 1:].set(1)
+    batch = {"input_ids": ids, "attention_mask": attn, "completion": ids[:, p:]}
+    whole = completion_logprobs(model, batch, prompt_len=p, temperature=0.7)
+    for chunks in (1, 3, 4):
+        got = jax.jit(lambda b, c=chunks: completion_logprobs_in_chunks(model, b, chunks=c, prompt_len=p,
+                                                                           temperature=0.7))(batch)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(whole), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not split"):
+        completion_logprobs_in_chunks(model, batch, chunks=5, prompt_len=p, temperature=0.7)

@@ -1,4 +1,5 @@
-"""HF parity: load_model reproduces transformers' logits; save_model round-trips through torch."""
+"""HF parity: load_model reproduces transformers' logits; save_model round-trips through torch.
+Both layer layouts (unrolled, and scanned with stacked `[L, ...]` weights) map to the HF names."""
 
 import json
 
@@ -18,13 +19,15 @@ def _torch_logits(model, ids):
         return model(torch.tensor(ids)).logits.float().numpy()
 
 
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_load_matches_torch_and_round_trips(family, tiny_hf_model, tmp_path):
-    torch_model, path = tiny_hf_model(family)
+def test_load_matches_torch_and_round_trips(family, scan_layers, tiny_hf_model, tmp_path):
+    torch_model, path = tiny_hf_model(family, layers=3)
     ids = np.random.default_rng(0).integers(0, 97, size=(3, 40)).astype(np.int32)  # > rope original len
     expected = _torch_logits(torch_model, ids)
 
-    model = hf.load_model(path)
+    model = hf.load_model(path, scan_layers=scan_layers)
+    assert model.scan_layers == scan_layers
     logits = np.asarray(model(jnp.asarray(ids)))
     assert logits.shape == expected.shape
     assert np.abs(logits - expected).max() < 1e-4
@@ -54,17 +57,18 @@ def test_sharded_checkpoint_and_padding(tiny_hf_model, tmp_path):
     np.testing.assert_allclose(padded[1, 5:], alone[0], atol=1e-5)
 
 
-def test_reward_model_round_trip(tiny_hf_model, tmp_path):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_reward_model_round_trip(scan_layers, tiny_hf_model, tmp_path):
     _, path = tiny_hf_model("llama")
     lm = hf.load_model(path)
-    rm = RewardModel(lm.config)
+    rm = RewardModel(lm.config, scan_layers=scan_layers)
     ids = jnp.asarray(np.arange(20, dtype=np.int32).reshape(2, 10))
     mask = jnp.asarray(np.array([[1] * 10, [0] * 3 + [1] * 7], bool))
     out = tmp_path / "rm"
     hf.save_model(rm, out)
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
-    again = hf.load_model(out)
-    assert isinstance(again, RewardModel)
+    again = hf.load_model(out, scan_layers=scan_layers)
+    assert isinstance(again, RewardModel) and again.backbone.scan_layers == scan_layers
     np.testing.assert_array_equal(np.asarray(again(ids, mask)), np.asarray(rm(ids, mask)))
     # transformers reads the head too: same score on an unpadded row.
     torch_rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(out), dtype=torch.float32)

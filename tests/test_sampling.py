@@ -1,5 +1,6 @@
 """Sampler: HF greedy parity, sampler log-probs = teacher-forced log-probs, temperature / top-k /
-top-p against their definitions, seeds, stop tokens, prompt limits, compile caching, text helpers."""
+top-p against their definitions, seeds, stop tokens, prompt limits, compile caching, text helpers.
+HF parity and log-prob tests also run with scanned layers (a stacked `[L, ...]` KV cache)."""
 
 from __future__ import annotations
 
@@ -24,15 +25,17 @@ SAMPLE = dict(num_samples=3, max_new_tokens=10, temperature=1.0, return_unfilter
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """family -> (torch model, jax model, path); built once per module."""
+    """(family, scan_layers=False) -> (torch model, jax model, path); built once per module."""
     cache = {}
 
-    def get(family):
+    def get(family, scan_layers=False):
         if family not in cache:
             path = tmp_path_factory.mktemp(f"hf_{family}")
-            tm = make_tiny_hf_model(family, path)
-            cache[family] = (tm, hf.load_model(path), path)
-        return cache[family]
+            cache[family] = (make_tiny_hf_model(family, path), path)
+        if (family, scan_layers) not in cache:
+            tm, path = cache[family]
+            cache[family, scan_layers] = (tm, hf.load_model(path, scan_layers=scan_layers), path)
+        return cache[family, scan_layers]
 
     return get
 
@@ -56,9 +59,9 @@ def _hf_greedy(torch_model, prompts, max_new, eos):
 
 
 # --- HF parity ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_greedy_matches_transformers(family, tiny):
-    torch_model, model, _ = tiny(family)
+@pytest.mark.parametrize("family,scan_layers", [("llama", False), ("qwen2", False), ("qwen2", True)])
+def test_greedy_matches_transformers(family, scan_layers, tiny):
+    torch_model, model, _ = tiny(family, scan_layers)
     prompts = _prompts()
     # 40 new tokens: a 64-slot generation bucket, decoded in two phases (the cache grows between them)
     assert len(sampler_mod.decode_windows(16, bucket_length(40))) == 2
@@ -80,8 +83,9 @@ def test_greedy_matches_transformers(family, tiny):
 
 
 # --- log-probs ------------------------------------------------------------------------------------
-def test_logprobs_equal_teacher_forced(tiny):
-    _, model, _ = tiny("qwen3")
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_logprobs_equal_teacher_forced(scan_layers, tiny):
+    _, model, _ = tiny("qwen3", scan_layers)
     res = generate(model, _prompts(1), **{**SAMPLE, "temperature": 0.7, "max_new_tokens": 40}, seed=3)
     assert res.tokens.shape == (12, 40) and res.logprobs.dtype == jnp.float32
     tf = teacher_forced_logprobs(model, res, temperature=0.7)

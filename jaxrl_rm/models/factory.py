@@ -19,7 +19,8 @@ def model_config_from_spec(spec, tokenizer) -> ModelConfig:
 
 
 def build_model(spec, tokenizer, *, seed: int = 0):
-    """`spec`: ModelSpec. Loads `spec.path` when set, else a random-init `Transformer`.
+    """`spec`: ModelSpec. Loads `spec.path` when set, else a random-init `Transformer`; either in
+    the layer layout of `spec.scan_layers` / `spec.remat`.
 
     Raises ValueError when the tokenizer does not fit the model (ids beyond the embedding table).
     """
@@ -27,12 +28,18 @@ def build_model(spec, tokenizer, *, seed: int = 0):
     if spec.path:
         from jaxrl_rm.models.hf import load_model
 
-        model = load_model(spec.path, dtype=dtype, param_dtype=param_dtype)
+        model = load_model(spec.path, dtype=dtype, param_dtype=param_dtype, **layout_kwargs(spec))
     else:
         model = Transformer(model_config_from_spec(spec, tokenizer), dtype=dtype, param_dtype=param_dtype,
-                            rngs=nnx.Rngs(seed))
+                            rngs=nnx.Rngs(seed), **layout_kwargs(spec))
     check_tokenizer_fits(model.config, tokenizer, source=spec.path or "model")
     return model
+
+
+def layout_kwargs(spec) -> dict:
+    """`Transformer` keyword arguments for the layer layout a `ModelSpec` asks for (`scan_layers`,
+    `remat`; also taken by `RewardModel` and `hf.load_model`)."""
+    return {k: getattr(spec, k) for k in ("scan_layers", "remat") if hasattr(spec, k)}
 
 
 def check_tokenizer_fits(config: ModelConfig, tokenizer, *, source: str) -> None:

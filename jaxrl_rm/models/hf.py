@@ -1,12 +1,16 @@
 """HF interop: load a local HF directory (config.json + safetensors) and export back to one.
 
 Public API (stable):
-    load_model(path, *, dtype=jnp.float32) -> Transformer | RewardModel
+    load_model(path, *, dtype=jnp.float32, scan_layers=False, remat="none") -> Transformer | RewardModel
     save_model(model, path, *, tokenizer=None, max_shard_bytes=2**31)
     load_tokenizer(path) -> transformers tokenizer
 
 Only safetensors are read (no pickle, never `trust_remote_code`). A `*ForSequenceClassification`
 checkpoint with one label loads as a `RewardModel`; everything else as a `Transformer`.
+
+Both layer layouts (`Transformer(scan_layers=...)`) map to the same per-layer HF names: stacked
+`[L, ...]` weights are split into `model.layers.<i>.*` on export and stacked back on import, both
+exact, so an HF save/load also converts a model from one layout to the other.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from safetensors.flax import save_file
 
 from jaxrl_rm.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, as_dtype
 from jaxrl_rm.models.reward import RewardModel
-from jaxrl_rm.models.transformer import Transformer
+from jaxrl_rm.models.transformer import Transformer, stack_layers, unstack_layers
 
 _HF_CAUSAL = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _HF_SEQCLS = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
@@ -119,7 +123,10 @@ def config_to_hf(config: ModelConfig, *, reward_model: bool, dtype) -> dict:
 
 # --- parameter names --------------------------------------------------------------------------
 def param_names(config: ModelConfig, *, prefix: str = "model.") -> list[tuple[tuple, str, bool]]:
-    """(path in the NNX pure dict, HF tensor name, transpose?) for every backbone parameter."""
+    """(path in the NNX pure dict, HF tensor name, transpose?) for every backbone parameter.
+
+    Paths are those of the unrolled layout (`("layers", i, ...)`); `per_layer_params` /
+    `layout_params` convert a scanned model's pure dict to and from them."""
     names = [(("embed",), f"{prefix}embed_tokens.weight", False),
              (("final_norm", "scale"), f"{prefix}norm.weight", False)]
     for i in range(config.num_hidden_layers):
@@ -138,6 +145,21 @@ def param_names(config: ModelConfig, *, prefix: str = "model.") -> list[tuple[tu
     if not config.tie_word_embeddings:
         names.append((("lm_head", "kernel"), "lm_head.weight", True))
     return names
+
+
+def per_layer_params(pure: dict, *, scan_layers: bool) -> dict:
+    """A backbone's pure param dict with `layers` as `{i: layer params}` (unstacks a scanned one)."""
+    if not scan_layers:
+        return pure
+    return {**pure, "layers": dict(enumerate(unstack_layers(pure["layers"])))}
+
+
+def layout_params(pure: dict, *, scan_layers: bool) -> dict:
+    """Inverse of `per_layer_params`: stack `{i: layer params}` into `[L, ...]` leaves if scanned."""
+    if not scan_layers:
+        return pure
+    layers = pure["layers"]
+    return {**pure, "layers": stack_layers([layers[i] for i in range(len(layers))])}
 
 
 def _set_path(tree: dict, path: tuple, value) -> None:
@@ -176,10 +198,12 @@ def read_tensors(path: str | os.PathLike) -> dict[str, jax.Array]:
     return tensors
 
 
-def load_model(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None):
+def load_model(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, scan_layers: bool = False,
+               remat: str = "none"):
     """Load a local HF directory -> `Transformer` (causal LM) or `RewardModel` (1-label classifier).
 
     dtype: compute dtype; param_dtype: storage dtype (default: same as dtype).
+    scan_layers, remat: the backbone's layer layout and remat policy (see `Transformer`).
     `model(input_ids)` with int32 `[B, T]` returns logits `[B, T, V]` (or rewards `[B]` for RMs).
     """
     path = Path(path)
@@ -208,13 +232,15 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None):
     if unexpected:
         raise HFConversionError(f"{path}: unexpected tensors {unexpected[:8]} for {archs[0]}")
     for my_path, hf_name, transpose in names:
-        value = tensors[hf_name]
+        value = tensors.pop(hf_name)
         _set_path(pure, my_path, (value.T if transpose else value).astype(param_dtype))
+    pure = layout_params(pure, scan_layers=scan_layers)
+    layout = dict(scan_layers=scan_layers, remat=remat)
 
     def build():
         if is_rm:
-            return RewardModel(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-        return Transformer(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+            return RewardModel(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **layout)
+        return Transformer(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **layout)
 
     abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
@@ -253,7 +279,8 @@ def save_model(model, path: str | os.PathLike, *, tokenizer=None, max_shard_byte
     is_rm = isinstance(model, RewardModel)
     backbone = model.backbone if is_rm else model
     config = backbone.config
-    pure = nnx.to_pure_dict(nnx.state(backbone, nnx.Param))
+    pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(backbone, nnx.Param)))  # host copies
+    pure = per_layer_params(pure, scan_layers=backbone.scan_layers)  # numpy views of stacked weights
     tensors = {}
     for my_path, hf_name, transpose in param_names(config):
         if is_rm and hf_name == "lm_head.weight":

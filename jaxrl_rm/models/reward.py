@@ -27,10 +27,13 @@ class RewardModel(nnx.Module):
     """`rm(input_ids, attention_mask)` -> rewards `[B]` float32."""
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None, backbone: Transformer | None = None):
+                 rngs: nnx.Rngs | None = None, backbone: Transformer | None = None,
+                 scan_layers: bool = False, remat: str = "none"):
+        """backbone: an existing `Transformer` (its layout is kept); else a fresh one with
+        `scan_layers` / `remat` (see `Transformer`)."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.backbone = backbone or Transformer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                                                with_lm_head=False)
+                                                with_lm_head=False, scan_layers=scan_layers, remat=remat)
         # Small init keeps initial rewards near 0 (a neutral BT start).
         std = 1.0 / (config.hidden_size ** 0.5) * 0.1
         self.score = nnx.Param(std * jax.random.normal(rngs.params(), (config.hidden_size,), param_dtype))

@@ -8,6 +8,14 @@ The forward pass exposes final hidden states (`hidden_states`) so the log-prob k
 scalar reward head read them without materialising logits, and a KV-cache path (`decode`) used by
 the sampler. Attention softmax, RMSNorm statistics and logits are float32 whatever `dtype` is.
 
+Layer layouts (`Transformer(..., scan_layers=...)`): unrolled (`layers` is an `nnx.List` of
+`Block`s, paths `layers/<i>/...`) or scanned (`layers` is one `Block` whose weights carry a leading
+layer dimension `[L, ...]`, paths `layers/...`, run with `jax.lax.scan`: the compiled program
+holds one layer, so compile time no longer grows with depth). Both draw the same per-layer weights
+for the same seed, and HF import/export maps either layout to the per-layer HF names
+(`models/hf.py`), so a checkpoint changes layout through an HF save/load. `remat` wraps each
+layer in `jax.checkpoint` with one of `REMAT_POLICIES` (only differentiation sees it).
+
 Training speed on CPU: `linear` (every `Dense`) and `attention_core` have hand-written VJPs
 that give XLA:CPU only "NN"/"NT" dots (see `_pin`); values and gradients are those of plain
 autodiff (`benchmarks/train_step.py` measures the train step).
@@ -15,6 +23,7 @@ autodiff (`benchmarks/train_step.py` measures the train step).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -26,9 +35,47 @@ from jaxrl_rm.models.config import ModelConfig
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
 
-# A KV cache: one (k, v) pair per layer, each `[B, n_kv_heads, S, head_dim]` (head-major, so
-# the decode-step write is contiguous and attention needs no transpose of the cache).
-KVCache = list
+# A KV cache (head-major, so the decode-step write is contiguous and attention needs no transpose
+# of the cache). Unrolled layout: a list with one (k, v) pair per layer, each
+# `[B, n_kv_heads, S, head_dim]`; scanned layout: one (k, v) pair, each `[L, B, n_kv_heads, S,
+# head_dim]`. In both, every leaf is `[..., B, n_kv_heads, S, head_dim]`: code that only pads,
+# repeats or shards a cache (the sampler) uses axes -4 (batch), -3 (heads) and -2 (slots).
+KVCache = list | tuple
+
+# `Transformer(remat=...)` / `model.remat`: what each layer saves for the backward pass.
+#   none: everything (no recomputation); full: nothing but the layer's input (the whole layer is
+#   recomputed in the backward); dots_saveable: matmul outputs (incl. attention scores);
+#   dots_with_no_batch_dims_saveable: only the weight matmuls (q/k/v/o, MLP) - attention is
+#   recomputed. Values and gradients are the same under every policy. On XLA:CPU the memory
+#   saving shows only in the scanned layout (unrolled, CPU's scheduler runs the recomputation
+#   early); XLA:TPU saves in both (`benchmarks/scan_layers.py` measures it).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def remat_layer(fn, remat: str, *, prevent_cse: bool = True):
+    """`fn` wrapped in `jax.checkpoint` with the policy named `remat` (see `REMAT_POLICIES`)."""
+    if remat == "none":
+        return fn
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+    policy = None if remat == "full" else getattr(jax.checkpoint_policies, remat)
+    return jax.checkpoint(fn, policy=policy, prevent_cse=prevent_cse)
+
+
+def stack_layers(layers: list) -> Any:
+    """Per-layer pytrees (NNX states or pure dicts, one structure) -> one pytree of `[L, ...]`."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+
+
+def unstack_layers(stacked: Any) -> list:
+    """Inverse of `stack_layers`: a pytree of `[L, ...]` leaves -> L per-layer pytrees."""
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
+
+
+def cache_length(cache: KVCache) -> int:
+    """Slots `S` of a KV cache in either layout."""
+    return jax.tree.leaves(cache)[0].shape[-2]
 
 
 def _pin(x):
@@ -199,11 +246,13 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, dh
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None, layer=None):
         """x `[B, T, D]`, mask `[B, T, S]` bool (query may see key) -> (`[B, T, D]`, new (k, v)).
 
         With `kv_cache` (k, v each `[B, kv, S, Dh]`, head-major), this step's keys/values are
         written at slots `cache_index .. cache_index+T` and attention runs over all S slots.
+        With `layer` (an int scalar, the scanned layout), k/v are every layer's cache
+        `[L, B, kv, S, Dh]`; this layer writes and reads slice `layer` and returns the whole cache.
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -213,7 +262,7 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            return self._cached(q, k, v, mask, kv_cache, cache_index)
+            return self._cached(q, k, v, mask, kv_cache, cache_index, layer)
         kv, groups, dh = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         # Head-major layout ([B, kv, groups, T, Dh]): both attention products are batched over
         # (B, kv) with the contracted dims innermost, so XLA needs no transposes of the scores.
@@ -223,20 +272,34 @@ class Attention(nnx.Module):
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, self.num_heads * dh)
         return self.o_proj(out.astype(q.dtype)), (k, v)
 
-    def _cached(self, q, k, v, mask, kv_cache, cache_index):
+    def _cached(self, q, k, v, mask, kv_cache, cache_index, layer=None):
         """Attention over a head-major KV cache (the sampler's decode path).
 
-        q `[B, T, H, Dh]`, k/v `[B, T, kv, Dh]` (this step), cache k/v `[B, kv, S, Dh]`.
-        The cache is laid out so that (a) the write of this step's keys is one contiguous
-        `dynamic_update_slice` per head (in place inside a donated `while_loop` carry) and
-        (b) both attention contractions are batched over (B, kv) with no transpose of the cache.
+        q `[B, T, H, Dh]`, k/v `[B, T, kv, Dh]` (this step), cache k/v `[B, kv, S, Dh]` (or
+        `[L, B, kv, S, Dh]` with `layer`). The cache is laid out so that (a) the write of this
+        step's keys is one contiguous `dynamic_update_slice` per head (in place inside a donated
+        `while_loop` carry) and (b) both attention contractions are batched over (B, kv) with no
+        transpose of the cache.
         """
+        ck, cv = kv_cache
+        new_k, new_v = k.transpose(0, 2, 1, 3).astype(ck.dtype), v.transpose(0, 2, 1, 3).astype(cv.dtype)
+        if layer is None:
+            start = (0, 0, cache_index, 0)
+            ck = jax.lax.dynamic_update_slice(ck, new_k, start)
+            cv = jax.lax.dynamic_update_slice(cv, new_v, start)
+            out = self._cached_attention(q, ck, cv, mask)
+        else:  # write this layer's slot of the stacked cache (in place), then read its slice
+            start = (layer, 0, 0, cache_index, 0)
+            ck = jax.lax.dynamic_update_slice(ck, new_k[None], start)
+            cv = jax.lax.dynamic_update_slice(cv, new_v[None], start)
+            out = self._cached_attention(q, jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False),
+                                         jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False), mask)
+        return out, (ck, cv)
+
+    def _cached_attention(self, q, ck, cv, mask):
+        """q `[B, T, H, Dh]` over cache k/v `[B, kv, S, Dh]` (already written) -> `[B, T, D]`."""
         b, t, _, dh = q.shape
         kv, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
-        ck, cv = kv_cache
-        start = (0, 0, cache_index, 0)
-        ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), start)
-        cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), start)
         # [B, T, kv, g, Dh] -> [B, kv, g*T, Dh]: query rows of one kv head are contiguous.
         qh = q.reshape(b, t, kv, groups, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * t, dh)
         scores = jnp.einsum("bkqd,bksd->bkqs", qh, ck.astype(q.dtype),
@@ -246,7 +309,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(cv.dtype).reshape(b, kv, groups * t, -1)
         out = jnp.einsum("bkqs,bksd->bkqd", probs, cv)
         out = out.reshape(b, kv, groups, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, kv * groups * dh)
-        return self.o_proj(out.astype(q.dtype)), (ck, cv)
+        return self.o_proj(out.astype(q.dtype))
 
 
 class MLP(nnx.Module):
@@ -271,8 +334,8 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
-        attn_out, new_kv = self.attn(self.input_norm(x), cos, sin, mask, kv_cache, cache_index)
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None, layer=None):
+        attn_out, new_kv = self.attn(self.input_norm(x), cos, sin, mask, kv_cache, cache_index, layer)
         x = x + attn_out
         return x + self.mlp(self.post_attn_norm(x)), new_kv
 
@@ -310,6 +373,12 @@ def default_positions(input_ids, attention_mask=None, segment_ids=None) -> jax.A
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
+def _layer_forward(graphdef, state, x, cos, sin, mask):
+    """One decoder layer without a cache: (layer state, x `[B, T, D]`, ...) -> `[B, T, D]`.
+    The unit that `remat_layer` wraps (weights passed explicitly, not closed over)."""
+    return nnx.merge(graphdef, state)(x, cos, sin, mask)[0]
+
+
 class Transformer(nnx.Module):
     """Decoder-only LM.
 
@@ -318,15 +387,31 @@ class Transformer(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None, with_lm_head: bool = True):
-        """with_lm_head=False drops the untied output projection (reward-model backbones)."""
+                 rngs: nnx.Rngs | None = None, with_lm_head: bool = True, scan_layers: bool = False,
+                 remat: str = "none"):
+        """with_lm_head=False drops the untied output projection (reward-model backbones).
+
+        scan_layers: stack the layers' weights (`[L, ...]`) and run them with `jax.lax.scan`
+          (see the module docstring); False keeps one `Block` per layer, unrolled.
+        remat: per-layer rematerialisation policy, one of `REMAT_POLICIES`.
+        """
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = dtype
+        self.scan_layers = bool(scan_layers)
+        self.remat = remat
         self.embed = nnx.Param(
             0.02 * jax.random.normal(rngs.params(), (config.vocab_size, config.hidden_size), param_dtype))
-        self.layers = nnx.List([Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(config.num_hidden_layers)])
+        # Layers are drawn one by one in both layouts, so a seed gives the same weights in each.
+        blocks = [Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                  for _ in range(config.num_hidden_layers)]
+        if self.scan_layers:
+            self.layers = nnx.merge(nnx.graphdef(blocks[0]), stack_layers([nnx.state(b) for b in blocks]))
+        else:
+            self.layers = nnx.List(blocks)
+        del blocks
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         if config.tie_word_embeddings or not with_lm_head:
             self.lm_head = None
@@ -338,11 +423,42 @@ class Transformer(nnx.Module):
     def _run(self, input_ids, positions, mask, cache=None, cache_index=None):
         x = self.embed[...][input_ids].astype(self.dtype)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
-            new_cache.append(kv)
+        if self.scan_layers:
+            x, new_cache = self._run_scanned(x, cos, sin, mask, cache, cache_index)
+        elif cache is None:
+            for layer in self.layers:
+                graphdef, state = nnx.split(layer)
+                x = remat_layer(functools.partial(_layer_forward, graphdef), self.remat)(state, x, cos, sin, mask)
+            new_cache = None
+        else:
+            new_cache = []
+            for i, layer in enumerate(self.layers):
+                x, kv = layer(x, cos, sin, mask, cache[i], cache_index)
+                new_cache.append(kv)
         return self.final_norm(x), new_cache
+
+    def _run_scanned(self, x, cos, sin, mask, cache, cache_index):
+        """The layer stack as one `lax.scan` over the stacked weights (and the stacked cache,
+        which rides in the carry so each layer's decode write stays an in-place update)."""
+        graphdef, stacked = nnx.split(self.layers)
+        if cache is None:
+            # Inside a scan the loop already keeps the recomputation apart: prevent_cse=False.
+            layer = remat_layer(functools.partial(_layer_forward, graphdef), self.remat, prevent_cse=False)
+
+            def body(x, state):
+                return layer(state, x, cos, sin, mask), None
+
+            return jax.lax.scan(body, x, stacked)[0], None
+
+        def body_cached(carry, xs):
+            x, kv = carry
+            state, i = xs
+            x, kv = nnx.merge(graphdef, state)(x, cos, sin, mask, kv, cache_index, i)
+            return (x, kv), None
+
+        layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
+        (x, new_cache), _ = jax.lax.scan(body_cached, (x, tuple(cache)), (stacked, layer_ids))
+        return x, new_cache
 
     def lm_head_weight(self) -> jax.Array:
         """Output projection `[D, V]` (the transposed embedding when tied)."""
@@ -374,11 +490,15 @@ class Transformer(nnx.Module):
                                               attention_mask=attention_mask, segment_ids=segment_ids))
 
     def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
-        """Zeroed KV cache for `batch` rows and `length` slots: per layer (k, v), each
-        `[batch, n_kv_heads, length, head_dim]` in `dtype` (default: the compute dtype)."""
+        """Zeroed KV cache for `batch` rows and `length` slots in `dtype` (default: the compute
+        dtype): per layer (k, v), each `[batch, n_kv_heads, length, head_dim]`; scanned layout:
+        one (k, v), each `[L, batch, n_kv_heads, length, head_dim]` (see `KVCache`)."""
         c = self.config
         shape = (batch, c.num_key_value_heads, length, c.dim_per_head)
         dtype = dtype or self.dtype
+        if self.scan_layers:
+            shape = (c.num_hidden_layers, *shape)
+            return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
         return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_hidden_layers)]
 
     def decode(self, input_ids, cache: KVCache, *, positions, cache_index, kv_mask):
@@ -390,7 +510,7 @@ class Transformer(nnx.Module):
         Returns (hidden `[B, T, D]`, updated cache). Query t sees slots `<= cache_index + t`.
         """
         b, t = input_ids.shape
-        s = cache[0][0].shape[2]
+        s = cache_length(cache)
         slots = jnp.arange(s)[None, None, :]
         query_slot = cache_index + jnp.arange(t)[None, :, None]
         mask = (slots <= query_slot) & kv_mask[:, None, :]

@@ -78,7 +78,8 @@ class CompileReport:
     """What the compiler says about one jitted function, per chip.
 
     temp_bytes: XLA's temporary buffers (activations, scratch; the working memory);
-    argument_bytes / output_bytes: this chip's shards of the inputs / outputs;
+    argument_bytes / output_bytes: this chip's shards of the inputs / outputs; alias_bytes: the
+      outputs written in place of donated inputs (counted in both);
     collectives: op name -> count in the compiled HLO (async `-start` forms counted as the op);
     all_gather_shapes: the result shape of every all-gather (to tell a weight gather from an
       activation gather); compile_seconds: lowering + compilation wall time.
@@ -87,6 +88,7 @@ class CompileReport:
     temp_bytes: int
     argument_bytes: int
     output_bytes: int
+    alias_bytes: int
     generated_code_bytes: int
     compile_seconds: float
     collectives: dict
@@ -94,8 +96,8 @@ class CompileReport:
 
     @property
     def peak_bytes(self) -> int:
-        """Arguments + outputs + temporaries: an upper bound of the chip's live HBM for the call."""
-        return self.temp_bytes + self.argument_bytes + self.output_bytes
+        """Arguments + outputs (donated ones once) + temporaries: the chip's live HBM for the call."""
+        return self.temp_bytes + self.argument_bytes + self.output_bytes - self.alias_bytes
 
 
 _SHAPE = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
@@ -128,6 +130,7 @@ def compile_report(fn, *args, **kwargs) -> CompileReport:
     return CompileReport(temp_bytes=int(mem.temp_size_in_bytes),
                          argument_bytes=int(mem.argument_size_in_bytes),
                          output_bytes=int(mem.output_size_in_bytes),
+                         alias_bytes=int(mem.alias_size_in_bytes),
                          generated_code_bytes=int(mem.generated_code_size_in_bytes),
                          compile_seconds=seconds, collectives=counts, all_gather_shapes=gathers)
 

@@ -1,7 +1,9 @@
 """The one table that says how weights and batches are sharded.
 
 Two steps, both declared here and nowhere else:
-1. `PARAM_LOGICAL_AXES`: parameter path pattern -> logical axis name per dimension.
+1. `PARAM_LOGICAL_AXES`: parameter path pattern -> logical axis name per dimension. A weight of
+   a scanned layer stack (`.../layers/<name>/...`, not `.../layers/<i>/...`; see
+   `models.transformer`) has a leading `"layers"` axis before the axes its pattern names.
 2. `LOGICAL_TO_MESH`: logical axis name -> mesh axes.
 A dimension that a mesh axis does not divide is replicated (tiny test models, odd vocabularies),
 so the same code runs on 1 CPU device, 8 fake devices, a GPU node or a TPU pod.
@@ -29,6 +31,9 @@ PARAM_LOGICAL_AXES: list[tuple[str, tuple]] = [
     (r"(scale|bias)$", (None,)),
 ]
 
+# A parameter of a scanned layer stack: `layers/` followed by a name, not a layer index.
+STACKED_LAYERS = re.compile(r"(^|/)layers/(?!\d+(/|$))")
+
 # Logical axis -> mesh axes (None = replicated).
 LOGICAL_TO_MESH: dict[str | None, tuple | str | None] = {
     "batch": ("data", "fsdp"),
@@ -37,11 +42,18 @@ LOGICAL_TO_MESH: dict[str | None, tuple | str | None] = {
     "embed": "fsdp",
     "heads": "tensor",
     "mlp": "tensor",
+    "layers": None,  # the layer dim of stacked weights: every chip holds every layer's shard
     None: None,
 }
 
 
 def logical_axes_for(path: str, ndim: int) -> tuple:
+    if STACKED_LAYERS.search(path):
+        return ("layers",) + _table_axes(path, ndim - 1)
+    return _table_axes(path, ndim)
+
+
+def _table_axes(path: str, ndim: int) -> tuple:
     for pattern, axes in PARAM_LOGICAL_AXES:
         if re.search(pattern, path):
             if len(axes) != ndim:

@@ -7,7 +7,8 @@ numerically. The prompts are prefilled once (`[R, P]`) and the cache is repeated
 `num_samples` rows of each prompt; only the last prompt position goes through the LM head.
 
 Decode: a `lax.while_loop` per phase that exits as soon as every row has stopped. The cache is
-head-major (`[B, kv, W, Dh]` per layer, see `models.transformer`) and *grows* between up to four
+head-major (`[B, kv, W, Dh]` per layer, or `[L, B, kv, W, Dh]` for a model with scanned layers;
+see `models.transformer.KVCache`) and *grows* between up to four
 phases (`decode_windows`: W = P + N/4, P + N/2, ..., P + N), so attention reads only slots that
 can already be filled - on CPU a decode step is memory-bound and the K/V reads cost about as
 much as the weight reads. The cache and loop state never leave one jitted function: XLA updates
@@ -209,12 +210,16 @@ class _Spec:
     windows: tuple[int, ...] = ()  # cache sizes of the decode phases (last = prompt_len + gen_len)
 
 
-def _cache_sharding(spec: _Spec, num_kv_heads: int):
+def _constrain_cache(cache, spec: _Spec, num_kv_heads: int):
+    """Pin a KV cache's sharding: rows over (data, fsdp), KV heads over tensor when they divide
+    it. Every cache leaf is `[..., B, kv, S, Dh]` (a leading layer dim in the scanned layout,
+    replicated), so this works for either `KVCache` layout."""
     if spec.mesh is None:
-        return None
+        return cache
     tensor = spec.mesh.shape.get("tensor", 1)
     heads = "tensor" if tensor > 1 and num_kv_heads % tensor == 0 else None
-    return NamedSharding(spec.mesh, P(BATCH_AXES, heads, None, None))
+    return jax.tree.map(lambda c: jax.lax.with_sharding_constraint(
+        c, NamedSharding(spec.mesh, P(*([None] * (c.ndim - 4)), BATCH_AXES, heads, None, None))), cache)
 
 
 def _constrain(tree, sharding):
@@ -260,7 +265,6 @@ def _generate_core(graphdef, state, head, prompt_ids, prompt_lens, live, uniform
     b = r * ns
     s = p + n_gen
     cfg = model.config
-    cache_sh = _cache_sharding(spec, cfg.num_key_value_heads)
 
     def sample(logits, t):
         """logits `[B, V]` f32 at step t -> (tok, logp, unfiltered logp or None)."""
@@ -286,13 +290,13 @@ def _generate_core(graphdef, state, head, prompt_ids, prompt_lens, live, uniform
     slots_p = jnp.arange(p)[None, :]
     pad_start = (p - prompt_lens)[:, None]  # [R, 1] first real slot of each row
     positions = jnp.maximum(slots_p - pad_start, 0).astype(jnp.int32)
-    pcache = _constrain(model.init_cache(r, p), cache_sh)
+    pcache = _constrain_cache(model.init_cache(r, p), spec, cfg.num_key_value_heads)
     hidden, pcache = model.decode(prompt_ids, pcache, positions=positions, cache_index=0,
                                   kv_mask=slots_p >= pad_start)
     logits = lm_logits(hidden[:, -1])  # [R, V] f32: only the last position needs the head
     if ns > 1:
         logits = jnp.repeat(logits, ns, axis=0)
-        pcache = jax.tree.map(lambda c: jnp.repeat(c, ns, axis=0), pcache)
+        pcache = jax.tree.map(lambda c: jnp.repeat(c, ns, axis=-4), pcache)  # rows: axis -4
         prompt_lens = jnp.repeat(prompt_lens, ns)
         live = jnp.repeat(live, ns)
     kv_mask = jnp.arange(s)[None, :] >= (p - prompt_lens)[:, None]  # [B, S], fixed for the run
@@ -320,9 +324,10 @@ def _generate_core(graphdef, state, head, prompt_ids, prompt_lens, live, uniform
     tok, stopped, lengths, bufs = record(0, tok, logp, base, stopped, jnp.zeros((b,), jnp.int32), bufs)
 
     def grow(cache, size):
-        extra = size - cache[0][0].shape[2]
-        cache = [tuple(jnp.pad(c, ((0, 0), (0, 0), (0, extra), (0, 0))) for c in kv) for kv in cache]
-        return _constrain(cache, cache_sh)
+        """Pad the slot axis (-2) of every cache leaf to `size` (either `KVCache` layout)."""
+        def pad(c):
+            return jnp.pad(c, [(0, 0)] * (c.ndim - 2) + [(0, size - c.shape[-2]), (0, 0)])
+        return _constrain_cache(jax.tree.map(pad, cache), spec, cfg.num_key_value_heads)
 
     def phase(window):
         """Decode steps t = .., window - P over a cache of `window` slots (static)."""
@@ -431,6 +436,59 @@ def _host_splits(model, rows: int, mesh) -> int:
     return max(1, min(cores, rows // _MIN_ROWS_PER_SPLIT))
 
 
+def _stop_slots(n_stops: int) -> int:
+    """Size of the runtime stop-id array (a power of two >= 4, so few shapes compile)."""
+    return max(4, 1 << (max(n_stops, 1) - 1).bit_length())
+
+
+def _make_spec(cfg, *, rows, prompt_len, gen_len, num_samples, top_k, top_p, greedy, num_stop_slots,
+               pad_id, unfiltered, mesh) -> _Spec:
+    """The static part of a sampler program (what one compilation covers)."""
+    k = top_k if (not greedy and top_k and top_k < cfg.vocab_size) else 0
+    return _Spec(rows=rows, prompt_len=prompt_len, gen_len=gen_len, num_samples=num_samples, top_k=k,
+                 use_top_p=(not greedy and top_p < 1.0), greedy=bool(greedy), num_stop_slots=num_stop_slots,
+                 pad_id=int(pad_id), unfiltered=bool(unfiltered), mesh=mesh,
+                 windows=decode_windows(prompt_len, gen_len))
+
+
+def generate_program(model, state, *, prompts: int, prompt_len: int, num_samples: int, max_new_tokens: int,
+                     mesh, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+                     unfiltered: bool = False, num_stops: int = 1):
+    """The jitted program `generate` runs for `prompts` prompts of up to `prompt_len` tokens, and
+    its arguments as `jax.ShapeDtypeStruct`s placed as `generate` places them, for compiling
+    ahead of time (`jaxrl_rm.plan`): returns `(jitted, args, kwargs)`, so that
+    `jitted.lower(*args, **kwargs).compile()` is the prefill + decode loop `generate` would run
+    on `mesh` (an accelerator mesh: one row split, no CPU head cache).
+
+    model: the `Transformer` (may be abstract, from `nnx.eval_shape`); state: its weights as
+    `ShapeDtypeStruct`s with shardings (an `nnx.State` or pure dict).
+    """
+    cfg = model.config
+    shards = math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+    rows, p, n = bucket_rows(prompts, shards), bucket_length(prompt_len), bucket_length(max_new_tokens)
+    spec = _make_spec(cfg, rows=rows, prompt_len=p, gen_len=n, num_samples=num_samples, top_k=top_k,
+                      top_p=top_p, greedy=greedy, num_stop_slots=_stop_slots(num_stops), pad_id=0,
+                      unfiltered=unfiltered, mesh=mesh)
+
+    def placed(shape, dtype, row_dim=0):
+        parts = [None] * len(shape)
+        parts[row_dim] = BATCH_AXES
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P(*parts)))
+
+    replicated = NamedSharding(mesh, P())
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
+    if not isinstance(state, nnx.State):
+        abstract_state = nnx.state(model)
+        nnx.replace_by_pure_dict(abstract_state, state)
+        state = abstract_state
+    args = (_StaticGraph(nnx.split(model)[0], cfg), state, None,
+            placed((rows, p), jnp.int32), placed((rows,), jnp.int32), placed((rows,), jnp.bool_),
+            placed((n, rows * num_samples), jnp.float32, row_dim=1),
+            scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.int32),
+            jax.ShapeDtypeStruct((spec.num_stop_slots,), jnp.int32, sharding=replicated))
+    return _generate_jit, args, {"spec": spec}
+
+
 # --- public API ---------------------------------------------------------------------------------
 def _put_rows(x: np.ndarray, mesh) -> jax.Array:
     """Global host array -> device array with rows sharded over ("data", "fsdp") (multi-host safe)."""
@@ -519,14 +577,12 @@ def generate(model, prompts, *, num_samples: int = 1, max_new_tokens: int, tempe
     live = np.arange(r_bucket) < n_prompts
 
     stops = _stop_ids(stop_token_ids)
-    stop_arr = np.full((max(4, 1 << (max(len(stops), 1) - 1).bit_length()),), -1, np.int32)
+    stop_arr = np.full((_stop_slots(len(stops)),), -1, np.int32)
     stop_arr[:len(stops)] = stops
-    k = top_k if (not greedy and top_k and top_k < cfg.vocab_size) else 0
-    spec = _Spec(rows=r_bucket // splits, prompt_len=p_bucket, gen_len=n_bucket, num_samples=num_samples,
-                 top_k=k, use_top_p=(not greedy and top_p < 1.0), greedy=bool(greedy),
-                 num_stop_slots=len(stop_arr), pad_id=int(pad_id),
-                 unfiltered=bool(return_unfiltered_logprobs), mesh=mesh,
-                 windows=decode_windows(p_bucket, n_bucket))
+    spec = _make_spec(cfg, rows=r_bucket // splits, prompt_len=p_bucket, gen_len=n_bucket,
+                      num_samples=num_samples, top_k=top_k, top_p=top_p, greedy=greedy,
+                      num_stop_slots=len(stop_arr), pad_id=pad_id,
+                      unfiltered=return_unfiltered_logprobs, mesh=mesh)
     key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
     # One uniform per row and step, drawn up front for the whole batch (so samples do not depend
     # on how the rows are split below); the loop does no PRNG work.

@@ -45,8 +45,17 @@ class Checkpointer:
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             abstract_state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
+        except ValueError as e:
+            if "do not match" not in str(e):
+                raise
+            raise ValueError(
+                f"{self.directory}: the checkpoint at step {step} does not fit this run's state "
+                f"({str(e).splitlines()[0]}). A run resumes only with the model it was saved with, "
+                "layer layout included: check model.scan_layers (runs saved before that key existed "
+                "are unrolled: model.scan_layers=false) and the architecture.") from e
         return restored["state"], dict(restored["extra"] or {}), step
 
     def wait(self) -> None:

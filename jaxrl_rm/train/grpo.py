@@ -71,6 +71,24 @@ def completion_logprobs(model, batch, *, prompt_len: int, temperature: float, wi
     return out.reshape(n, t)
 
 
+def completion_logprobs_in_chunks(model, batch, *, chunks: int, prompt_len: int, temperature: float,
+                                  mesh=None):
+    """`completion_logprobs` (no entropy) of `[N, ...]` rows computed `chunks` blocks at a time
+    (`lax.map`): the old / reference pass then holds one block's activations, as a micro-batched
+    update does, instead of the whole rollout's. Block j takes rows j, j + chunks, ... so each
+    chip keeps its own rows. Same values as one pass; N must divide by `chunks`."""
+    if chunks == 1:
+        return completion_logprobs(model, batch, prompt_len=prompt_len, temperature=temperature, mesh=mesh)
+    n = batch["input_ids"].shape[0]
+    if n % chunks:
+        raise ValueError(f"{n} rows do not split into {chunks} blocks")
+    blocks = {k: jnp.swapaxes(batch[k].reshape(n // chunks, chunks, *batch[k].shape[1:]), 0, 1)
+              for k in ("input_ids", "attention_mask", "completion")}
+    out = jax.lax.map(lambda b: completion_logprobs(model, b, prompt_len=prompt_len, temperature=temperature,
+                                                    mesh=mesh), blocks)  # [chunks, N / chunks, T]
+    return jnp.swapaxes(out, 0, 1).reshape(n, -1)
+
+
 def mismatch_correction(g) -> bool:
     """True when a GRPOConfig `g` corrects the train/infer mismatch (TIS or masked IS): old
     log-probs must then come from the trainer, never be the sampler's."""
@@ -152,9 +170,10 @@ class GRPO:
         self.scorers = {t.name: self.scorer_for(t) for t in g.tasks if t.options.get("eval_scorer")}
         self.update = build_train_step(self.trainer, make_grpo_loss(g, prompt_len=self.P, mesh=self.mesh),
                                        micro_batches=cfg.train.micro_batches)
-        self._logp = jax.jit(lambda params, batch: completion_logprobs(
-            nnx.merge(self.trainer.graphdef, params), batch, prompt_len=self.P, temperature=g.temperature,
-            mesh=self.mesh))
+        # the old / reference pass in blocks the size of one update micro-batch
+        self._logp = jax.jit(lambda params, batch: completion_logprobs_in_chunks(
+            nnx.merge(self.trainer.graphdef, params), batch, chunks=g.mini_batches * cfg.train.micro_batches,
+            prompt_len=self.P, temperature=g.temperature, mesh=self.mesh))
         # one update per step: pi_old is the sampling policy, and the sampler's unfiltered log-probs
         # are its log-probs up to the train/infer mismatch - which a correction must measure
         self.reuse_sampler_logp = g.ppo_epochs * g.mini_batches == 1 and not mismatch_correction(g)

@@ -39,7 +39,7 @@ from jaxrl_rm.data.records import PolarQuad, PreferencePair, RankedTriple
 from jaxrl_rm.data.tokenizer import load_or_build_tokenizer
 from jaxrl_rm.eval.reward_model import pairwise_accuracy
 from jaxrl_rm.models.config import as_dtype
-from jaxrl_rm.models.factory import check_tokenizer_fits, model_config_from_spec
+from jaxrl_rm.models.factory import check_tokenizer_fits, layout_kwargs, model_config_from_spec
 from jaxrl_rm.models.hf import load_tokenizer
 from jaxrl_rm.models.resize import add_special_tokens, add_tokens_and_resize, reward_model_from_lm
 from jaxrl_rm.models.reward import RewardModel
@@ -198,14 +198,15 @@ def build_reward_model(spec, tokenizer, *, seed: int = 0, polar: bool = False) -
     if spec.path:
         from jaxrl_rm.models.hf import load_model
 
-        model = reward_model_from_lm(load_model(spec.path, dtype=dtype, param_dtype=param_dtype), seed=seed)
+        model = reward_model_from_lm(load_model(spec.path, dtype=dtype, param_dtype=param_dtype,
+                                                **layout_kwargs(spec)), seed=seed)
         if polar:
             add_tokens_and_resize(model, tokenizer, POLAR_SPECIAL_TOKENS)
     else:
         if polar:
             add_special_tokens(tokenizer, POLAR_SPECIAL_TOKENS)
         model = RewardModel(model_config_from_spec(spec, tokenizer), dtype=dtype, param_dtype=param_dtype,
-                            rngs=nnx.Rngs(seed))
+                            rngs=nnx.Rngs(seed), **layout_kwargs(spec))
     check_tokenizer_fits(model.config, tokenizer, source=spec.path or "model")
     return model
 

@@ -116,9 +116,10 @@ def build_train_step(trainer: Trainer, loss_fn: LossFn, *, micro_batches: int = 
     `loss_fn(model, batch) -> (loss_sum, denominator, aux)`; aux is a dict of metric sums
     (reported as sum / denominator) or an object with `sum_leading_axis()` and `metrics()`
     (`jaxrl_rm.objectives.LossTerms`). The batch (dict of `[B, ...]` arrays) is split into
-    `micro_batches` along B and scanned: loss sums, denominators and gradients are summed, then
-    divided once, so accumulation equals the full batch exactly. A step whose loss or gradient is
-    non-finite leaves params and optimizer state untouched (`metrics["skipped"] = 1`).
+    `micro_batches` strided row sets (rows j, j+m, ...) and scanned: loss sums, denominators and
+    gradients are summed, then divided once, so accumulation equals the full batch exactly. A
+    step whose loss or gradient is non-finite leaves params and optimizer state untouched
+    (`metrics["skipped"] = 1`).
     """
     graphdef, optimizer = trainer.graphdef, trainer.optimizer
 
@@ -134,8 +135,11 @@ def build_train_step(trainer: Trainer, loss_fn: LossFn, *, micro_batches: int = 
 
     def step(state, batch):
         params = state["params"]
-        split = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]),
-                             batch)
+        # micro-batch j takes rows j, j + m, j + 2m, ...: rows are sharded in contiguous blocks
+        # over (data, fsdp), so every chip keeps its own rows in every micro-batch (a contiguous
+        # split would put each micro-batch on a few chips and all-gather it to the rest)
+        split = jax.tree.map(lambda x: jnp.swapaxes(
+            x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]), 0, 1), batch)
 
         def body(carry, micro):
             (l, (d, aux)), g = grad_fn(params, micro)

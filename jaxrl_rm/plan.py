@@ -24,6 +24,7 @@ exits 1. Nothing is allocated, downloaded or run.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import json
@@ -137,6 +138,9 @@ def batch_structs(mesh, **shapes) -> dict:
             for k, (shape, dtype) in shapes.items()}
 
 
+# set by `plan(..., compile=False)` for the duration of one planning call
+_LOWER_ONLY = contextvars.ContextVar("jaxrl_rm_plan_lower_only", default=False)
+
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -159,6 +163,14 @@ def compile_step(phase, name: str, fn, *args, resident_args: int, **kwargs) -> N
     chip's HBM is refused by the TPU compiler; it is recorded with the size the compiler asked
     for (arguments + temporaries), so the plan reports it as a shortfall instead of crashing."""
     t0 = time.perf_counter()
+    if _LOWER_ONLY.get():
+        jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+        jitted.lower(*args, **kwargs)
+        report = aot.CompileReport(temp_bytes=0, argument_bytes=per_chip_bytes(args), output_bytes=0, alias_bytes=0,
+                                   generated_code_bytes=0, compile_seconds=time.perf_counter() - t0,
+                                   collectives={}, all_gather_shapes=())
+        phase.steps.append(PlannedStep(phase.name, name, report, resident_args, "lowered only: no temporaries"))
+        return
     try:
         report, note = aot.compile_report(fn, *args, **kwargs), ""
     except jax.errors.JaxRuntimeError as e:
@@ -487,8 +499,12 @@ def plan_config(cfg, mesh, *, prefix: str = "", exports: dict | None = None) -> 
     return phases
 
 
-def plan(cfg, topology: str) -> Plan:
-    """Compile every step of `cfg` for `topology` (e.g. "v5p:2x2x2") on the config's mesh."""
+def plan(cfg, topology: str, *, compile: bool = True) -> Plan:
+    """Compile every step of `cfg` for `topology` (e.g. "v5p:2x2x2") on the config's mesh.
+
+    compile=False only lowers each step (traces it for the placed shapes: seconds, where a
+    compile at real sizes takes minutes on a CPU host): shapes, shardings and the resident
+    weights are checked, but the steps' temporaries are unknown (reported as 0)."""
     from jaxrl_rm.parallel.mesh import make_mesh
 
     generation = aot.tpu_generation(topology)
@@ -498,7 +514,11 @@ def plan(cfg, topology: str) -> Plan:
         raise ConfigError(f"--plan {topology}: unknown TPU generation {generation!r}; "
                           f"known: {sorted(aot.TPU_HBM_BYTES)}")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=aot.tpu_devices(topology))
-    phases = plan_config(cfg, mesh)
+    token = _LOWER_ONLY.set(not compile)
+    try:
+        phases = plan_config(cfg, mesh)
+    finally:
+        _LOWER_ONLY.reset(token)
     return Plan(topology, dict(mesh.shape), aot.TPU_HBM_BYTES[generation], phases)
 
 

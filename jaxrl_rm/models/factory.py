@@ -36,6 +36,27 @@ def build_model(spec, tokenizer, *, seed: int = 0):
     return model
 
 
+def load_frozen(path, spec=None, *, mesh=None):
+    """A model from the HF directory `path` that a run scores or judges with but never trains
+    (a `type: judge` reward): in the run's `model.*` compute / storage dtypes and layer layout
+    (`spec`; None = `load_model`'s defaults), its weights placed on `mesh` by the sharding rules
+    as the policy's are (None = left where they load), so a judge beside a bfloat16, fsdp-sharded
+    policy is not a float32 copy on every chip."""
+    import jax
+
+    from jaxrl_rm.models.hf import load_model
+
+    kw = {} if spec is None else dict(dtype=as_dtype(spec.dtype), param_dtype=as_dtype(spec.param_dtype),
+                                      **layout_kwargs(spec))
+    model = load_model(path, **kw)
+    if mesh is not None:
+        from jaxrl_rm.parallel.rules import param_shardings
+
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, jax.device_put(state, param_shardings(state, mesh)))
+    return model
+
+
 def layout_kwargs(spec) -> dict:
     """`Transformer` keyword arguments for the layer layout a `ModelSpec` asks for (`scan_layers`,
     `remat`; also taken by `RewardModel` and `hf.load_model`)."""

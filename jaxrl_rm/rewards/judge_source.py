@@ -533,12 +533,16 @@ def _split_options(kind: str, options: dict) -> tuple[dict, dict]:
 
 def make_judge_source(spec, ctx: dict) -> JudgeSource:
     """``type: judge`` — a separate judge model loaded from ``spec.path``."""
-    from jaxrl_rm.models.hf import load_model, load_tokenizer
+    from jaxrl_rm.models.factory import load_frozen
+    from jaxrl_rm.models.hf import load_tokenizer
 
     if not spec.path:
         raise ValueError("reward type judge: set `path` to an HF judge-model directory (weights + tokenizer)")
     opts, gen = _split_options("judge", dict(spec.options))
-    model, tokenizer = load_model(spec.path), load_tokenizer(spec.path)
+    # in the run's dtypes and layout, sharded like the policy (what `--plan` assumes)
+    grpo = ctx.get("grpo")
+    model = load_frozen(spec.path, grpo.cfg.model if grpo is not None else None, mesh=ctx.get("mesh"))
+    tokenizer = load_tokenizer(spec.path)
     opts.setdefault("seed", ctx.get("seed", 0))
     judge = TextJudge(lambda: model, tokenizer, mesh=ctx.get("mesh"), **gen)
     return JudgeSource(judge, tokenizer, **{"name": "judge", **opts})

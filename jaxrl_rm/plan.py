@@ -116,15 +116,15 @@ def placed_params(model, mesh):
 
 
 def placed_train_state(params, optimizer, mesh) -> dict:
-    """`Trainer.init_state`'s pytree, abstract: params, the optimizer state placed where XLA puts
-    `optimizer.init(params)` (compiled for the mesh), step and rng replicated."""
+    """`Trainer.init_state`'s pytree, abstract: params, the optimizer state placed as the trainer
+    places it (`optimizer_state_shardings`), step and rng replicated."""
+    from jaxrl_rm.train.state import optimizer_state_shardings
+
     replicated = NamedSharding(mesh, P())
-    compiled = jax.jit(optimizer.init).lower(params).compile()
-    shapes = jax.eval_shape(optimizer.init, params)
-    # leaves computed from no input (Adam's step count) come back on one default device
-    on_mesh = lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated
-    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_mesh(s)),
-                             shapes, compiled.output_shardings)
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             jax.eval_shape(optimizer.init, params),
+                             optimizer_state_shardings(optimizer, params, shardings, mesh))
     return {"params": params, "opt_state": opt_state,
             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)}

@@ -50,6 +50,12 @@ def test_sharded_train_step_matches_single_device():
         # weights really are sharded over fsdp and tensor
         spec = state8["params"]["layers"][0]["mlp"]["gate_proj"]["kernel"].sharding.spec
         assert tuple(spec) == ("fsdp", "tensor"), spec
+        # and so are Adam's moments, like their parameters (left to XLA they came back replicated:
+        # the whole optimizer state on every chip), before and after a step
+        adam = state8["opt_state"][1][0]
+        for moments in (adam.mu, adam.nu):
+            for p_leaf, m_leaf in zip(jax.tree.leaves(state8["params"]), jax.tree.leaves(moments)):
+                assert m_leaf.sharding.is_equivalent_to(p_leaf.sharding, p_leaf.ndim), (m_leaf.sharding, p_leaf.sharding)
         np.testing.assert_allclose(sharded, single, rtol=1e-5)
         np.testing.assert_allclose(accum, single, rtol=1e-5)
         # Parameters: compared under SGD. Adam divides each gradient by its own RMS, which turns

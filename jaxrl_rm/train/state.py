@@ -51,6 +51,19 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
+def optimizer_state_shardings(optimizer: optax.GradientTransformation, params, shardings, mesh):
+    """Shardings of `optimizer.init(params)`: every parameter-shaped leaf (Adam's moments) placed
+    like its parameter, the rest (step counts) replicated. Left to XLA, `init`'s zeros depend on
+    no input, so nothing carries the parameters' sharding to them and each chip would hold the
+    whole optimizer state (2x a float32 model per chip under FSDP).
+
+    params: pytree of arrays or `ShapeDtypeStruct`s; shardings: the same tree of `NamedSharding`s."""
+    replicated = NamedSharding(mesh, P())
+    abstract = jax.eval_shape(optimizer.init, params)
+    return optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract, shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
 @dataclasses.dataclass
 class Trainer:
     """Holds what is static about a training run: model graph, optimizer, mesh, jitted step."""
@@ -66,7 +79,8 @@ class Trainer:
         params = nnx.to_pure_dict(params)
         shardings = param_shardings(params, self.mesh)
         params = jax.device_put(params, shardings)
-        opt_state = jax.jit(self.optimizer.init)(params)
+        opt_state = jax.jit(self.optimizer.init, out_shardings=optimizer_state_shardings(
+            self.optimizer, params, shardings, self.mesh))(params)
         replicated = NamedSharding(self.mesh, P())
         scalars = jax.device_put({"step": jnp.zeros((), jnp.int32),
                                   "rng": jax.random.key_data(jax.random.key(seed))}, replicated)

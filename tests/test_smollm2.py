@@ -77,7 +77,7 @@ def torch_oracle(smollm2_gguf):
     (a 24-token batched `generate` measured 47 s with 2 threads, 5 s with 1)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF (the test extra)")
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF (the README test command installs it)")
     model = transformers.LlamaForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
                                                           dtype=torch.float32).eval()
     threads = torch.get_num_threads()

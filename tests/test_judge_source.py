@@ -353,7 +353,7 @@ def test_self_judge_and_model_judge_in_grpo(tmp_path):
     self_src, judge_src = rl.sources["math"][0][0], rl.sources["math"][1][0]
     # the separate judge is loaded in the run's layout and dtypes, its weights placed on the run's mesh
     judge_model = judge_src.judge.model_fn()
-    assert judge_model.scan_layers == cfg.model.scan_layers is True
+    assert judge_model.scan_layers == cfg.model.scan_layers
     judge_leaf = jax.tree.leaves(nnx.state(judge_model, nnx.Param))[0]
     assert isinstance(judge_leaf.sharding, jax.sharding.NamedSharding) and judge_leaf.sharding.mesh == rl.mesh
     # the judge's saved character tokenizer still encodes whitespace (judge templates are full of it)

@@ -20,6 +20,18 @@ settings.register_profile("explore", derandomize=False, deadline=None, max_examp
 settings.load_profile("ci")
 
 
+def require_tpu_aot() -> None:
+    """Module-level guard of the TPU-compile tests: skip without libtpu, except where
+    `JAXRL_RM_REQUIRE_TPU_AOT=1` (CI) makes a missing libtpu an error."""
+    from jaxrl_rm.parallel import aot
+
+    if aot.tpu_aot_available():
+        return
+    if os.environ.get("JAXRL_RM_REQUIRE_TPU_AOT"):
+        raise RuntimeError('JAXRL_RM_REQUIRE_TPU_AOT is set but libtpu is missing: pip install -e ".[tpu-aot]"')
+    pytest.skip('libtpu not installed (pip install -e ".[tpu-aot]")', allow_module_level=True)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Folder of real test data (`../shared/data`), named by JAXRL_RM_SHARED_DATA in CI.

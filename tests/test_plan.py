@@ -14,12 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from jaxrl_rm.parallel import aot
+from conftest import require_tpu_aot
 
-if not aot.tpu_aot_available():
-    if os.environ.get("JAXRL_RM_REQUIRE_TPU_AOT"):
-        raise RuntimeError('JAXRL_RM_REQUIRE_TPU_AOT is set but libtpu is missing: pip install -e ".[tpu-aot]"')
-    pytest.skip('libtpu not installed (pip install -e ".[tpu-aot]")', allow_module_level=True)
+require_tpu_aot()
 
 pytestmark = pytest.mark.tpu_aot
 
@@ -27,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 
 
-def _plan(config, topology, overrides=()):
+def _plan(config, topology, overrides=(), **kwargs):
     from jaxrl_rm.config import load_config
     from jaxrl_rm.plan import plan
 
-    return plan(load_config(config, list(overrides)), topology)
+    return plan(load_config(config, list(overrides)), topology, **kwargs)
 
 
 def test_sft_plan_counts_resident_state_once_and_shards_the_batch(tmp_path):
@@ -103,10 +100,7 @@ def test_every_recipe_lowers_on_its_topology_and_its_weights_fit(recipe, tmp_pat
     """Each paper-scale recipe, on the topology its header names and the mesh it sets: every
     step lowers for the placed shapes (the planner's fast mode: no compile), and the weights and
     optimizer states that stay resident fit the chip's HBM with room for activations."""
-    from jaxrl_rm.config import load_config
-    from jaxrl_rm.plan import plan
-
-    result = plan(load_config(str(recipe), [f"run_dir={tmp_path}"]), _planned_for(recipe), compile=False)
+    result = _plan(str(recipe), _planned_for(recipe), [f"run_dir={tmp_path}"], compile=False)
     assert result.phases and all(ph.steps for ph in result.phases)
     for ph in result.phases:
         assert ph.resident < 0.8 * result.hbm_bytes, (ph.name, ph.residents)

@@ -11,18 +11,14 @@ Needs libtpu (`pip install -e ".[tpu-aot]"`); skipped without it, except where
 `JAXRL_RM_REQUIRE_TPU_AOT=1` (CI) makes a missing libtpu a failure.
 """
 
-import os
-
 import pytest
 
+from conftest import require_tpu_aot
 from jaxrl_rm.parallel import aot
 
 MIB = 2**20
 
-if not aot.tpu_aot_available():
-    if os.environ.get("JAXRL_RM_REQUIRE_TPU_AOT"):
-        raise RuntimeError('JAXRL_RM_REQUIRE_TPU_AOT is set but libtpu is missing: pip install -e ".[tpu-aot]"')
-    pytest.skip('libtpu not installed (pip install -e ".[tpu-aot]")', allow_module_level=True)
+require_tpu_aot()
 
 pytestmark = pytest.mark.tpu_aot
 

@@ -15,6 +15,7 @@ import functools
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -97,6 +98,25 @@ def param_shardings(params, mesh: Mesh):
         return NamedSharding(mesh, spec_for(x.shape, logical_axes_for(p, len(x.shape)), mesh))
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+def strided_row_blocks(tree, blocks: int):
+    """Arrays `[B, ...]` -> `[blocks, B / blocks, ...]`, block j holding rows j, j + blocks, ...
+
+    Batches are sharded in contiguous row blocks over (data, fsdp), so a strided split keeps
+    every chip's own rows in every block (a contiguous split would put each block on a few chips
+    and all-gather it to the rest). `merge_row_blocks` is the inverse."""
+    def split(x):
+        if x.shape[0] % blocks:
+            raise ValueError(f"{x.shape[0]} rows do not split into {blocks} blocks")
+        return jnp.swapaxes(x.reshape(x.shape[0] // blocks, blocks, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, tree)
+
+
+def merge_row_blocks(tree):
+    """Inverse of `strided_row_blocks`: `[blocks, B / blocks, ...]` -> `[B, ...]`."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:]), tree)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

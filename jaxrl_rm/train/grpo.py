@@ -33,7 +33,7 @@ from jaxrl_rm.models.factory import build_model
 from jaxrl_rm.objectives import group_advantages, policy_loss_terms, zero_variance_groups
 from jaxrl_rm.objectives.reduction import LossTerms
 from jaxrl_rm.parallel.mesh import mesh_from_config
-from jaxrl_rm.parallel.rules import shard_batch, take_rows
+from jaxrl_rm.parallel.rules import merge_row_blocks, shard_batch, strided_row_blocks, take_rows
 from jaxrl_rm.rewards import sources as reward_sources
 from jaxrl_rm.rewards.shaping import overlong_penalty
 from jaxrl_rm.rewards.sources import EVAL_SCORERS, RULE_REWARDS, PromptItem, Rollouts
@@ -79,14 +79,10 @@ def completion_logprobs_in_chunks(model, batch, *, chunks: int, prompt_len: int,
     chip keeps its own rows. Same values as one pass; N must divide by `chunks`."""
     if chunks == 1:
         return completion_logprobs(model, batch, prompt_len=prompt_len, temperature=temperature, mesh=mesh)
-    n = batch["input_ids"].shape[0]
-    if n % chunks:
-        raise ValueError(f"{n} rows do not split into {chunks} blocks")
-    blocks = {k: jnp.swapaxes(batch[k].reshape(n // chunks, chunks, *batch[k].shape[1:]), 0, 1)
-              for k in ("input_ids", "attention_mask", "completion")}
+    blocks = strided_row_blocks({k: batch[k] for k in ("input_ids", "attention_mask", "completion")}, chunks)
     out = jax.lax.map(lambda b: completion_logprobs(model, b, prompt_len=prompt_len, temperature=temperature,
                                                     mesh=mesh), blocks)  # [chunks, N / chunks, T]
-    return jnp.swapaxes(out, 0, 1).reshape(n, -1)
+    return merge_row_blocks(out)
 
 
 def mismatch_correction(g) -> bool:

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxrl_rm.parallel.rules import param_shardings
+from jaxrl_rm.parallel.rules import param_shardings, strided_row_blocks
 
 LossFn = Callable[[Any, dict], tuple[jax.Array, jax.Array, Any]]
 
@@ -149,11 +149,7 @@ def build_train_step(trainer: Trainer, loss_fn: LossFn, *, micro_batches: int = 
 
     def step(state, batch):
         params = state["params"]
-        # micro-batch j takes rows j, j + m, j + 2m, ...: rows are sharded in contiguous blocks
-        # over (data, fsdp), so every chip keeps its own rows in every micro-batch (a contiguous
-        # split would put each micro-batch on a few chips and all-gather it to the rest)
-        split = jax.tree.map(lambda x: jnp.swapaxes(
-            x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]), 0, 1), batch)
+        split = strided_row_blocks(batch, micro_batches)  # every chip keeps its own rows
 
         def body(carry, micro):
             (l, (d, aux)), g = grad_fn(params, micro)

@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="compile every step of the config for a TPU topology (e.g. v5e:2x4, v5p:2x2x2) "
                              "and print per-chip memory against HBM; runs nothing (needs libtpu: the "
                              "tpu-aot extra); exit 1 when a step does not fit")
+    parser.add_argument("--plan-steps", metavar="PATTERN,...",
+                        help="with --plan: compile only the steps whose names match these fnmatch "
+                             "patterns (e.g. grpo/train_step,*/rollout)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = parser.parse_args(argv)
     from jaxrl_rm.config import load_config
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         from jaxrl_rm.plan import run_plan
 
         try:
-            return run_plan(cfg, args.plan)
+            steps = [p for p in args.plan_steps.split(",") if p] if args.plan_steps else None
+            return run_plan(cfg, args.plan, steps)
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
             return 2

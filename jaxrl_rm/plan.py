@@ -19,13 +19,16 @@ weights and optimizer states that live through the whole phase (policy train sta
 copy, reward models, judges: "resident") plus the step's own transient arguments, temporaries
 and outputs (donated outputs counted once) — against the chip's HBM, with compile time and the
 collectives in the HLO. A step that does not fit is named with its shortfall and the command
-exits 1. Nothing is allocated, downloaded or run.
+exits 1. Nothing is allocated, downloaded or run. `--plan-steps PATTERN,...` (fnmatch patterns
+on the step names of the table, e.g. `grpo/train_step` or `*/rollout`) compiles only those steps:
+one step of a 7B recipe takes minutes to compile on a CPU host.
 """
 
 from __future__ import annotations
 
 import contextvars
 import dataclasses
+import fnmatch
 import functools
 import json
 import math
@@ -140,6 +143,8 @@ def batch_structs(mesh, **shapes) -> dict:
 
 # set by `plan(..., compile=False)` for the duration of one planning call
 _LOWER_ONLY = contextvars.ContextVar("jaxrl_rm_plan_lower_only", default=False)
+# set by `plan(..., steps=...)`: fnmatch patterns of the step names to compile (None: all)
+_STEPS = contextvars.ContextVar("jaxrl_rm_plan_steps", default=None)
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -161,7 +166,11 @@ def hbm_requirement(message: str, argument_bytes: int) -> int | None:
 def compile_step(phase, name: str, fn, *args, resident_args: int, **kwargs) -> None:
     """Compile `fn` for the placed `args` and add it to `phase`. A program too large for the
     chip's HBM is refused by the TPU compiler; it is recorded with the size the compiler asked
-    for (arguments + temporaries), so the plan reports it as a shortfall instead of crashing."""
+    for (arguments + temporaries), so the plan reports it as a shortfall instead of crashing.
+    A step that `plan(steps=...)` leaves out is skipped."""
+    patterns = _STEPS.get()
+    if patterns is not None and not any(fnmatch.fnmatchcase(f"{phase.name}/{name}", p) for p in patterns):
+        return
     t0 = time.perf_counter()
     if _LOWER_ONLY.get():
         jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
@@ -499,12 +508,14 @@ def plan_config(cfg, mesh, *, prefix: str = "", exports: dict | None = None) -> 
     return phases
 
 
-def plan(cfg, topology: str, *, compile: bool = True) -> Plan:
+def plan(cfg, topology: str, *, compile: bool = True, steps: list[str] | None = None) -> Plan:
     """Compile every step of `cfg` for `topology` (e.g. "v5p:2x2x2") on the config's mesh.
 
     compile=False only lowers each step (traces it for the placed shapes: seconds, where a
     compile at real sizes takes minutes on a CPU host): shapes, shardings and the resident
-    weights are checked, but the steps' temporaries are unknown (reported as 0)."""
+    weights are checked, but the steps' temporaries are unknown (reported as 0).
+    steps: fnmatch patterns of step names (`"grpo/train_step"`, `"*/rollout"`): only those are
+    compiled and reported; a pattern that matches no step is a `ConfigError`."""
     from jaxrl_rm.parallel.mesh import make_mesh
 
     generation = aot.tpu_generation(topology)
@@ -514,20 +525,28 @@ def plan(cfg, topology: str, *, compile: bool = True) -> Plan:
         raise ConfigError(f"--plan {topology}: unknown TPU generation {generation!r}; "
                           f"known: {sorted(aot.TPU_HBM_BYTES)}")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=aot.tpu_devices(topology))
-    token = _LOWER_ONLY.set(not compile)
+    tokens = _LOWER_ONLY.set(not compile), _STEPS.set(list(steps) if steps is not None else None)
     try:
         phases = plan_config(cfg, mesh)
     finally:
-        _LOWER_ONLY.reset(token)
-    return Plan(topology, dict(mesh.shape), aot.TPU_HBM_BYTES[generation], phases)
+        _LOWER_ONLY.reset(tokens[0])
+        _STEPS.reset(tokens[1])
+    result = Plan(topology, dict(mesh.shape), aot.TPU_HBM_BYTES[generation], phases)
+    planned = [row["step"] for row in result.rows()]
+    for p in steps or ():
+        if not any(fnmatch.fnmatchcase(name, p) for name in planned):
+            from jaxrl_rm.configlib import ConfigError
+
+            raise ConfigError(f"--plan-steps: {p!r} matches no step of this config")
+    return result
 
 
-def run_plan(cfg, topology: str) -> int:
+def run_plan(cfg, topology: str, steps: list[str] | None = None) -> int:
     """The `--plan` command: print the table and a JSON summary; 0 when every step fits, else 1
     with each shortfall named on stderr."""
     import sys
 
-    result = plan(cfg, topology)
+    result = plan(cfg, topology, steps=steps)
     print(result.table(), flush=True)
     print(json.dumps(result.summary(), sort_keys=True, default=str))
     for line in result.shortfalls():

@@ -65,6 +65,20 @@ def test_pipeline_stages_plan_from_earlier_exports(tmp_path):
     assert not Path(tmp_path, "sft").exists()  # nothing ran, nothing was written
 
 
+def test_plan_steps_selects_steps_by_pattern(tmp_path):
+    """`--plan-steps`: only the steps matching the patterns are compiled and reported (a 7B step
+    takes minutes to compile on a CPU host); a pattern matching no step names itself."""
+    from jaxrl_rm.configlib import ConfigError
+
+    config = str(ROOT / "configs/rlhf_bt_tiny.yaml")
+    result = _plan(config, "v5e:2x2", [f"run_dir={tmp_path}"], compile=False,
+                   steps=["*/rollout", "*rm_bt/train_step"])
+    names = [row["step"] for row in result.rows()]
+    assert len(names) == 2 and names[0].endswith("rm_bt/train_step") and names[1].endswith("/rollout"), names
+    with pytest.raises(ConfigError, match="'grpo/no_such_step' matches no step"):
+        _plan(config, "v5e:2x2", [f"run_dir={tmp_path}"], compile=False, steps=["grpo/no_such_step"])
+
+
 def test_oversized_batch_exits_1_naming_step_hbm_and_shortfall(tmp_path):
     """A real-width model (d 2048) with 64 sequences of 4096 tokens per chip of SFT cannot fit a
     v5e chip's 16 GiB: the command exits 1 and says which step, the HBM and by how much."""

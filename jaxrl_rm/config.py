@@ -36,9 +36,11 @@ class ModelSpec:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     #: Stack the layers' weights ([L, ...]) and run them as one `lax.scan`: compile time and
     #: program size stop growing with depth (set it for real models: configs/recipes do).
-    #: false = one module per layer, unrolled: the default for now, because the tiny CPU runs
-    #: whose RL outcomes the tests pin were measured so. Checkpoints resume within one layout;
-    #: an HF export loads into either.
+    #: false = one module per layer, unrolled: the default, because on a CPU the scanned stack
+    #: decodes ~1.45x slower (it slices each layer's weights and cache out of the stacks every
+    #: step) and the tiny runs' RL outcomes, which hang on their chaotic SFT warm-up, were
+    #: measured unrolled (README, "Layer layout and remat"). Checkpoints resume within one
+    #: layout; an HF export loads into either.
     scan_layers: bool = False
     #: Per-layer rematerialisation (jax.checkpoint) in the backward pass: none (save every
     #: activation) | full (save only each layer's input, recompute the layer) | dots_saveable

@@ -116,7 +116,7 @@ def bpe_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def bpe_tokenizer(bpe_tokenizer_dir):
     """A fresh copy of that tokenizer, loaded as the library loads one (safe to add tokens to)."""
-    from jaxrl_rm.models.hf import load_tokenizer
+    from jaxrl_rm.data.tokenizer import load_tokenizer
 
     return load_tokenizer(bpe_tokenizer_dir)
 

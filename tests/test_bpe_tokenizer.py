@@ -158,7 +158,8 @@ def test_judge_renders_the_decoded_answer_and_parses_its_decoded_output(bpe_toke
     """Policy answer ids -> text -> judge prompt (ChatML) -> judge ids -> text -> verdict."""
     import jaxrl_rm.sampling
     from jaxrl_rm.rewards.judge_source import JudgeSource, TextJudge
-    from jaxrl_rm.rewards.sources import PromptItem, Rollouts
+    from jaxrl_rm.data.records import PromptItem
+    from jaxrl_rm.rewards.sources import Rollouts
 
     tok = bpe_tokenizer
     byte_id = {t: i for t, i in tok.get_vocab().items() if len(t) == 1}

@@ -9,6 +9,7 @@ from flax import nnx
 
 from conftest import HiddenAndHead
 from jaxrl_rm.config import TaskSpec, load_config
+from jaxrl_rm.data import records
 from jaxrl_rm.objectives import group_advantages, policy_loss
 from jaxrl_rm.rewards import sources
 from jaxrl_rm.rewards.shaping import overlong_penalty
@@ -206,7 +207,7 @@ def test_mixture_ratios_and_curriculum():
     assert sum(allocate(7, [1, 1, 1])) == 7
     tasks = [TaskSpec(name="p", ratio=2.0), TaskSpec(name="r", ratio=1.0),
              TaskSpec(name="i", ratio=1.0, start_step=10)]
-    items = {t.name: [sources.PromptItem(task=t.name, prompt=str(k)) for k in range(13)] for t in tasks}
+    items = {t.name: [records.PromptItem(task=t.name, prompt=str(k)) for k in range(13)] for t in tasks}
     mixer = TaskMixer(tasks, items, seed=0)
     counts = {"p": 0, "r": 0, "i": 0}
     for step in range(110):

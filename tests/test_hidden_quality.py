@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxrl_rm.config import RewardSpec, TaskSpec
-from jaxrl_rm.data import synthetic
+from jaxrl_rm.data import records, synthetic
 from jaxrl_rm.rewards import sources
 
 HOUSE = synthetic.HIDDEN_SCORE.house
@@ -147,7 +147,7 @@ def test_prompts_never_reveal_the_hidden_function(split):
 def test_hidden_quality_reward_source():
     src = sources.build_source(RewardSpec(type="hidden_quality"), {})
     assert "hidden_quality" in sources.RULE_REWARDS and "hidden_quality" in sources.EVAL_SCORERS
-    items = [sources.PromptItem(task="open", prompt=p, reference=r) for p, r, _ in synthetic.open_prompts(3, seed=0)]
+    items = [records.PromptItem(task="open", prompt=p, reference=r) for p, r, _ in synthetic.open_prompts(3, seed=0)]
     completions = [[it.reference, "", "no idea"] for it in items]
     zeros = np.zeros((3, 3, 1), np.int32)
     rollouts = sources.Rollouts(items=items, prompt_texts=[it.prompt for it in items], completions=completions,

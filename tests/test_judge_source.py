@@ -9,7 +9,8 @@ import pytest
 from jaxrl_rm.config import RewardSpec
 from jaxrl_rm.rewards import sources
 from jaxrl_rm.rewards.judge_source import JudgeSource, ScoreMatchSource
-from jaxrl_rm.rewards.sources import PromptItem, Rollouts
+from jaxrl_rm.data.records import PromptItem
+from jaxrl_rm.rewards.sources import Rollouts
 
 _POINT = re.compile(r"\[The Start of the Assistant's Answer\]\n(.*?)\n\[The End of the Assistant's Answer\]", re.S)
 _PAIR = re.compile(r"\[The Start of Assistant ([AB])'s Answer\]\n(.*?)\n\[The End of Assistant \1's Answer\]", re.S)

@@ -133,7 +133,8 @@ def test_scorer_batches_and_rl_source(tok, polar_rm):
         scorer.score(prompts, refs[:2], cands)
 
     from jaxrl_rm.rewards.scalar_rm import PolarRewardSource
-    from jaxrl_rm.rewards.sources import PromptItem, Rollouts
+    from jaxrl_rm.data.records import PromptItem
+    from jaxrl_rm.rewards.sources import Rollouts
 
     items = [PromptItem(task="open", prompt="q0", reference="ref"), PromptItem(task="open", prompt="q1", reference="ref")]
     comps = [["cand 0", "x"], ["cand 1", "y"]]

@@ -142,7 +142,7 @@ def test_split_by_prompt_keeps_prompts_together():
 @pytest.mark.parametrize("kind", ["bt", "polar"])
 def test_round_trip_orbax_and_hf_preserves_scores(kind, tmp_path):
     from jaxrl_rm.models.hf import load_model, save_model
-    from jaxrl_rm.models.hf import load_tokenizer
+    from jaxrl_rm.data.tokenizer import load_tokenizer
     from jaxrl_rm.parallel.mesh import make_mesh
     from jaxrl_rm.train.checkpoint import Checkpointer
     from jaxrl_rm.train.state import Trainer, abstract_like, make_optimizer

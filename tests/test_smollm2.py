@@ -88,7 +88,7 @@ def torch_oracle(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_dir):
-    from jaxrl_rm.models.hf import load_tokenizer
+    from jaxrl_rm.data.tokenizer import load_tokenizer
 
     return load_tokenizer(smollm2_dir)
 
@@ -221,7 +221,9 @@ def test_converter_runs_without_torch_and_writes_atomically(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json", "gguf_source.json"} <= {p.name for p in out.iterdir()}
     assert oct(out.stat().st_mode & 0o777) != oct(0o700)  # not mkdtemp's private mode
 
-    from jaxrl_rm.models.hf import load_model, load_tokenizer
+    from jaxrl_rm.data.tokenizer import load_tokenizer
+
+    from jaxrl_rm.models.hf import load_model
 
     tok = load_tokenizer(out)
     assert tok.convert_ids_to_tokens(tok(" the 12")["input_ids"]) == ["Ġthe", "Ġ", "1", "2"]  # merges, digits

@@ -9,7 +9,8 @@ import pytest
 from jaxrl_rm.config import RewardSpec, TaskSpec
 from jaxrl_rm.data.loaders import write_jsonl
 from jaxrl_rm.rewards import sources
-from jaxrl_rm.rewards.sources import PromptItem, Rollouts
+from jaxrl_rm.data.records import PromptItem
+from jaxrl_rm.rewards.sources import Rollouts
 from jaxrl_rm.rewards.judges import ranking_template
 from jaxrl_rm.train.tasks import TaskMixer, demonstration, load_task_items, warmup_records
 

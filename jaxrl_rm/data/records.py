@@ -20,6 +20,7 @@ string or an int. Direct construction does not validate: loaders build records t
 | `RankingItem(prompt, responses, gold_scores)` | N-way rankings (URPO) |
 | `VerifiableProblem(prompt, answer)` | RLVR with a gold answer string |
 | `JudgmentExample(prompt, response, label)` | judge training / eval |
+| `PromptItem(task, prompt, answer, reference, ...)` | one RL prompt and what its rewards need |
 """
 
 from __future__ import annotations
@@ -411,3 +412,23 @@ def record_type_by_name(name: str | type) -> type:
         return RECORD_TYPES[name]
     except KeyError:
         raise ValueError(f"unknown record type {name!r}; valid: {sorted(RECORD_TYPES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptItem:
+    """One prompt of a task, with whatever its reward needs (never shown to the policy but `prompt`).
+
+    task: task name (mixtures, per-task metrics). prompt: str or chat messages.
+    answer: gold answer (verifiable tasks). reference: reference response (POLAR).
+    responses / gold_scores: candidates and their gold scores (ranking tasks).
+    label: teacher label (judge training). id: source record id.
+    """
+
+    task: str
+    prompt: Any
+    answer: str | None = None
+    reference: str | None = None
+    responses: tuple | None = None
+    gold_scores: tuple | None = None
+    label: Any = None
+    id: Any = None

@@ -90,7 +90,7 @@ def prompt_items(task: str, spec, *, split: str, seed: int, size: int):
     style (POLAR RFT / URPO instruction task; quality: `hidden_quality`), `open_ranking` N-way
     ranking items of such answers (gold = hidden scores).
     """
-    from jaxrl_rm.rewards.sources import PromptItem
+    from jaxrl_rm.data.records import PromptItem
 
     def ranking_items(records):
         return [PromptItem(task=spec.name, prompt=r.prompt, responses=tuple(r.responses),

@@ -54,6 +54,21 @@ def load_or_build_tokenizer(path: str = ""):
     """Tokenizer from a local HF directory, or the built-in character tokenizer when `path` is empty."""
     if not path:
         return build_char_tokenizer()
-    from jaxrl_rm.models.hf import load_tokenizer
-
     return load_tokenizer(path)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in a local HF directory, exactly as saved (never downloads, never runs
+    remote code).
+
+    With a `tokenizer.json` it is read by `PreTrainedTokenizerFast` itself: transformers 5's
+    `AutoTokenizer` picks the tokenizer class from a `config.json` beside it (e.g. Qwen2Tokenizer
+    for a qwen2 model) and rebuilds that class's pre-tokenizer, which silently changes a custom
+    tokenizer exported next to its model (the character tokenizer then drops spaces).
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if (Path(path) / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+

@@ -3,7 +3,7 @@
 Public API (stable):
     load_model(path, *, dtype=jnp.float32, scan_layers=False, remat="none") -> Transformer | RewardModel
     save_model(model, path, *, tokenizer=None, max_shard_bytes=2**31)
-    load_tokenizer(path) -> transformers tokenizer
+    load_tokenizer(path) -> transformers tokenizer (`jaxrl_rm.data.tokenizer`'s, named here too)
 
 Only safetensors are read (no pickle, never `trust_remote_code`). A `*ForSequenceClassification`
 checkpoint with one label loads as a `RewardModel`; everything else as a `Transformer`.
@@ -26,6 +26,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.flax import save_file
 
+from jaxrl_rm.data.tokenizer import load_tokenizer  # noqa: F401  (hf.load_tokenizer: the notebooks' name)
 from jaxrl_rm.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, as_dtype
 from jaxrl_rm.models.reward import RewardModel
 from jaxrl_rm.models.transformer import Transformer, stack_layers, unstack_layers
@@ -249,22 +250,6 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, 
         pure = {"backbone": pure, "score": score}
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer saved in a local HF directory, exactly as saved (never downloads, never runs
-    remote code).
-
-    With a `tokenizer.json` it is read by `PreTrainedTokenizerFast` itself: transformers 5's
-    `AutoTokenizer` picks the tokenizer class from a `config.json` beside it (e.g. Qwen2Tokenizer
-    for a qwen2 model) and rebuilds that class's pre-tokenizer, which silently changes a custom
-    tokenizer exported next to its model (the character tokenizer then drops spaces).
-    """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    if (Path(path) / "tokenizer.json").exists():
-        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
 
 # --- writing ----------------------------------------------------------------------------------

@@ -534,7 +534,7 @@ def _split_options(kind: str, options: dict) -> tuple[dict, dict]:
 def make_judge_source(spec, ctx: dict) -> JudgeSource:
     """``type: judge`` — a separate judge model loaded from ``spec.path``."""
     from jaxrl_rm.models.factory import load_frozen
-    from jaxrl_rm.models.hf import load_tokenizer
+    from jaxrl_rm.data.tokenizer import load_tokenizer
 
     if not spec.path:
         raise ValueError("reward type judge: set `path` to an HF judge-model directory (weights + tokenizer)")

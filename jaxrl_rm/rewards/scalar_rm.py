@@ -303,7 +303,8 @@ class BTScorer(RewardScorer):
 
 
 def _load_rm(path):
-    from jaxrl_rm.models.hf import load_model, load_tokenizer
+    from jaxrl_rm.data.tokenizer import load_tokenizer
+    from jaxrl_rm.models.hf import load_model
     from jaxrl_rm.models.reward import RewardModel
 
     model = load_model(path)

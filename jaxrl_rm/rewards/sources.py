@@ -14,26 +14,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptItem:
-    """One prompt of a task, with whatever its reward needs (never shown to the policy but `prompt`).
-
-    task: task name (mixtures, per-task metrics). prompt: str or chat messages.
-    answer: gold answer (verifiable tasks). reference: reference response (POLAR).
-    responses / gold_scores: candidates and their gold scores (ranking tasks).
-    label: teacher label (judge training). id: source record id.
-    """
-
-    task: str
-    prompt: Any
-    answer: str | None = None
-    reference: str | None = None
-    responses: tuple | None = None
-    gold_scores: tuple | None = None
-    label: Any = None
-    id: Any = None
+from jaxrl_rm.data.records import PromptItem
 
 
 @dataclasses.dataclass

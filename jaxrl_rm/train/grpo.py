@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_rm.data.pipeline import encode, render_prompt
+from jaxrl_rm.data.records import PromptItem
 from jaxrl_rm.data.tokenizer import load_or_build_tokenizer
 from jaxrl_rm.kernels import token_logprobs
 from jaxrl_rm.models.factory import build_model
@@ -36,7 +37,7 @@ from jaxrl_rm.parallel.mesh import mesh_from_config
 from jaxrl_rm.parallel.rules import merge_row_blocks, shard_batch, strided_row_blocks, take_rows
 from jaxrl_rm.rewards import sources as reward_sources
 from jaxrl_rm.rewards.shaping import overlong_penalty
-from jaxrl_rm.rewards.sources import EVAL_SCORERS, RULE_REWARDS, PromptItem, Rollouts
+from jaxrl_rm.rewards.sources import EVAL_SCORERS, RULE_REWARDS, Rollouts
 from jaxrl_rm.sampling import generate
 from jaxrl_rm.train.logger import run_means
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary

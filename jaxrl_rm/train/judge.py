@@ -85,7 +85,8 @@ def policy_responses(path: str, problems, *, n: int, temperature: float, max_new
                      chat_template: bool = True, mesh=None, batch_size: int = 256) -> list[list[str]]:
     """`n` sampled answers per problem from the HF model at `path` (its own tokenizer)."""
     from jaxrl_rm.data.pipeline import encode, render_prompt
-    from jaxrl_rm.models.hf import load_model, load_tokenizer
+    from jaxrl_rm.data.tokenizer import load_tokenizer
+    from jaxrl_rm.models.hf import load_model
     from jaxrl_rm.sampling import generate
 
     model, tok = load_model(path), load_tokenizer(path)
@@ -175,7 +176,7 @@ def with_tokenizer_dir(cfg):
     to `<run_dir>/tokenizer` (tokenizer files only) and `model.tokenizer` points there. Loading it
     back from a model export instead would go through AutoTokenizer with the export's
     `config.json`, which in transformers 5 picks the model family's tokenizer class and drops
-    spaces and newlines (see `jaxrl_rm.models.hf.load_tokenizer`); judge templates are
+    spaces and newlines (see `jaxrl_rm.data.tokenizer.load_tokenizer`); judge templates are
     full of both.
     """
     if cfg.model.tokenizer or cfg.model.path:

@@ -140,7 +140,7 @@ def build_policy(spec, index: int, cfg, default_tokenizer):
         tokenizer, name = default_tokenizer, spec.name or f"random{spec.seed}"
     elif (Path(path) / "config.json").exists():
         from jaxrl_rm.models.hf import load_model
-        from jaxrl_rm.models.hf import load_tokenizer
+        from jaxrl_rm.data.tokenizer import load_tokenizer
 
         model, tokenizer, name = load_model(path), load_tokenizer(path), spec.name or Path(path).name
     elif (Path(path) / "config.yaml").exists() and (Path(path) / "checkpoints").is_dir():

@@ -36,11 +36,10 @@ from flax import nnx
 from jaxrl_rm.configlib import ConfigError
 from jaxrl_rm.data.pipeline import BatchStream
 from jaxrl_rm.data.records import PolarQuad, PreferencePair, RankedTriple
-from jaxrl_rm.data.tokenizer import load_or_build_tokenizer
+from jaxrl_rm.data.tokenizer import load_or_build_tokenizer, load_tokenizer
 from jaxrl_rm.eval.reward_model import pairwise_accuracy
 from jaxrl_rm.models.config import as_dtype
 from jaxrl_rm.models.factory import check_tokenizer_fits, layout_kwargs, model_config_from_spec
-from jaxrl_rm.models.hf import load_tokenizer
 from jaxrl_rm.models.resize import add_special_tokens, add_tokens_and_resize, reward_model_from_lm
 from jaxrl_rm.models.reward import RewardModel
 from jaxrl_rm.objectives.reward_model import bradley_terry_loss_terms
@@ -229,7 +228,7 @@ def export_hf(model, tokenizer, path) -> Path:
 # --- pipeline ---------------------------------------------------------------------------------
 def load_rm_tokenizer(path: str):
     """The built-in character tokenizer (empty path) or a directory's tokenizer exactly as saved
-    (`models.hf.load_tokenizer`: an exported RM's tokenizer sits beside its config.json)."""
+    (`data.tokenizer.load_tokenizer`: an exported RM's tokenizer sits beside its config.json)."""
     return load_tokenizer(path) if path else load_or_build_tokenizer("")
 
 

@@ -18,8 +18,8 @@ import hashlib
 
 import numpy as np
 
+from jaxrl_rm.data.records import PromptItem
 from jaxrl_rm.rewards.judges import ranking_template
-from jaxrl_rm.rewards.sources import PromptItem
 
 
 def load_task_items(task, *, split: str, seed: int, size: int) -> list[PromptItem]:

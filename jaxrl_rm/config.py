@@ -187,8 +187,9 @@ class DistributedConfig:
 class RewardSpec:
     """One reward source of a task; the task's reward is the weighted sum of its sources."""
 
-    #: verifier | exact_match | ranking | bt_rm | polar_rm | judge | self_judge | score_match (J1 judge
-    #: training; see jaxrl_rm.rewards.sources and jaxrl_rm.rewards.judge_source).
+    #: verifier | exact_match | ranking | hidden_quality | bt_rm | polar_rm | judge | self_judge |
+    #: score_match (J1 judge training) | ensemble (members reduced by mean / min; see
+    #: jaxrl_rm.rewards.sources and jaxrl_rm.rewards.judge_source).
     type: str = "verifier"
     weight: float = 1.0
     #: Model directory for model-backed sources (bt_rm, polar_rm, judge).

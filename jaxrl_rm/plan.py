@@ -407,11 +407,20 @@ def spec_at(path: str, default, exports: dict):
     return dataclasses.replace(default, **{f: getattr(exported, f) for f in ARCHITECTURE_FIELDS})
 
 
-def _plan_reward_source(phase, cfg, mesh, task, r, *, policy, n_rollout: int, exports: dict) -> None:
-    """The scoring program of one model-backed reward (rule rewards run on the host)."""
+def _plan_reward_source(phase, cfg, mesh, task, r, *, policy, n_rollout: int, exports: dict,
+                        label: str | None = None) -> None:
+    """The scoring program of one model-backed reward (rule rewards run on the host); an
+    ensemble's members each, labelled `<ensemble name>/m<i>`."""
     g, opts = cfg.grpo, dict(r.options)
-    label = opts.get("name", r.type)
-    if r.type in ("bt_rm", "polar_rm"):
+    label = label or opts.get("name", r.type)
+    if r.type == "ensemble":
+        from jaxrl_rm.config import RewardSpec
+
+        for i, m in enumerate(opts.get("members") or []):
+            member = RewardSpec(type=m["type"], path=m.get("path", ""), options=dict(m.get("options") or {}))
+            _plan_reward_source(phase, cfg, mesh, task, member, policy=policy, n_rollout=n_rollout,
+                                exports=exports, label=f"{label}/m{i}")
+    elif r.type in ("bt_rm", "polar_rm"):
         from jaxrl_rm.configlib import ConfigError
 
         if not r.path:

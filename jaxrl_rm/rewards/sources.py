@@ -138,6 +138,62 @@ class HiddenQualitySource:
         return rewards, {k: float(np.mean([p[k] for p in flat])) for k, _ in self.score.weights} if flat else {}
 
 
+class EnsembleSource:
+    """`type: ensemble`: several reward sources scored on the same rollouts, reduced per rollout.
+
+    `reduce: mean` averages the members' rewards (less noise from any one judge); `reduce: min`
+    gives each rollout its least convinced member's reward, so a policy has to fool every member
+    at once to be paid for a hack one of them falls for. Members are reward specs
+    (`{type, path, options}`, weight ignored), built as any task reward is; rewards `[B, G]`.
+    Metrics: each member's mean and metrics under `m<i>_<member name>/...`, and `disagreement`,
+    the mean over rollouts of (max - min) member reward."""
+
+    def __init__(self, members: list, *, reduce: str = "mean", name: str = "ensemble"):
+        if reduce not in ("mean", "min"):
+            raise ValueError(f"reward type ensemble: reduce must be 'mean' or 'min', got {reduce!r}")
+        if len(members) < 2:
+            raise ValueError(f"reward type ensemble: needs at least 2 members, got {len(members)}")
+        self.members, self.reduce, self.name = list(members), reduce, name
+
+    def __call__(self, rollouts: Rollouts):
+        stacked, metrics = [], {}
+        for i, member in enumerate(self.members):
+            r, m = member(rollouts)
+            r = np.asarray(r, np.float32)
+            stacked.append(r)
+            metrics[f"m{i}_{member.name}/mean"] = float(r.mean())
+            metrics.update({f"m{i}_{member.name}/{k}": v for k, v in m.items()})
+        stacked = np.stack(stacked)  # [M, B, G]
+        reduced = stacked.min(0) if self.reduce == "min" else stacked.mean(0)
+        metrics["disagreement"] = float((stacked.max(0) - stacked.min(0)).mean())
+        return reduced.astype(np.float32), metrics
+
+    def for_eval(self) -> "EnsembleSource":
+        return EnsembleSource([for_eval(m) for m in self.members], reduce=self.reduce, name=self.name)
+
+
+def _ensemble_source(spec, ctx: dict) -> EnsembleSource:
+    """`type: ensemble`, options `{members: [reward spec, ...], reduce: mean | min, name}`."""
+    from jaxrl_rm.config import RewardSpec
+
+    opts = dict(spec.options)
+    unknown = sorted(set(opts) - {"members", "reduce", "name"})
+    if unknown:
+        raise ValueError(f"reward type ensemble: unknown option(s) {unknown}; valid: ['members', 'reduce', 'name']")
+    members = []
+    for i, m in enumerate(opts.get("members") or []):
+        if not isinstance(m, dict) or "type" not in m:
+            raise ValueError(f"reward type ensemble: options.members[{i}] must be a reward spec with a `type`, got {m!r}")
+        bad = sorted(set(m) - {"type", "path", "options", "weight"})
+        if bad:
+            raise ValueError(f"reward type ensemble: options.members[{i}] has unknown key(s) {bad}")
+        if m["type"] == "ensemble":
+            raise ValueError(f"reward type ensemble: options.members[{i}] is itself an ensemble")
+        members.append(build_source(RewardSpec(type=m["type"], path=m.get("path", ""),
+                                               options=dict(m.get("options") or {})), ctx))
+    return EnsembleSource(members, reduce=opts.get("reduce", "mean"), name=opts.get("name", "ensemble"))
+
+
 # --- registry ---------------------------------------------------------------------------------
 Factory = Callable[..., RewardSource]
 #: Reward types computed by rules from gold data (no model): the others are what monitors watch.
@@ -163,6 +219,7 @@ REGISTRY: dict[str, Factory] = {
     "exact_match": lambda spec, ctx: VerifierSource("exact", **spec.options),
     "ranking": _ranking_source,
     "hidden_quality": lambda spec, ctx: HiddenQualitySource(**spec.options),
+    "ensemble": _ensemble_source,
 }
 #: Rule rewards that can measure a non-verifiable task's greedy eval answers (`options.eval_scorer`).
 EVAL_SCORERS = ("hidden_quality",)

@@ -58,6 +58,12 @@ score / win rate over its comparisons with all others) and makes no self-compari
 Pointwise / listwise: the mean over the *valid* samples; a rollout with none gets ``invalid_reward``
 (0).
 
+Expected scores (``options.score_expectation: true``; pointwise mode, a ``<score>`` template with
+integer scores): each valid judgment pays the judge's expected normalised score at its verdict,
+Σ_s P(s) norm(s) over the template's scores, from one teacher-forced pass over the judgment up to
+its number (:meth:`TextJudge.continuation_logprobs`), instead of the one score it decoded: a judge
+60 % sure of "1" pays 0.6. Logs ``expectation_gap`` (mean |expected − decoded|).
+
 Evaluation (``eval_reward/<task>``, ``win_rate/<task>``) judges through :meth:`JudgeSource.for_eval`:
 greedy verdicts (``options.eval_num_judgments: 0``, the default), or the mean of
 ``eval_num_judgments`` samples at the judge's temperature, so an evaluation measures the policy and
@@ -84,15 +90,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
+import re
 from typing import Any, Callable, Sequence
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxrl_rm.rewards.guards import GuardConfig, GuardCounter, check_text
 from jaxrl_rm.rewards.judges import JudgeTemplate, get_template, task_template
 from jaxrl_rm.rewards.judgment import score_match_reward
-from jaxrl_rm.rewards.parsers import ParseResult, verdict_from_scores
+from jaxrl_rm.rewards.parsers import NUMBER_PATTERN, ParseResult, verdict_from_scores
 from jaxrl_rm.rewards.sources import Rollouts, register
 
 MODES: tuple[str, ...] = ("pointwise", "pairwise", "pivot", "listwise")
@@ -129,6 +139,10 @@ def label_score(label: Any, template: JudgeTemplate) -> float:
     if isinstance(label, (bool, np.bool_)):
         return float(template.max_score if label else template.min_score)
     return float(label)
+
+
+#: a pointwise answer tag and the number in it (group 1), as `parsers.parse_pointwise` accepts it
+_SCORE_VALUE_RE = re.compile(rf"<score>\s*({NUMBER_PATTERN})\s*</score>")
 
 
 def normalise(score: float, template: JudgeTemplate) -> float:
@@ -228,6 +242,50 @@ class TextJudge:
     def __call__(self, texts: Sequence[str]) -> list[str]:
         return [o[0] for o in self.generate(texts, num_samples=1)]
 
+    def continuation_logprobs(self, prefixes: Sequence[str], continuations: Sequence[str]) -> np.ndarray:
+        """`[len(prefixes), len(continuations)]` float32: log P(c | prefix) under the judge, each
+        `prefix + c` encoded as one string (`data.pipeline.encode_pieces`), at the judge's sampling
+        temperature (1 when greedy). Prefixes keep their tail within the prompt budget. One
+        teacher-forced forward per `batch_size` rows (right-padded to a bucketed length: a causal
+        model's real tokens never see the padding)."""
+        from jaxrl_rm.data.pipeline import encode_pieces
+        from jaxrl_rm.sampling.sampler import bucket_length
+
+        model = self.model_fn()
+        budget = self.max_prompt_length or max(model.config.max_position_embeddings - self.max_new_tokens, 1)
+        rows, spans = [], []  # ids of each (prefix, continuation); where its continuation starts / ends
+        for prefix in prefixes:
+            head, tails = encode_pieces(self.tokenizer, prefix, list(continuations))
+            head = head[-budget:] or [self.pad]
+            for tail in tails:
+                rows.append(head + tail)
+                spans.append((len(head), len(head) + len(tail)))
+        temperature = 1.0 if self.greedy else self.temperature
+        out = np.zeros(len(rows), np.float32)
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start:start + self.batch_size]
+            width = bucket_length(max(len(r) for r in chunk))
+            ids = np.full((len(chunk), width), self.pad, np.int32)
+            keep = np.zeros((len(chunk), width), bool)  # positions whose *next* token is scored
+            for i, (r, (a, b)) in enumerate(zip(chunk, spans[start:start + self.batch_size])):
+                ids[i, :len(r)] = r
+                keep[i, a - 1:b - 1] = True
+            out[start:start + len(chunk)] = np.asarray(_sum_next_token_logprobs(
+                model, jnp.asarray(ids), jnp.asarray(keep), temperature=temperature))
+        return out.reshape(len(prefixes), len(continuations))
+
+
+@functools.partial(nnx.jit, static_argnames=("temperature",))
+def _sum_next_token_logprobs(model, ids, keep, *, temperature: float):
+    """Σ over positions t with `keep[:, t]` of log p(ids[:, t+1] | ids[:, :t+1]) -> `[B]` float32."""
+    from jaxrl_rm.kernels import token_logprobs
+
+    hidden = model.hidden_states(ids)[:, :-1]
+    b, t, d = hidden.shape
+    logp = token_logprobs(hidden.reshape(b * t, d), model.lm_head_weight(), ids[:, 1:].reshape(-1),
+                          temperature=temperature).reshape(b, t)
+    return jnp.where(keep[:, :-1], logp, 0.0).sum(-1)
+
 
 # ============================================================================ judge reward source
 
@@ -253,7 +311,8 @@ class JudgeSource:
                  num_judgments: int = 1, subset_size: int = 0, subset_rounds: int = 1, shuffle: bool = False,
                  use_reference: bool = False, tie_reward: float = 0.5, invalid_verdict: float = 0.5,
                  invalid_reward: float = 0.0, pairwise_reward: str = "score", pivot_reward: str = "self",
-                 eval_num_judgments: int = 0, guards: Any = True, chat_template: bool = True, seed: int = 0):
+                 eval_num_judgments: int = 0, score_expectation: bool = False, guards: Any = True,
+                 chat_template: bool = True, seed: int = 0):
         if mode not in MODES:
             raise ValueError(f"judge option mode must be one of {list(MODES)}, got {mode!r}")
         if pairwise_reward not in PAIRWISE_REWARDS:
@@ -279,6 +338,15 @@ class JudgeSource:
         if tpl.format not in _MODE_FORMATS[mode]:
             raise ValueError(f"judge mode {mode!r} needs a template of format {list(_MODE_FORMATS[mode])}, "
                              f"got {tpl.name!r} ({tpl.format})")
+        if score_expectation:
+            if mode != "pointwise" or tpl.format != "pointwise":
+                raise ValueError("judge option score_expectation needs mode pointwise with a <score> template, got "
+                                 f"mode {mode!r} and template {tpl.name!r} ({tpl.format})")
+            if not tpl.integer or tpl.max_score - tpl.min_score > 100:
+                raise ValueError(f"judge option score_expectation needs integer scores (at most 101 values), got "
+                                 f"template {tpl.name!r} with integer={tpl.integer}, range {tpl.min_score}-"
+                                 f"{tpl.max_score}: set template_options.integer: true")
+        self.score_expectation = bool(score_expectation)
         self.judge, self.tokenizer, self.name, self.mode, self.template = judge, tokenizer, name, mode, tpl
         self.k, self.subset_size, self.subset_rounds, self.shuffle = int(num_judgments), int(subset_size), int(subset_rounds), bool(shuffle)
         self.tie_reward, self.invalid_verdict, self.invalid_reward = float(tie_reward), float(invalid_verdict), float(invalid_reward)
@@ -359,6 +427,7 @@ class JudgeSource:
         invalid = sum(not res.valid for rs in results for res in rs)
         self.counter.update(res for rs in results for res in rs)
 
+        metrics_extra: dict[str, float] = {}
         # per-rollout lists of reward entries
         entries: list[list[list[float]]] = [[[] for _ in range(g)] for _ in range(b)]
         valid_scores: list[float] = []
@@ -405,13 +474,17 @@ class JudgeSource:
                     if entries[i][j]:
                         rewards[i, j] = float(np.mean(entries[i][j]))
         else:
-            for r, rs in zip(reqs, results):
-                for res in rs:
+            expected = self._expected_scores(reqs, outputs, results) if self.score_expectation else {}
+            if expected:
+                metrics_extra["expectation_gap"] = float(np.mean(
+                    [abs(e - normalise(float(results[r][k].value), self.template)) for (r, k), e in expected.items()]))
+            for n, (r, rs) in enumerate(zip(reqs, results)):
+                for k, res in enumerate(rs):
                     if not res.valid:
                         continue
                     vals = (res.value,) if self.mode == "pointwise" else tuple(res.value)
                     for m, v in zip(r.members, vals):
-                        s = normalise(float(v), self.template)
+                        s = expected[(n, k)] if self.score_expectation else normalise(float(v), self.template)
                         entries[r.group][m].append(s)
                         valid_scores.append(s)
             rewards = np.full((b, g), self.invalid_reward, np.float32)
@@ -431,7 +504,38 @@ class JudgeSource:
         if self.mode in ("pairwise", "pivot"):
             metrics["position_bias_rate"] = bias_flips / bias_pairs if bias_pairs else 0.0
             metrics["position_pairs"] = float(bias_pairs)
+        metrics.update(metrics_extra)
         return rewards, metrics
+
+    def _expected_scores(self, reqs, outputs, results) -> dict[tuple[int, int], float]:
+        """`score_expectation`: for each valid judgment (request n, sample k), the judge's expected
+        normalised score at its verdict, Σ_s P(s) norm(s) over the template's integer scores s,
+        P ∝ P(s + closing | judge prompt + its judgment up to the score) (`closing`: what the judge
+        wrote after its number, e.g. `</score>`), in place of the one decoded score: a judge 60 % sure
+        of "1" pays 0.6, not 1 or 0. One teacher-forced pass (`TextJudge.continuation_logprobs`)."""
+        lo, hi = int(self.template.min_score), int(self.template.max_score)
+        keys, prefixes, closings = [], [], []
+        for n, (r, outs, rs) in enumerate(zip(reqs, outputs, results)):
+            for k, (text, res) in enumerate(zip(outs, rs)):
+                if not res.valid or res.span is None:
+                    continue
+                tag = _SCORE_VALUE_RE.match(text, res.span[0], res.span[1])
+                if tag is None:
+                    continue
+                keys.append((n, k))
+                prefixes.append(r.text + text[:tag.start(1)])
+                closings.append(text[tag.end(1):res.span[1]])
+        out: dict[tuple[int, int], float] = {}
+        norm = np.asarray([normalise(float(v), self.template) for v in range(lo, hi + 1)])
+        for closing in dict.fromkeys(closings):  # one candidate set per distinct closing (almost always one)
+            rows = [i for i, c in enumerate(closings) if c == closing]
+            logp = self.judge.continuation_logprobs([prefixes[i] for i in rows],
+                                                    [f"{v}{closing}" for v in range(lo, hi + 1)])
+            p = np.exp(logp - logp.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            for i, e in zip(rows, p @ norm):
+                out[keys[i]] = float(e)
+        return out
 
     def for_eval(self) -> "JudgeSource":
         """This source as evaluation uses it (``eval_reward/<task>``, ``win_rate/<task>``): the same
@@ -519,7 +623,7 @@ class ScoreMatchSource:
 
 _JUDGE_KEYS = ("name", "mode", "template", "template_options", "num_judgments", "subset_size", "subset_rounds",
                "shuffle", "use_reference", "tie_reward", "invalid_verdict", "invalid_reward", "pairwise_reward",
-               "pivot_reward", "eval_num_judgments", "guards", "chat_template", "seed")
+               "pivot_reward", "eval_num_judgments", "score_expectation", "guards", "chat_template", "seed")
 _GEN_KEYS = ("max_prompt_length", "max_new_tokens", "temperature", "top_p", "top_k", "greedy", "batch_size")
 
 

@@ -294,3 +294,31 @@ def test_source_errors_name_the_key():
         load_rm_records("synthetic:nope", STAGES["rm_bt"], cfg, split="train")
     with pytest.raises(ConfigError, match=r"hh_rlhf sources give preference pairs"):
         load_rm_records("hh_rlhf:x.jsonl", STAGES["polar_finetune"], cfg, split="train")
+
+
+def test_bt_rm_reward_loads_in_the_runs_dtypes_and_layout(tmp_path, tok):
+    """`type: bt_rm` in a GRPO run loads the RM like the policy (`models.factory.load_frozen`): a
+    bfloat16, scanned run gets a bfloat16, scanned RM (what `--plan` assumes), whose scores stay
+    within bf16 rounding of the float32 RM's."""
+    import types
+
+    from jaxrl_rm.config import ModelSpec, RewardSpec
+    from jaxrl_rm.models.hf import save_model
+    from jaxrl_rm.rewards.sources import build_source
+
+    rm = RewardModel(ModelConfig.for_family("qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=64),
+                     rngs=nnx.Rngs(3))
+    rm.score = nnx.Param(jax.random.normal(jax.random.key(1), rm.score.shape))
+    save_model(rm, tmp_path / "rm", tokenizer=tok)
+    run = types.SimpleNamespace(cfg=types.SimpleNamespace(model=ModelSpec(dtype="bfloat16", param_dtype="bfloat16",
+                                                                          scan_layers=True)))
+    spec = RewardSpec(type="bt_rm", path=str(tmp_path / "rm"), options={"max_length": 64})
+    src = build_source(spec, {"grpo": run})
+    plain = build_source(spec, {})
+    leaves = jax.tree.leaves(src.scorer.params)
+    assert all(x.dtype == jnp.bfloat16 for x in leaves)
+    assert nnx.merge(src.scorer.graphdef, src.scorer.params).backbone.scan_layers
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(plain.scorer.params))
+    prompts, responses = ["reverse: abc", "reverse: hello"], ["cba", "olleh there"]
+    a, b = src.scorer.score(prompts, responses), plain.scorer.score(prompts, responses)
+    np.testing.assert_allclose(a, b, atol=0.05 * (1 + np.abs(b).max()))

@@ -38,7 +38,7 @@ def build_model(spec, tokenizer, *, seed: int = 0):
 
 def load_frozen(path, spec=None, *, mesh=None):
     """A model from the HF directory `path` that a run scores or judges with but never trains
-    (a `type: judge` reward): in the run's `model.*` compute / storage dtypes and layer layout
+    (a `type: judge`, `bt_rm` or `polar_rm` reward): in the run's `model.*` compute / storage dtypes and layer layout
     (`spec`; None = `load_model`'s defaults), its weights placed on `mesh` by the sharding rules
     as the policy's are (None = left where they load), so a judge beside a bfloat16, fsdp-sharded
     policy is not a float32 copy on every chip."""

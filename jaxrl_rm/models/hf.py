@@ -91,6 +91,18 @@ def config_from_hf(hf: dict, *, source: str = "config.json") -> ModelConfig:
 
 
 def config_to_hf(config: ModelConfig, *, reward_model: bool, dtype) -> dict:
+    """The HF `config.json` of `config`. A model whose flags its family's HF class cannot express
+    is refused (HF would rebuild the family's layers: a Qwen2 checkpoint always has q/k/v biases,
+    Qwen3 always q/k norms, Llama never), instead of being written as a checkpoint that loads
+    with layers it never had."""
+    fixed = {"qwen2": ("attention_bias", "qk_norm"), "qwen3": ("qk_norm",), "llama": ("qk_norm",)}
+    for flag in fixed.get(config.model_type, ()):
+        want = SUPPORTED_ARCHITECTURES[config.model_type][flag]
+        if getattr(config, flag) != want:
+            raise HFConversionError(
+                f"cannot export a {config.model_type} model with {flag}={getattr(config, flag)}: every HF "
+                f"{config.model_type} checkpoint has {flag}={want} (build the config with "
+                f"ModelConfig.for_family({config.model_type!r}, ...))")
     hf = {
         "architectures": [(_HF_SEQCLS if reward_model else _HF_CAUSAL)[config.model_type]],
         "model_type": config.model_type,

@@ -273,9 +273,10 @@ class PolarScorer(RewardScorer):
                                          min_prompt_tokens=min_prompt_tokens)
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "PolarScorer":
-        """From an HF directory holding a `*ForSequenceClassification` RM and its tokenizer."""
-        model, tokenizer = _load_rm(path)
+    def from_pretrained(cls, path, *, spec=None, **kwargs) -> "PolarScorer":
+        """From an HF directory holding a `*ForSequenceClassification` RM and its tokenizer
+        (`spec`: load in a run's dtypes and layer layout)."""
+        model, tokenizer = _load_rm(path, spec)
         return cls(model, tokenizer, **kwargs)
 
     def score(self, prompts: Sequence, references: Sequence[str], candidates: Sequence[str], *,
@@ -294,20 +295,24 @@ class BTScorer(RewardScorer):
         self.builder = BTInputBuilder(tokenizer, max_length, chat_template=chat_template, append_eos=append_eos)
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "BTScorer":
-        model, tokenizer = _load_rm(path)
+    def from_pretrained(cls, path, *, spec=None, **kwargs) -> "BTScorer":
+        """As `PolarScorer.from_pretrained`."""
+        model, tokenizer = _load_rm(path, spec)
         return cls(model, tokenizer, **kwargs)
 
     def score(self, prompts: Sequence, responses: Sequence[str], *, params=None) -> np.ndarray:
         return self.score_sequences(self.builder.build_many(prompts, responses), params=params)
 
 
-def _load_rm(path):
+def _load_rm(path, spec=None):
+    """RM and tokenizer from an HF directory; with `spec` (a run's `ModelSpec`) in its compute /
+    storage dtypes and layer layout, as `--plan` assumes (a 7B RM beside a bf16 policy is not a
+    float32 copy)."""
     from jaxrl_rm.data.tokenizer import load_tokenizer
-    from jaxrl_rm.models.hf import load_model
+    from jaxrl_rm.models.factory import load_frozen
     from jaxrl_rm.models.reward import RewardModel
 
-    model = load_model(path)
+    model = load_frozen(path, spec)
     if not isinstance(model, RewardModel):
         raise ValueError(f"{path}: not a reward model (expected a *ForSequenceClassification checkpoint)")
     return model, load_tokenizer(path)
@@ -360,7 +365,8 @@ def _source_factory(kind: str):
         normalize = bool(opts.pop("normalize", False))
         opts.setdefault("mesh", ctx.get("mesh"))
         cls = PolarScorer if kind == "polar_rm" else BTScorer
-        scorer = cls.from_pretrained(spec.path, **opts)
+        grpo = ctx.get("grpo")  # in the run's dtypes and layout, placed on its mesh by the scorer
+        scorer = cls.from_pretrained(spec.path, spec=grpo.cfg.model if grpo is not None else None, **opts)
         src = PolarRewardSource if kind == "polar_rm" else BTRewardSource
         return src(scorer, name=name, normalize=normalize)
 

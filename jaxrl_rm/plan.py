@@ -216,6 +216,7 @@ class PlannedStep:
     report: aot.CompileReport
     resident_args: int
     note: str = ""
+    kv: dict | None = None  # sampling steps: `kv_cache_per_chip`
 
     def peak(self, resident: int) -> int:
         r = self.report
@@ -254,6 +255,13 @@ class Plan:
                             "resident_gib": ph.resident / GIB, "peak_gib": peak / GIB,
                             "fits": peak <= self.hbm_bytes, "compile_s": r.compile_seconds,
                             "collectives": r.collectives, "note": st.note})
+                if st.kv is not None and not st.note.startswith("lowered only"):
+                    # rows whose caches fit beside the resident weights and the step's other memory
+                    # (its peak minus its own cache): what bounds prompts x samples per step
+                    other = peak - st.kv["bytes"]
+                    out[-1]["kv_cache_gib"] = st.kv["bytes"] / GIB
+                    out[-1]["kv_rows_per_chip"] = st.kv["rows_per_chip"]
+                    out[-1]["kv_max_rows_per_chip"] = max(int((self.hbm_bytes - other) // st.kv["row_bytes"]), 0)
         return out
 
     def shortfalls(self) -> list[str]:
@@ -281,6 +289,11 @@ class Plan:
         for ph in self.phases:
             parts = "; ".join(f"{k} {fmt_bytes(v)}" for k, v in ph.residents.items())
             lines.append(f"resident in {ph.name}: {parts}")
+        for row in self.rows():
+            if "kv_cache_gib" in row:
+                lines.append(f"KV cache of {row['step']}: {fmt_bytes(row['kv_cache_gib'] * GIB)} per chip "
+                             f"({row['kv_rows_per_chip']} sample rows); with the rest of the step as planned, "
+                             f"the chip's HBM holds the caches of {row['kv_max_rows_per_chip']} rows")
         return "\n".join(lines)
 
     def summary(self) -> dict:
@@ -347,6 +360,22 @@ def _generate_step(phase, name, model, params, mesh, *, prompts, prompt_len, num
                                         num_samples=num_samples, max_new_tokens=max_new_tokens, mesh=mesh,
                                         top_k=top_k, top_p=top_p, greedy=greedy, unfiltered=unfiltered)
     compile_step(phase, name, fn, *args, resident_args=per_chip_bytes(params), **kwargs)
+    if phase.steps and phase.steps[-1].name == name:  # (not skipped by `steps=`)
+        prompt_ids, spec = args[3], kwargs["spec"]  # `[rows, P]` in the bucketed shapes it compiles
+        phase.steps[-1].kv = kv_cache_per_chip(model, mesh, rows=prompt_ids.shape[0] * num_samples,
+                                               slots=prompt_ids.shape[1] + spec.gen_len)
+
+
+def kv_cache_per_chip(model, mesh, *, rows: int, slots: int) -> dict:
+    """The sampler's KV cache on one chip: `rows` sample rows (sharded over data x fsdp) of `slots`
+    positions, K and V for every layer, heads split over `tensor` when they divide it, in the
+    model's compute dtype -> {bytes, row_bytes (one row on its chip), rows_per_chip, slots}."""
+    c = model.config
+    tensor = mesh.shape.get("tensor", 1)
+    heads = c.num_key_value_heads // tensor if c.num_key_value_heads % tensor == 0 else c.num_key_value_heads
+    row_bytes = c.num_hidden_layers * 2 * heads * c.dim_per_head * slots * jnp.dtype(model.dtype).itemsize
+    per_chip = -(-rows // (mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)))
+    return {"bytes": per_chip * row_bytes, "row_bytes": row_bytes, "rows_per_chip": per_chip, "slots": slots}
 
 
 def plan_grpo(cfg, mesh, *, name: str = "grpo", exports: dict | None = None) -> Phase:

@@ -79,6 +79,18 @@ def test_plan_steps_selects_steps_by_pattern(tmp_path):
         _plan(config, "v5e:2x2", [f"run_dir={tmp_path}"], compile=False, steps=["grpo/no_such_step"])
 
 
+def test_rollout_reports_its_kv_cache_per_chip(tmp_path):
+    """The sampler's KV cache on one chip, from the model's shape: rlvr_tiny's 16 prompts x 8 samples
+    over 4 chips are 32 rows, each 32 prompt + 16 completion slots (the compiled buckets) of 2
+    layers x K, V x 2 heads x 32 dims in float32; and how many rows' caches the HBM left holds."""
+    result = _plan(str(ROOT / "configs/rlvr_tiny.yaml"), "v5e:2x2", [f"run_dir={tmp_path}"], steps=["grpo/rollout"])
+    (row,) = result.rows()
+    row_bytes = 2 * 2 * 2 * 32 * (32 + 16) * 4
+    assert row["kv_rows_per_chip"] == 32 and row["kv_cache_gib"] * GIB == 32 * row_bytes
+    assert row["kv_max_rows_per_chip"] == (16 * GIB - (row["peak_gib"] * GIB - 32 * row_bytes)) // row_bytes
+    assert "KV cache of grpo/rollout: 1.5 MiB per chip (32 sample rows)" in result.table()
+
+
 def test_oversized_batch_exits_1_naming_step_hbm_and_shortfall(tmp_path):
     """A real-width model (d 2048) with 64 sequences of 4096 tokens per chip of SFT cannot fit a
     v5e chip's 16 GiB: the command exits 1 and says which step, the HBM and by how much."""

@@ -158,8 +158,10 @@ def tpu_aot(args) -> dict:
     from jaxrl_rm.kernels import chunked, pallas_tpu, reference
     from jaxrl_rm.parallel import aot
 
-    flops = {"reference": reference.FLOPS_PER_NDV, "chunked": chunked.FLOPS_PER_NDV,
-             "pallas": getattr(pallas_tpu, "FLOPS_PER_NDV", None)}
+    flops = {name: {**f, "forward_backward": f["forward"] + f["backward"]} for name, f in (
+        ("reference", reference.FLOPS_PER_NDV), ("chunked", chunked.FLOPS_PER_NDV),
+        ("pallas", pallas_tpu.FLOPS_PER_NDV))}
+    print(f"  matmul FLOPs / (N D V), fwd + bwd: {flops}", flush=True)
     one = aot.tpu_mesh(args.tpu_aot, (1, 1, 1))
     impls = ["chunked", "pallas"] + ([] if args.no_dense else ["reference"])
     points, failures = [], []

@@ -7,6 +7,7 @@ flavours) in interpret mode; vocab-parallel under shard_map on 8 fake CPU device
 
 from __future__ import annotations
 
+import itertools
 import textwrap
 
 import jax
@@ -192,6 +193,192 @@ def test_f32_head_next_to_bf16_hidden_is_cast_to_bf16(impl):
     assert d_hidden.dtype == jnp.bfloat16 and d_head.dtype == jnp.float32
     assert_close(d_hidden, ref_grads[0], 3e-2, "d_hidden")
     assert_close(d_head, ref_grads[1], 3e-2, "d_lm_head")
+
+
+# ---------------------------------------------------------------------------------- Pallas TPU
+# The Mosaic kernels called directly (interpret mode), on the paths `token_logprobs` reaches
+# only at real sizes: D tiled over a grid axis, several token / vocab / D blocks with ragged
+# edges, the elementwise row-chunk loop, the vocab split over two TensorCores, and the
+# double-buffered d_hidden DMA under the TPU interpreter's race detector.
+
+
+def _kernel_oracle(hidden, lm_head, targets, temperature, with_entropy, seed=11):
+    """Dense statistics (float32 reference) and, in float64 numpy, the backward of generic
+    per-token cotangents (a, b, c) at those statistics (a float32 oracle's own rounding is of
+    the order of the tolerance at D = 256)."""
+    from jaxrl_rm.kernels.reference import reference_stats
+
+    n, v = targets.shape[0], lm_head.shape[1]
+    lse, zt, ent = reference_stats(hidden, lm_head, targets, temperature=temperature,
+                                   with_entropy=with_entropy)
+    rng = np.random.default_rng(seed)
+    a, b, c = (jnp.asarray(rng.standard_normal(n), jnp.float32) for _ in range(3))
+    c = c if with_entropy else None
+    f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    h64, w64 = f64(hidden), f64(lm_head)
+    y = h64 @ w64 / temperature - f64(lse)[:, None]
+    coef = f64(b)[:, None] + (f64(c)[:, None] * y if with_entropy else 0.0)
+    dz = f64(a)[:, None] * (np.arange(v) == np.asarray(targets)[:, None]) + np.exp(y) * coef
+    return (lse, zt, ent), (a, b, c), (dz @ w64.T, h64.T @ dz)
+
+
+def _check_tpu_kernels(n, d, v, *, dtype=jnp.float32, temperature=0.7, with_entropy=True,
+                       tol=F32_TOL, grad_tol=None, seed=0, **kw):
+    from jaxrl_rm.kernels import pallas_tpu
+
+    hidden, lm_head, targets = _inputs(n, d, v, dtype=dtype, seed=seed)
+    (lse, zt, ent), (a, b, c), grads = _kernel_oracle(hidden, lm_head, targets, temperature,
+                                                      with_entropy)
+    kw.setdefault("interpret", True)
+    fwd_kw = {k: x for k, x in kw.items() if k != "cores"}
+    out = pallas_tpu.forward(hidden, lm_head, targets, temperature=temperature,
+                             with_entropy=with_entropy, **fwd_kw)
+    for name, x, ref in zip(("lse", "z_target", "entropy"), out, (lse, zt, ent)):
+        if ref is not None:
+            assert x.dtype == jnp.float32 and x.shape == (n,), name
+            assert_close(x, ref, tol, name)
+    d_hidden, d_lm_head = pallas_tpu.backward(hidden, lm_head, targets, lse, a, b, c,
+                                              temperature=temperature, **kw)
+    for name, g, ref, x in zip(("d_hidden", "d_lm_head"), (d_hidden, d_lm_head), grads,
+                               (hidden, lm_head)):
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        assert_close(g, ref, grad_tol or tol, name)
+
+
+# (n, d, v), blocks: 3 token blocks (ragged), 4 vocab blocks (ragged), 3 D tiles of 128.
+TPU_TILED = dict(block_tokens=32, block_vocab=256, block_hidden=128)
+
+
+@pytest.mark.parametrize("shape,kw", [
+    ((77, 384, 1003), TPU_TILED),  # D tiled: two-stage backward, every edge ragged
+    ((77, 384, 1003), {**TPU_TILED, "cores": 2}),  # vocab blocks split over two cores
+    ((64, 256, 1024), TPU_TILED),  # blocks divide N and V: no masks, no padding
+    ((16, 96, 1003), {"block_tokens": 16, "block_vocab": 128}),  # one [bn, bd] d_hidden tile
+    ((16, 256, 1003), {"block_tokens": 16, "block_vocab": 256, "block_hidden": 128,
+                       "cores": 2}),  # one token block, D tiled, two cores
+    ((40, 128, 1003), {"block_tokens": 40, "block_vocab": 1003}),  # full-dimension blocks
+])
+def test_pallas_tpu_kernels_blocks_and_tiles(shape, kw):
+    _check_tpu_kernels(*shape, **kw)
+
+
+@pytest.mark.parametrize("with_entropy,temperature", [(True, 1.0), (False, 1.3)])
+def test_pallas_tpu_kernels_bf16_d_tiled(with_entropy, temperature):
+    """bf16 operands on the MXU path with float32 accumulation over D tiles and token blocks:
+    statistics at float32 accuracy, gradients (bf16 dz, bf16 outputs) at bf16 accuracy."""
+    _check_tpu_kernels(77, 256, 1003, dtype=jnp.bfloat16, temperature=temperature,
+                       with_entropy=with_entropy, tol=1e-4, grad_tol=3e-2, **TPU_TILED)
+
+
+def test_pallas_tpu_kernels_row_chunk_loop(monkeypatch):
+    """The elementwise work runs in a `fori_loop` over row chunks of a block (4 chunks here)."""
+    from jaxrl_rm.kernels import pallas_tpu
+
+    monkeypatch.setattr(pallas_tpu, "ROW_CHUNK_ELEMS", 8 * 256)
+    assert pallas_tpu._row_chunk(32, 256, 8) == 8
+    _check_tpu_kernels(77, 256, 1003, **TPU_TILED)
+    _check_tpu_kernels(77, 96, 1003, dtype=jnp.bfloat16, tol=1e-4, grad_tol=3e-2,
+                       block_tokens=32, block_vocab=256)  # bf16 chunks: 16 rows
+
+
+def test_pallas_tpu_target_outside_vocab_hits_no_padded_column():
+    """Ids >= V (another vocab shard's tokens) land in the last block's padding columns: the
+    last-block mask keeps them from matching, so z_target is 0 as in the chunked path."""
+    from jaxrl_rm.kernels import chunked, pallas_tpu
+
+    hidden, lm_head, targets = _inputs(40, 64, 1003, seed=12)
+    targets = targets.at[::3].set(1003 + 17)  # column 1020 < 4 * 256: inside the last block
+    got = pallas_tpu.forward(hidden, lm_head, targets, with_entropy=True, interpret=True,
+                             block_tokens=16, block_vocab=256)
+    want = chunked.forward(hidden, lm_head, targets, with_entropy=True, block_vocab=256)
+    assert np.all(np.asarray(got[1])[::3] == 0.0)
+    for name, x, ref in zip(("lse", "z_target", "entropy"), got, want):
+        assert_close(x, ref, F32_TOL, name)
+
+
+def test_pallas_tpu_backward_dma_has_no_races_on_two_cores():
+    """TPU interpret mode simulates the d_hidden read-modify-write DMAs asynchronously (a DMA
+    lands when waited for), two TensorCores taking the 'parallel' vocab halves, and checks
+    every access with a happens-before race detector."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpreter
+    from jax.experimental.pallas import tpu as pltpu
+
+    params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2,
+                                   out_of_bounds_reads="uninitialized")
+    for n, d, kw in ((77, 256, {**TPU_TILED, "cores": 2}),  # slots alternate, two cores
+                     (16, 96, {"block_tokens": 16, "block_vocab": 128})):  # one d_hidden tile
+        _check_tpu_kernels(n, d, 1003, interpret=params, **kw)  # the backward runs last
+        assert not tpu_interpreter.races.races_found, kw  # the detector's state of that run
+
+
+def _dots_in(jaxpr) -> list:
+    """Every dot_general in a jaxpr, recursing into sub-jaxprs (pallas_call bodies, conds)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _dots_in(inner)
+    return found
+
+
+def test_pallas_tpu_flops_are_8_ndv():
+    """One logits matmul in the forward; three in the fused backward (logits, hidden^T @ dz,
+    dz @ W^T), each executed once per (token, vocab, D) block: 2 + 6 = 8 N D V FLOPs (the
+    two-kernel backward it replaces recomputed the logits twice: 10 N D V)."""
+    from jaxrl_rm.kernels import pallas_tpu
+
+    hidden, lm_head, targets = _inputs(64, 256, 1024)
+    vec = jnp.zeros(64, jnp.float32)
+    fwd = jax.make_jaxpr(lambda h, w: pallas_tpu.forward(h, w, targets, interpret=True,
+                                                          **TPU_TILED))(hidden, lm_head)
+    bwd = jax.make_jaxpr(lambda h, w: pallas_tpu.backward(h, w, targets, vec, vec, vec, vec,
+                                                           interpret=True, **TPU_TILED))(
+        hidden, lm_head)
+    assert len(_dots_in(fwd.jaxpr)) == 1
+    assert len(_dots_in(bwd.jaxpr)) == 3
+    assert pallas_tpu.FLOPS_PER_NDV == {"forward": 2, "backward": 6}
+
+
+@pytest.mark.parametrize("chip_name,cores", [("TPU_V5E", 1), ("TPU_V5P", 2), ("TPU_V6E", 1)])
+def test_pallas_tpu_plans_fit_each_generation(chip_name, cores):
+    """Blocks per generation (from `pltpu.get_tpu_info_for_chip`, no device needed) across the
+    issue's matrix: legal Mosaic blocks, the VMEM estimate within 3/4 of the chip's VMEM and
+    the compiler limit within its capacity, the vocab split evenly over a megacore's two
+    TensorCores. (That they compile is checked by tests/test_tpu_aot.py with libtpu.)"""
+    from jax.experimental.pallas import tpu as pltpu
+
+    from jaxrl_rm.kernels import pallas_tpu as pt
+
+    info = pltpu.get_tpu_info_for_chip(getattr(pltpu.ChipVersion, chip_name), cores)
+    chip = pt._chip_from_info(info)
+    assert chip.cores == cores and chip.vmem_bytes == info.vmem_capacity_bytes
+    for d, v, dtype, n in itertools.product((896, 1536, 2048, 3584, 4096, 8192),
+                                            (32000, 128256, 151936), ("bfloat16", "float32"),
+                                            (4096, 1000)):
+        f = pt.plan_forward(n, d, v, dtype, chip)
+        b = pt.plan_backward(n, d, v, dtype, dtype, chip)
+        for p in (f, b):
+            what = (chip_name, n, d, v, dtype, p)
+            assert p.vmem <= chip.vmem_bytes * 3 // 4, what
+            assert p.bv % 128 == 0 and p.bn * p.bv <= pt.MAX_BLOCK_ELEMS, what
+            assert d % p.bd == 0 and (p.bd == d or p.bd % 128 == 0), what
+            assert p.bn % p.rc == 0 and p.gi * p.bn >= n and p.gj * p.bv >= v, what
+            limit = pt._compiler_params(("parallel",), p.vmem, chip, False).vmem_limit_bytes
+            assert p.vmem < limit <= chip.vmem_bytes, what
+        assert f.bn % 16 == 0 or f.bn == n, what
+        assert b.bn % 128 == 0 or b.bn == n, what  # hidden^T blocks [bd, bn]: bn is lanes
+        assert b.gj % b.cores == 0 and b.cores == (2 if cores == 2 else 1), what
+
+
+def test_pallas_tpu_chip_without_a_tpu_is_the_conservative_default():
+    from jaxrl_rm.kernels import pallas_tpu as pt
+
+    assert pt.chip_for(jnp.zeros((4, 4))) == pt.DEFAULT_CHIP
+    assert pt.DEFAULT_CHIP.vmem_bytes == 64 * 2**20 and pt.DEFAULT_CHIP.cores == 1
 
 
 # ---------------------------------------------------------------------------------- API

@@ -237,6 +237,14 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    #: Rollout sampler (jaxrl_rm.rollout.collect): static (one batch decoded until its last row stops;
+    #: rows sharded over the mesh) | slots (continuous batching over `rollout_slots` sample slots,
+    #: one copy of each prompt's K/V for its G samples; one device). Same samples for a seed.
+    rollout_engine: Literal["static", "slots"] = "static"
+    #: slots: sample slots decoded together (0: the step's B x G rows, rounded up to a power of 2).
+    rollout_slots: int = 0
+    #: slots: decode steps per host round-trip.
+    rollout_steps_per_sync: int = 16
     #: PPO clip range: ratio clipped to [1 - clip_low, 1 + clip_high] (DAPO clip-higher: 0.2 / 0.28).
     clip_low: float = 0.2
     clip_high: float = 0.28
@@ -298,6 +306,8 @@ class GRPOConfig:
         check(self.temperature > 0, f"{key}.temperature", "must be > 0")
         check(0 < self.top_p <= 1, f"{key}.top_p", "must be in (0, 1]")
         check(self.top_k >= 0, f"{key}.top_k", "must be >= 0")
+        check(self.rollout_slots >= 0, f"{key}.rollout_slots", "must be >= 0 (0: B x G)")
+        check(self.rollout_steps_per_sync >= 1, f"{key}.rollout_steps_per_sync", "must be >= 1")
         check(0 <= self.clip_low < 1, f"{key}.clip_low", "must be in [0, 1)")
         check(self.clip_high >= self.clip_low, f"{key}.clip_high", f"must be >= clip_low={self.clip_low}")
         check(self.clip_ratio_c == 0 or self.clip_ratio_c > 1 + self.clip_high, f"{key}.clip_ratio_c",

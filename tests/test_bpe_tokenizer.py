@@ -156,7 +156,7 @@ def test_polar_prefix_prompts_are_prefixes_of_their_documents(bpe_tokenizer, tmp
 
 def test_judge_renders_the_decoded_answer_and_parses_its_decoded_output(bpe_tokenizer, monkeypatch):
     """Policy answer ids -> text -> judge prompt (ChatML) -> judge ids -> text -> verdict."""
-    import jaxrl_rm.sampling
+    import jaxrl_rm.rollout.collect
     from jaxrl_rm.rewards.judge_source import JudgeSource, TextJudge
     from jaxrl_rm.data.records import PromptItem
     from jaxrl_rm.rewards.sources import Rollouts
@@ -188,9 +188,9 @@ def test_judge_renders_the_decoded_answer_and_parses_its_decoded_output(bpe_toke
         mask = np.zeros(tokens.shape, bool)
         for r, row in enumerate(rows):
             tokens[r, :len(row)], mask[r, :len(row)] = row, True
-        return types.SimpleNamespace(tokens=tokens, mask=mask)
+        return types.SimpleNamespace(tokens=tokens, mask=mask, lengths=mask.sum(1))
 
-    monkeypatch.setattr(jaxrl_rm.sampling, "generate", fake_generate)
+    monkeypatch.setattr(jaxrl_rm.rollout.collect, "generate", fake_generate)
     judge = TextJudge(lambda: None, tok, max_prompt_length=1024, max_new_tokens=64)
     assert judge.pad == 0  # no pad token: the filler is id 0 ("!"), a real token, masked out on decode
     source = JudgeSource(judge, tok, mode="pointwise", template="pointwise_correctness", use_reference=True,
@@ -230,7 +230,7 @@ def test_one_grpo_step_without_a_pad_token_and_no_filler_reaches_the_loss(bpe_to
     tok = rl.tokenizer
     assert tok.pad_token_id is None and rl.pad == 0 and rl.trainer.model(rl.state).config.vocab_size == len(tok)
     # a policy whose answers end early: every third id also stops a row (so rows end at different lengths)
-    rl.eos = sorted({tok.eos_token_id, *range(1, len(tok), 3)})
+    rl.eos = rl.rollout.stop_token_ids = sorted({tok.eos_token_id, *range(1, len(tok), 3)})
     parts, kept, _ = rl.collect(rl.state["params"], step=0)
     batch, _ = rl.build_batch(parts, kept)
     P = rl.P

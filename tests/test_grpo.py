@@ -276,14 +276,14 @@ def test_mismatch_correction_recomputes_old_logp_against_a_bf16_sampler(tmp_path
     """A bf16-compute sampler and an f32 trainer disagree on log-probs. With one update per step,
     no correction reuses the sampler's log-probs as pi_old (exp(old - sampler) == 1, nothing to
     correct); with TIS / masked IS on, pi_old is the trainer's, so the weights measure the mismatch."""
-    import jaxrl_rm.train.grpo as grpo_mod
+    import jaxrl_rm.rollout.collect as rollout_collect
     from jaxrl_rm.models.factory import build_model
     from jaxrl_rm.sampling import generate
 
     task = "grpo.tasks=[{name: math, rewards: [{type: test_parity}]}]"
     rl = GRPO(tiny_cfg(tmp_path, task))
     bf16 = nnx.split(build_model(tiny_cfg(tmp_path, task, "model.dtype=bfloat16").model, rl.tokenizer))[0]
-    monkeypatch.setattr(grpo_mod, "generate",  # the sampler runs the same f32 weights in bf16
+    monkeypatch.setattr(rollout_collect, "generate",  # the sampler runs the same f32 weights in bf16
                         lambda model, prompts, **kw: generate(nnx.merge(bf16, nnx.split(model)[1]), prompts, **kw))
 
     seen = _record_updates(rl)

@@ -213,7 +213,7 @@ class TextJudge:
 
     def generate(self, texts: Sequence[str], *, num_samples: int = 1, seed: int | None = None) -> list[list[str]]:
         from jaxrl_rm.data.pipeline import encode
-        from jaxrl_rm.sampling import generate
+        from jaxrl_rm.rollout.collect import RolloutCollector
 
         if not texts:
             return []
@@ -226,13 +226,14 @@ class TextJudge:
         seed = self.seed if seed is None else int(seed)
         model = self.model_fn()
         budget = self.max_prompt_length or max(model.config.max_position_embeddings - self.max_new_tokens, 1)
+        collector = RolloutCollector(max_prompt_len=budget, max_new_tokens=self.max_new_tokens,
+                                     temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                                     stop_token_ids=self.eos, pad_id=self.pad, mesh=self.mesh)
         out: list[list[str]] = []
         for start in range(0, len(texts), self.batch_size):
-            chunk = [encode(self.tokenizer, t)[-budget:] or [self.pad] for t in texts[start:start + self.batch_size]]
-            res = generate(model, chunk, num_samples=num_samples, max_new_tokens=self.max_new_tokens,
-                           temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                           stop_token_ids=self.eos, seed=content_seed(seed, start), greedy=self.greedy,
-                           mesh=self.mesh, max_prompt_len=budget, truncate_prompt="left", pad_id=self.pad)
+            chunk = [encode(self.tokenizer, t) for t in texts[start:start + self.batch_size]]
+            res = collector.generate(model, chunk, num_samples=num_samples, seed=content_seed(seed, start),
+                                     greedy=self.greedy)
             self.generate_calls += 1
             tokens, mask = np.asarray(res.tokens), np.asarray(res.mask)
             decoded = self.tokenizer.batch_decode([row[m] for row, m in zip(tokens, mask)], skip_special_tokens=True)

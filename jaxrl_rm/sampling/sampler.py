@@ -504,6 +504,19 @@ def _stop_ids(stop_token_ids) -> tuple[int, ...]:
     return tuple(sorted({int(s) for s in stop_token_ids}))
 
 
+def check_sampling(*, temperature: float, top_p: float, top_k: int, greedy: bool) -> None:
+    """The sampling settings every sampler takes (`generate`, `rollout.SlotEngine`), or a ValueError
+    naming the bad one; ignored when `greedy`."""
+    if greedy:
+        return
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+
+
 def generate(model, prompts, *, num_samples: int = 1, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[int] | int | None = (),
              seed: int | jax.Array = 0, greedy: bool = False, mesh: jax.sharding.Mesh | None = None,
@@ -544,13 +557,7 @@ def generate(model, prompts, *, num_samples: int = 1, max_new_tokens: int, tempe
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if not greedy:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
     if max_prompt_len is None:
         max_prompt_len = max(cfg.max_position_embeddings - max_new_tokens, 1)
     rows = _prepare_prompts(prompts, vocab_size=cfg.vocab_size, max_prompt_len=max_prompt_len,

@@ -38,7 +38,7 @@ from jaxrl_rm.parallel.rules import merge_row_blocks, shard_batch, strided_row_b
 from jaxrl_rm.rewards import sources as reward_sources
 from jaxrl_rm.rewards.shaping import overlong_penalty
 from jaxrl_rm.rewards.sources import EVAL_SCORERS, RULE_REWARDS, Rollouts
-from jaxrl_rm.sampling import generate
+from jaxrl_rm.rollout.collect import RolloutCollector
 from jaxrl_rm.train.logger import run_means
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
 from jaxrl_rm.train.state import (Trainer, abstract_like, build_train_step, export_hf, inject_faults,
@@ -165,6 +165,10 @@ class GRPO:
                         for t in g.tasks}
         # `options.eval_scorer` (e.g. the hidden quality of open-ended tasks): built, and checked, up front
         self.scorers = {t.name: self.scorer_for(t) for t in g.tasks if t.options.get("eval_scorer")}
+        self.rollout = RolloutCollector(
+            engine=g.rollout_engine, max_prompt_len=self.P, max_new_tokens=self.T, temperature=g.temperature,
+            top_p=g.top_p, top_k=g.top_k, stop_token_ids=self.eos, pad_id=self.pad, mesh=self.mesh,
+            num_slots=g.rollout_slots, steps_per_sync=g.rollout_steps_per_sync)
         self.update = build_train_step(self.trainer, make_grpo_loss(g, prompt_len=self.P, mesh=self.mesh),
                                        micro_batches=cfg.train.micro_batches)
         # the old / reference pass in blocks the size of one update micro-batch
@@ -201,11 +205,7 @@ class GRPO:
         texts = [self.prompt_text(it) for it in items]
         prompts = [encode(self.tokenizer, t)[-self.P:] for t in texts]
         model = nnx.merge(self.trainer.graphdef, params)
-        res = generate(model, prompts, num_samples=num_samples, max_new_tokens=self.T,
-                       temperature=self.g.temperature, top_p=self.g.top_p, top_k=self.g.top_k,
-                       stop_token_ids=self.eos, seed=seed, greedy=greedy, mesh=self.mesh,
-                       return_unfiltered_logprobs=True,
-                       max_prompt_len=self.P, truncate_prompt="left", pad_id=self.pad)
+        res = self.rollout.generate(model, prompts, num_samples=num_samples, seed=seed, greedy=greedy)
         tokens, mask = np.asarray(res.tokens), np.asarray(res.mask)
         b, gsz = len(items), num_samples
         decoded = self.tokenizer.batch_decode([row[m] for row, m in zip(tokens, mask)], skip_special_tokens=True)
@@ -292,11 +292,12 @@ class GRPO:
         """
         g, B = self.g, self.g.prompts_per_step
         self.current_params = params  # self-judging reward sources (URPO) score with the live policy
-        parts, kept, generated, dropped, flat, metrics = [], 0, 0, 0, 0, {}
+        parts, kept, generated, dropped, flat, metrics, rollout_stats = [], 0, 0, 0, 0, {}, []
         for rnd in range(1 + (g.max_sampling_rounds if g.dynamic_sampling else 0)):
             items = self.mixer.draw(step, B)
             rollouts, res, prompts = self.sample(params, items, seed=step_seed(self.cfg.seed, step, rnd),
                                                  num_samples=g.num_samples)
+            rollout_stats.append(self.rollout.stats)
             rewards, m, signal = self.rewards(rollouts)
             if rnd == 0:
                 metrics.update(m)
@@ -314,6 +315,10 @@ class GRPO:
                 parts.append((rollouts, res, prompts, rewards, np.arange(B)))
                 kept = B
         metrics["zero_variance_fraction"] = flat / generated  # groups whose rewards give no advantage
+        # sampler throughput over the step's rounds: kept tokens / s and the share of decode work kept
+        wall, tokens = sum(st.wall_s for st in rollout_stats), sum(st.useful_tokens for st in rollout_stats)
+        metrics["rollout/tokens_per_s"] = tokens / wall if wall > 0 else 0.0
+        metrics["rollout/occupancy"] = float(np.mean([st.occupancy for st in rollout_stats]))
         metrics["sampling_rounds"] = len(parts)
         if g.dynamic_sampling:
             metrics["dynamic_sampling/dropped_fraction"] = dropped / generated

@@ -1,0 +1,436 @@
+"""Continuous-batching slot engine: requests in, a `GenerationResult` out.
+
+Why: `sampling.generate` is a static batch - every row stays in the loop until the last row stops,
+and each of the G samples of a prompt holds its own copy of the prompt's K/V. RL completions have
+long-tailed lengths, so most rows idle most of the time. Here a fixed set of `num_slots` sample
+slots decodes continuously: when a slot's sample stops, the next waiting sample is put in that
+slot (its prompt prefilled into a free *prompt slot* first if it is not there yet), without
+recompiling - every program has fixed shapes (see `rollout.step`).
+
+Host loop, per slot group (one thread each; see `host_threads`):
+  1. admit requests from the shared queue while there are fewer waiting samples than free
+     slots and a prompt slot is free (a prompt already in a prompt slot is reused, not refilled);
+  2. prefill the new prompts (`prefill_rows` per call) into their prompt slots;
+  3. put waiting samples in free slots (host-side `[S]` arrays: n=0, prompt slot, seed, row...);
+  4. run `decode_jit`: up to `steps_per_sync` decode steps on device, leaving early once at least
+     `min_refill` more slots are free while work is waiting (so the host loop does not dominate
+     and free slots do not idle long);
+  5. copy out the finished slots' tokens / log-probs, free their slots (and a prompt slot when
+     its last sample ends).
+
+Results are a pure function of (seed, row, step): the draw of generated token t of the sample
+with row id r is `uniform(fold_in(fold_in(key(seed), r), t))` (as in `sampling.generate`), so the
+output does not depend on the slot count, the host threads, the arrival order or which samples
+shared a batch - and with the default row numbering it equals `generate`'s output for the same
+seed (up to float rounding of the logits, which can differ with batch shapes).
+
+Memory: a prompt's K/V is stored once (`[P, kv, Sp, Dh]` per layer) and read by its samples
+through an index; a sample slot holds only its completion (`[S, kv, Sc, Dh]`).
+`SlotEngine.cache_bytes()` reports both next to what repeating the prompt per sample would cost.
+
+Scope: one device (no mesh); CPU runs several slot groups from host threads because XLA:CPU runs
+one program's matmuls on one core (as `sampling.generate` does with its row shards). Both layer
+layouts (unrolled and `scan_layers=True`) are supported.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrl_rm.rollout import step as step_mod
+from jaxrl_rm.rollout.requests import Request, Sample, expand, validate
+from jaxrl_rm.sampling.sampler import (FINISH_LENGTH, FINISH_STOP, GenerationResult, _decode_head, _StaticGraph,
+                                       _stop_ids, _stop_slots, check_sampling)
+
+_MIN_SLOTS_PER_GROUP = 8
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """What one `run` did. useful_tokens: generated tokens kept (sum of lengths); decode_steps:
+    device steps summed over slot groups; slot_steps: decode_steps x slots per group (the work
+    paid for); occupancy = useful_tokens / slot_steps; syncs: host round-trips (decode calls);
+    prefill_calls / prompts_prefilled; prompts_reused: requests whose prompt was already in a
+    prompt slot (not prefilled again); compactions: moves to a smaller slot level in the tail;
+    wall_s: time of the run."""
+
+    useful_tokens: int = 0
+    decode_steps: int = 0
+    slot_steps: int = 0
+    occupancy: float = 0.0
+    syncs: int = 0
+    prefill_calls: int = 0
+    prompts_prefilled: int = 0
+    prompts_reused: int = 0
+    compactions: int = 0
+    groups: int = 1
+    wall_s: float = 0.0
+
+
+class _Shared:
+    """State shared by the slot groups of one run: the request queue and the result buffers."""
+
+    def __init__(self, prompts, samples, num_rows, width, pad_id):
+        self.prompts = prompts
+        self.samples = samples
+        self.queue = collections.deque(range(len(prompts)))
+        self.lock = threading.Lock()
+        self.tokens = np.full((num_rows, width), pad_id, np.int32)
+        self.logp = np.zeros((num_rows, width), np.float32)
+        self.base = np.zeros((num_rows, width), np.float32)
+        self.lengths = np.zeros((num_rows,), np.int32)
+        self.stopped = np.zeros((num_rows,), bool)
+
+
+class _Group:
+    """One set of slots, its device state and its host bookkeeping (driven by one thread)."""
+
+    def __init__(self, engine: "SlotEngine", spec: step_mod.EngineSpec):
+        self.engine, self.spec = engine, spec
+        s, p = spec.num_slots, spec.num_prompt_slots
+        self.state = step_mod.init_state(engine.model, spec)
+        z = lambda dtype: np.zeros((s,), dtype)
+        self.h = step_mod.SlotArrays(tok=z(np.int32), n=z(np.int32), active=z(bool), stopped=z(bool),
+                                     prompt_of=z(np.int32), plen=np.ones((s,), np.int32), limit=z(np.int32),
+                                     seed=z(np.int32), row=z(np.int32))
+        self.slot_sample: list[Sample | None] = [None] * s
+        self.slot_prompt = np.zeros((s,), np.int64)
+        self.free_prompts = collections.deque(range(p))
+        self.prompt_refs = np.zeros((p,), np.int64)  # samples of the prompt not yet finished
+        self.prompt_key: dict[bytes, int] = {}
+        self.key_of: list[bytes | None] = [None] * p
+        self.waiting: collections.deque[tuple[Sample, int]] = collections.deque()
+        self.stats = EngineStats()
+
+    # --- scheduling ----------------------------------------------------------------------------
+    def _admit(self, shared: _Shared) -> list[tuple[int, np.ndarray]]:
+        """Take requests while samples are fewer than free slots; -> prompts to prefill."""
+        fresh = []
+        free = sum(1 for x in self.slot_sample if x is None)
+        while len(self.waiting) < free:
+            with shared.lock:
+                if not shared.queue:
+                    break
+                ri = shared.queue[0]
+                key = shared.prompts[ri].tobytes() if self.engine.reuse_prompts else None
+                ps = self.prompt_key.get(key) if key is not None else None
+                if ps is None:
+                    if not self.free_prompts:
+                        break
+                    ps = self.free_prompts.popleft()
+                    fresh.append((ps, shared.prompts[ri]))
+                    if key is not None:
+                        self.prompt_key[key] = ps
+                        self.key_of[ps] = key
+                else:
+                    self.stats.prompts_reused += 1
+                shared.queue.popleft()
+            for smp in shared.samples[ri]:
+                self.waiting.append((smp, ps))
+                self.prompt_refs[ps] += 1
+        return fresh
+
+    def _prefill(self, fresh):
+        spec, eng = self.spec, self.engine
+        for i in range(0, len(fresh), spec.prefill_rows):
+            part = fresh[i:i + spec.prefill_rows]
+            rows = next(b for b in eng.prefill_buckets if b >= len(part))
+            ids = np.full((rows, spec.prompt_len), spec.pad_id, np.int32)
+            lens = np.ones((rows,), np.int32)
+            dest = np.full((rows,), spec.num_prompt_slots, np.int32)  # filler: dropped
+            for j, (ps, prompt) in enumerate(part):
+                ids[j, :prompt.size] = prompt
+                lens[j], dest[j] = prompt.size, ps
+            self.state = step_mod.prefill_jit(eng._graph, eng._weights, self.state, ids, lens, dest, spec=spec)
+            self.stats.prefill_calls += 1
+            self.stats.prompts_prefilled += len(part)
+
+    def _assign(self, shared: _Shared):
+        h = self.h
+        for s in range(self.spec.num_slots):
+            if not self.waiting:
+                break
+            if self.slot_sample[s] is not None:
+                continue
+            smp, ps = self.waiting.popleft()
+            self.slot_sample[s] = smp
+            self.slot_prompt[s] = ps
+            h.tok[s], h.n[s], h.active[s], h.stopped[s] = 0, 0, True, False
+            h.prompt_of[s], h.plen[s] = ps, shared.prompts[smp.request].size
+            h.limit[s], h.seed[s], h.row[s] = smp.limit, smp.seed, smp.row
+
+    def _collect(self, shared: _Shared):
+        done = [s for s, smp in enumerate(self.slot_sample) if smp is not None and not self.h.active[s]]
+        if not done:
+            return
+        toks, logp, base = (np.array(a) for a in (self.state.out_tok, self.state.out_logp, self.state.out_base))
+        for s in done:
+            smp, n = self.slot_sample[s], int(self.h.n[s])
+            shared.tokens[smp.index, :n] = toks[s, :n]
+            shared.logp[smp.index, :n] = logp[s, :n]
+            shared.base[smp.index, :n] = base[s, :n]
+            shared.lengths[smp.index] = n
+            shared.stopped[smp.index] = bool(self.h.stopped[s])
+            self.stats.useful_tokens += n
+            self.slot_sample[s] = None
+            ps = int(self.slot_prompt[s])
+            self.prompt_refs[ps] -= 1
+            if self.prompt_refs[ps] == 0:
+                self.free_prompts.append(ps)
+                if self.key_of[ps] is not None:
+                    del self.prompt_key[self.key_of[ps]]
+                    self.key_of[ps] = None
+
+    def _compact(self, shared: _Shared):
+        """Once nothing waits (no more insertions this run), move the running samples into the
+        smallest slot level that holds them (`SlotEngine.levels`): the tail of a long-tailed run
+        then pays for fewer slots per step."""
+        if self.waiting or shared.queue:
+            return
+        busy = [s for s, smp in enumerate(self.slot_sample) if smp is not None]
+        if not busy:
+            return
+        target = min((sp for sp in self.engine.levels if sp.num_slots >= len(busy)), key=lambda sp: sp.num_slots)
+        if target.num_slots >= self.spec.num_slots:
+            return
+        idle = [s for s, smp in enumerate(self.slot_sample) if smp is None]
+        idx = np.asarray(busy + idle[:target.num_slots - len(busy)], np.int32)
+        self.state = step_mod.compact_jit(self.state, idx)
+        self.h = step_mod.SlotArrays(*(a[idx] for a in self.h))
+        self.slot_sample = [self.slot_sample[i] for i in idx]
+        self.slot_prompt = self.slot_prompt[idx]
+        self.spec = target
+        self.stats.compactions += 1
+
+    def run(self, shared: _Shared):
+        eng = self.engine
+        while True:
+            spec = self.spec
+            if spec.num_slots == eng.spec.num_slots:  # insertions happen only before compaction
+                self._prefill(self._admit(shared))
+                self._assign(shared)
+            active = int(self.h.active.sum())
+            if active == 0:  # every slot is free, so admission took whatever the queue still had
+                if self.waiting:
+                    raise RuntimeError("slot engine made no progress (no free slot for a waiting sample)")
+                return
+            free = spec.num_slots - active
+            backlog = len(self.waiting) + (eng.min_refill if shared.queue else 0)
+            want = free + min(eng.min_refill, backlog) if backlog else spec.num_slots + 1
+            self.state, out, steps = step_mod.decode_jit(
+                eng._graph, eng._weights, eng._head, self.state, step_mod.SlotArrays(*self.h), eng._stops,
+                eng._temperature, eng._top_p, np.int32(eng.steps_per_sync), np.int32(want), spec=spec)
+            self.h = step_mod.SlotArrays(*(np.array(a) for a in out))
+            steps = int(steps)
+            self.stats.syncs += 1
+            self.stats.decode_steps += steps
+            self.stats.slot_steps += steps * spec.num_slots
+            self._collect(shared)
+            if eng.compact:
+                self._compact(shared)
+
+
+class SlotEngine:
+    """Continuous-batching sampler over fixed slots with a shared prompt KV cache.
+
+    model: `jaxrl_rm.models.Transformer` (either layer layout; any compute dtype - the sampler
+        math is float32). Its current weights are read at each `run` (so a trainer can keep one
+        engine across updates).
+    num_slots: sample slots decoded together (split over `host_threads` groups).
+    num_prompt_slots: prompts held at once (default `num_slots`: enough for one sample per
+        prompt). With G samples per prompt, `num_slots // G` prompt slots keep every slot busy and
+        cost `1/G` of the prompt cache that a per-sample copy would.
+    max_prompt_len: Sp, the longest prompt accepted (prompt cache slots per prompt).
+    max_new_tokens: Sc, the largest per-request budget (completion cache slots per sample) and
+        the width of the result.
+    temperature / top_k / top_p / greedy / stop_token_ids / pad_id: as in `sampling.generate`.
+    steps_per_sync: decode steps per host round-trip at most (on-device loop).
+    min_refill: leave the device loop early once this many more slots are free while samples
+        wait (default `max(1, num_slots_per_group // 8)`).
+    prefill_rows: most prompts per prefill call (a call takes 1, 2, 4, ... up to it: one compiled
+        shape each).
+    host_threads: slot groups driven concurrently (CPU: default one per core while each group
+        keeps >= 8 slots; elsewhere 1).
+    reuse_prompts: a request whose prompt ids equal a prompt already in a prompt slot reads that
+        slot (no second prefill, no second copy).
+    compact / min_compact_slots: once no request waits, move the running samples into a smaller
+        slot count (halving, down to `min_compact_slots`; one compiled program per level), so the
+        long tail of a run does not pay for idle slots.
+
+    Programs (compiled on first use, or all at once by `warmup()`): prefill for 1, 2, 4, ...
+    `prefill_rows` prompts, decode and compaction per slot level. Inserting requests never
+    compiles anything new.
+    """
+
+    def __init__(self, model, *, num_slots: int = 32, num_prompt_slots: int | None = None, max_prompt_len: int,
+                 max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 greedy: bool = False, stop_token_ids: Sequence[int] | int | None = (), pad_id: int | None = None,
+                 steps_per_sync: int = 16, min_refill: int | None = None, prefill_rows: int = 4,
+                 host_threads: int | None = None, reuse_prompts: bool = True, compact: bool = True,
+                 min_compact_slots: int = 4):
+        cfg = model.config
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if max_new_tokens < 1 or max_prompt_len < 1:
+            raise ValueError(f"max_new_tokens and max_prompt_len must be >= 1, got {max_new_tokens}, "
+                             f"{max_prompt_len}")
+        if max_prompt_len + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"max_prompt_len + max_new_tokens = {max_prompt_len + max_new_tokens} > the model's "
+                             f"max_position_embeddings={cfg.max_position_embeddings}")
+        check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
+        if steps_per_sync < 1 or prefill_rows < 1:
+            raise ValueError("steps_per_sync and prefill_rows must be >= 1")
+        self.model = model
+        if host_threads is None:
+            w = model.embed[...]
+            cpu = all(d.platform == "cpu" for d in w.sharding.device_set) and len(w.sharding.device_set) == 1
+            host_threads = max(1, min(len(os.sched_getaffinity(0)), num_slots // _MIN_SLOTS_PER_GROUP)) if cpu else 1
+        self.groups = max(1, min(int(host_threads), num_slots))
+        per_group = -(-num_slots // self.groups)
+        prompt_slots = num_slots if num_prompt_slots is None else int(num_prompt_slots)
+        if prompt_slots < 1:
+            raise ValueError(f"num_prompt_slots must be >= 1, got {prompt_slots}")
+        self.max_prompt_len, self.max_new_tokens = int(max_prompt_len), int(max_new_tokens)
+        self.steps_per_sync = int(steps_per_sync)
+        self.min_refill = int(min_refill) if min_refill is not None else max(1, per_group // 8)
+        self.reuse_prompts = bool(reuse_prompts)
+        self.pad_id = int(pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0))
+        stops = _stop_ids(stop_token_ids)
+        stop_arr = np.full((_stop_slots(len(stops)),), -1, np.int32)
+        stop_arr[:len(stops)] = stops
+        self.stop_token_ids = stops
+        self._stops = jnp.asarray(stop_arr)
+        self._temperature, self._top_p = jnp.float32(temperature), jnp.float32(top_p)
+        k = top_k if (not greedy and top_k and top_k < cfg.vocab_size) else 0
+        self.spec = step_mod.EngineSpec(
+            num_slots=per_group, num_prompt_slots=-(-prompt_slots // self.groups), prompt_len=self.max_prompt_len,
+            gen_len=self.max_new_tokens, prefill_rows=min(int(prefill_rows), -(-prompt_slots // self.groups)),
+            top_k=k, use_top_p=(not greedy and top_p < 1.0), greedy=bool(greedy),
+            num_stop_slots=len(stop_arr), pad_id=self.pad_id)
+        self.prefill_buckets = tuple(sorted({min(1 << i, self.spec.prefill_rows)
+                                             for i in range(self.spec.prefill_rows.bit_length() + 1)}))
+        self.compact = bool(compact)
+        levels, k = [self.spec], per_group
+        while self.compact and -(-k // 2) >= max(1, int(min_compact_slots)) and k > 1:
+            k = -(-k // 2)
+            levels.append(dataclasses.replace(self.spec, num_slots=k))
+        self.levels = tuple(levels)
+        self.stats = EngineStats()
+        self._executor = (concurrent.futures.ThreadPoolExecutor(self.groups, thread_name_prefix="jaxrl_rm-rollout")
+                          if self.groups > 1 else None)
+
+    @property
+    def num_slots(self) -> int:
+        return self.spec.num_slots * self.groups
+
+    @property
+    def num_prompt_slots(self) -> int:
+        return self.spec.num_prompt_slots * self.groups
+
+    def cache_bytes(self) -> dict[str, int]:
+        """Bytes of the KV caches of all slot groups: `prompt` (shared, one row per prompt slot),
+        `completion` (one row per sample slot), and `repeated_prompt` - what holding a copy of the
+        prompt per sample slot would take (the static sampler's layout)."""
+        cfg = self.model.config
+        item = jnp.dtype(self.model.dtype).itemsize
+        per_slot = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.dim_per_head * item
+        return dict(prompt=self.num_prompt_slots * self.max_prompt_len * per_slot,
+                    completion=self.num_slots * self.max_new_tokens * per_slot,
+                    repeated_prompt=self.num_slots * self.max_prompt_len * per_slot)
+
+    def _bind(self):
+        """Read the model's current weights (the programs take them as arguments)."""
+        graphdef, self._weights = nnx.split(self.model)
+        self._graph = _StaticGraph(graphdef, self.model.config)
+        self._head = _decode_head(self.model)
+
+    def warmup(self):
+        """Compile every program a `run` may use (prefill buckets, decode and compaction at every
+        slot level), so that no run compiles; returns the seconds it took."""
+        t0 = time.perf_counter()
+        self._bind()
+        try:
+            for i, spec in enumerate(self.levels):
+                state = step_mod.init_state(self.model, spec)
+                if i == 0:
+                    for rows in self.prefill_buckets:
+                        state = step_mod.prefill_jit(
+                            self._graph, self._weights, state, np.zeros((rows, spec.prompt_len), np.int32),
+                            np.ones((rows,), np.int32), np.full((rows,), spec.num_prompt_slots, np.int32), spec=spec)
+                z = np.zeros((spec.num_slots,), np.int32)
+                slots = step_mod.SlotArrays(z, z, z.astype(bool), z.astype(bool), z, z + 1, z, z, z)
+                state, _, steps = step_mod.decode_jit(self._graph, self._weights, self._head, state, slots, self._stops,
+                                                      self._temperature, self._top_p, np.int32(0), np.int32(1),
+                                                      spec=spec)
+                jax.block_until_ready(steps)
+                for smaller in self.levels[i + 1:]:
+                    jax.block_until_ready(step_mod.compact_jit(state, np.arange(smaller.num_slots, dtype=np.int32)))
+        finally:
+            self._weights = self._head = None
+        return time.perf_counter() - t0
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, seed: int = 0) -> GenerationResult:
+        """`sampling.generate`-style call: sample j of prompt i is result row i*num_samples + j."""
+        return self.run([Request(p, num_samples=num_samples) for p in prompts], seed=seed)
+
+    def run(self, requests: Sequence[Request], *, seed: int = 0) -> GenerationResult:
+        """Sample every request; -> `GenerationResult` whose rows are the requests' samples in
+        order (request i's samples follow request i-1's), `max_new_tokens` columns, with
+        `unfiltered_logprobs` filled. Run statistics land in `self.stats` (`EngineStats`)."""
+        t0 = time.perf_counter()
+        cfg = self.model.config
+        if not 0 <= int(seed) < 2 ** 31:
+            raise ValueError(f"seed must be in [0, 2**31), got {seed}")
+        prompts = validate(requests, vocab_size=cfg.vocab_size, max_prompt_len=self.max_prompt_len,
+                           max_new_tokens=self.max_new_tokens)
+        samples = expand(requests, seed=int(seed), max_new_tokens=self.max_new_tokens)
+        num_rows = sum(len(s) for s in samples)
+        shared = _Shared(prompts, samples, num_rows, self.max_new_tokens, self.pad_id)
+        self._bind()
+        groups = [_Group(self, self.spec) for _ in range(self.groups)]
+        try:
+            if self._executor is None:
+                groups[0].run(shared)
+            else:
+                for f in [self._executor.submit(g.run, shared) for g in groups]:
+                    f.result()
+        finally:
+            self._weights = self._head = None
+        stats = EngineStats(groups=self.groups)
+        for g in groups:
+            for f in ("useful_tokens", "decode_steps", "slot_steps", "syncs", "prefill_calls", "prompts_prefilled",
+                      "prompts_reused", "compactions"):
+                setattr(stats, f, getattr(stats, f) + getattr(g.stats, f))
+        stats.occupancy = stats.useful_tokens / max(stats.slot_steps, 1)
+        stats.wall_s = time.perf_counter() - t0
+        self.stats = stats
+        return _result(shared, prompts, samples, self.pad_id)
+
+
+def _result(shared: _Shared, prompts, samples, pad_id) -> GenerationResult:
+    """Assemble the `GenerationResult` (prompts left-padded to the longest, as `generate` does)."""
+    longest = max(p.size for p in prompts)
+    rows = [(smp.request, prompts[smp.request]) for per in samples for smp in per]
+    ptoks = np.full((len(rows), longest), pad_id, np.int32)
+    plens = np.zeros((len(rows),), np.int32)
+    for i, (_, p) in enumerate(rows):
+        ptoks[i, longest - p.size:] = p
+        plens[i] = p.size
+    lengths = shared.lengths
+    mask = np.arange(shared.tokens.shape[1])[None, :] < lengths[:, None]
+    return GenerationResult(
+        tokens=jnp.asarray(shared.tokens), mask=jnp.asarray(mask), logprobs=jnp.asarray(shared.logp),
+        lengths=jnp.asarray(lengths), finish_reason=np.where(shared.stopped, FINISH_STOP, FINISH_LENGTH),
+        prompt_tokens=jnp.asarray(ptoks), prompt_lengths=jnp.asarray(plens),
+        unfiltered_logprobs=jnp.asarray(shared.base))

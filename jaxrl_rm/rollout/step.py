@@ -1,0 +1,333 @@
+"""Device side of the slot engine: prompt prefill into a shared prompt cache, and a jitted
+multi-step decode over `S` sample slots with per-slot positions, lengths and random draws.
+
+Two caches (each in the model's `KVCache` layout, see `models.transformer.KVCache`):
+
+* prompt cache: `[P, kv, Sp, Dh]` per layer (scanned: `[L, P, kv, Sp, Dh]`) - one row per *prompt
+  slot*, the prompt right-padded (token i at slot i, RoPE position i); plus `prompt_hidden
+  [P, D]`, the final hidden state of each prompt's last token (its first completion token is
+  drawn from it).
+* completion cache: `[S, kv, Sc, Dh]` per layer (scanned: `[L, S, kv, Sc, Dh]`) - one row per
+  *sample slot*; generated token n of a slot sits at slot n, RoPE position `prompt_len + n`.
+
+A sample slot reads its prompt through `prompt_of[s]` (an index into the prompt slots), so the
+G samples of a prompt share one copy of its K/V: the prompt costs `Sp` cache slots once instead
+of G times. Attention is exact: the scores against the prompt part and against the completion
+part are concatenated before one float32 softmax (the same set of keys, masks and positions as
+the contiguous cache of `sampling.generate`; only the summation order differs). The prompt rows
+are gathered per layer inside the step (`[S, kv, Sp, Dh]`, one layer at a time - see `_attend`), a
+transient that is the price of keeping one stored copy.
+
+Once no request waits, `compact_jit` moves the running samples into a smaller slot count (the
+engine's slot levels), so the tail of a long-tailed run decodes fewer, fuller slots.
+
+Per-slot state (host-owned `int32`/`bool` `[S]` arrays, passed in and returned every sync):
+`tok` (last drawn token, not yet in the cache), `n` (tokens generated so far), `active`,
+`stopped` (ended on a stop id), `prompt_of`, `plen` (prompt length), `limit` (the request's
+`max_new_tokens`), `seed`, `row`. The draw of generated token n of a slot is
+`uniform(fold_in(fold_in(key(seed), row), n))` - the same function of (seed, row, step) as
+`sampling.generate`'s `_uniforms`, so a sample is the same whatever slot, batch or arrival order
+it ran in, and equals `generate`'s row `row` for the same seed (up to float rounding).
+
+A freshly inserted slot (`n == 0`) runs the step on a dummy token (its write lands on completion
+slot 0, which its first real token overwrites) and takes its logits from `prompt_hidden`, so
+insertion needs no separate program and never changes a compiled shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrl_rm.models.transformer import _NEG_INF, apply_rope, rope_cos_sin, rope_inv_freq
+from jaxrl_rm.sampling.distribution import sample_tokens, unfiltered_logprobs
+
+TRACE_COUNT = {"prefill": 0, "decode": 0, "compact": 0}  # incremented on every trace (tests check no recompiles)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """Static part of the engine's programs (hashable: it keys the jit cache)."""
+
+    num_slots: int         # S sample slots (of one slot group)
+    num_prompt_slots: int  # P prompt slots
+    prompt_len: int        # Sp: prompt cache slots per prompt (the longest prompt allowed)
+    gen_len: int           # Sc: completion cache slots per sample (the largest max_new_tokens)
+    prefill_rows: int      # most prompts per prefill call (calls use 1, 2, 4, ... up to it)
+    top_k: int
+    use_top_p: bool
+    greedy: bool
+    num_stop_slots: int
+    pad_id: int
+
+
+class SlotArrays(NamedTuple):
+    """Per-slot scalars, each `[S]` (int32 unless noted); see the module docstring."""
+
+    tok: jax.Array
+    n: jax.Array
+    active: jax.Array   # bool
+    stopped: jax.Array  # bool
+    prompt_of: jax.Array
+    plen: jax.Array
+    limit: jax.Array
+    seed: jax.Array
+    row: jax.Array
+
+
+class DeviceState(NamedTuple):
+    """Everything that stays on device between syncs (donated to each call).
+
+    prompt_cache / completion_cache: `KVCache`s (see module docstring); prompt_hidden `[P, D]`;
+    out_tok `[S, Sc]` int32, out_logp / out_base `[S, Sc]` float32: the tokens, sampler log-probs
+    and unfiltered log-probs of each slot's current sample.
+    """
+
+    prompt_cache: list | tuple
+    prompt_hidden: jax.Array
+    completion_cache: list | tuple
+    out_tok: jax.Array
+    out_logp: jax.Array
+    out_base: jax.Array
+
+
+def init_state(model, spec: EngineSpec) -> DeviceState:
+    """Zeroed device state for one slot group."""
+    s, sc = spec.num_slots, spec.gen_len
+    return DeviceState(
+        prompt_cache=model.init_cache(spec.num_prompt_slots, spec.prompt_len),
+        prompt_hidden=jnp.zeros((spec.num_prompt_slots, model.config.hidden_size), model.dtype),
+        completion_cache=model.init_cache(s, sc),
+        out_tok=jnp.full((s, sc), spec.pad_id, jnp.int32),
+        out_logp=jnp.zeros((s, sc), jnp.float32),
+        out_base=jnp.zeros((s, sc), jnp.float32))
+
+
+def _rows(x, idx):
+    """Index the row axis (-4) of a cache leaf `[..., R, kv, S, Dh]`."""
+    return (slice(None),) * (x.ndim - 4) + (idx,)
+
+
+def _prefill_core(graphdef, state, dstate: DeviceState, ids, lens, dest, *, spec: EngineSpec):
+    """Prefill B prompts (B <= `spec.prefill_rows`) and write them into prompt slots `dest`.
+
+    ids `[B, Sp]` int32 right-padded; lens `[B]` int32 (>= 1); dest `[B]` int32 prompt slot of
+    each row (`>= P` drops the row: filler). Returns the new `DeviceState`.
+    """
+    TRACE_COUNT["prefill"] += 1
+    model = nnx.merge(graphdef.graphdef, state)
+    b, sp = ids.shape
+    slots = jnp.arange(sp, dtype=jnp.int32)[None, :]
+    cache = model.init_cache(b, sp)
+    hidden, cache = model.decode(ids, cache, positions=jnp.broadcast_to(slots, (b, sp)), cache_index=0,
+                                 kv_mask=slots < lens[:, None])
+    last = hidden[jnp.arange(b), lens - 1]  # [B, D]
+
+    def put(dst, src):
+        return dst.at[_rows(dst, dest)].set(src.astype(dst.dtype), mode="drop")
+
+    pcache = jax.tree.map(put, dstate.prompt_cache, cache)
+    phidden = dstate.prompt_hidden.at[dest].set(last.astype(dstate.prompt_hidden.dtype), mode="drop")
+    return dstate._replace(prompt_cache=pcache, prompt_hidden=phidden)
+
+
+prefill_jit = jax.jit(_prefill_core, static_argnames=("graphdef", "spec"), donate_argnames=("dstate",))
+
+
+def _compact_core(dstate: DeviceState, idx):
+    """Keep the sample slots `idx [S']` (in that order): the completion cache rows and output
+    buffers are gathered into an `S'`-slot state; the prompt cache is unchanged. Used once no
+    request waits, so that the tail of a run decodes fewer, fuller slots."""
+    TRACE_COUNT["compact"] += 1
+    cc = jax.tree.map(lambda c: c[_rows(c, idx)], dstate.completion_cache)
+    return dstate._replace(completion_cache=cc, out_tok=dstate.out_tok[idx], out_logp=dstate.out_logp[idx],
+                           out_base=dstate.out_base[idx])
+
+
+compact_jit = jax.jit(_compact_core)
+
+
+def _qkv(attn, h, cos, sin):
+    """Projections of one decode token per slot: h `[S, 1, D]` -> q `[S, 1, H, Dh]`, k, v
+    `[S, 1, kv, Dh]` (same math as `Attention.__call__`)."""
+    b = h.shape[0]
+    q = attn.q_proj(h).reshape(b, 1, attn.num_heads, attn.head_dim)
+    k = attn.k_proj(h).reshape(b, 1, attn.num_kv_heads, attn.head_dim)
+    v = attn.v_proj(h).reshape(b, 1, attn.num_kv_heads, attn.head_dim)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _zero_from(x):
+    """int32 0 that data-depends on x (the sign bit of one element, shifted out)."""
+    bits = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.uint32)
+    sign = jax.lax.shift_right_logical(bits, jnp.uint32(31))
+    return jax.lax.shift_right_logical(sign, jnp.uint32(1)).astype(jnp.int32)
+
+
+def _attend(attn, q, pk, pv, ck, cv, prompt_of, pmask, cmask):
+    """Exact attention of one query per slot over its prompt (shared) and its completion.
+
+    q `[S, 1, H, Dh]`; pk/pv `[P, kv, Sp, Dh]` (one layer's prompt cache); ck/cv `[S, kv, Sc,
+    Dh]` (this step's key already written); prompt_of `[S]`; pmask `[S, Sp]`, cmask `[S, Sc]` bool.
+    -> `[S, 1, D]`.
+    """
+    s, _, h, dh = q.shape
+    kv = attn.num_kv_heads
+    g = h // kv
+    # Gather this layer's prompt rows only once its query exists, so that XLA can neither hoist
+    # the (loop-invariant) gathers out of the decode loop nor run every layer's gather up front -
+    # either would hold a per-sample copy of every layer's prompt K/V, the very memory the shared
+    # cache saves. `_zero_from(q)` is 0 computed from q (XLA keeps the dependency; an
+    # optimization barrier is dropped before scheduling on CPU). Adding it costs one pass over
+    # this layer's stored prompt rows (`[P, ...]`, 1/G of the gathered `[S, ...]`).
+    zero = _zero_from(q)
+    qh = q.reshape(s, kv, g, dh)
+    # [S, kv, Sp, Dh]: this layer's prompt rows (with one prompt slot XLA turns the gather into
+    # a broadcast of the cache, so the dependency rides on the data as well as on the index)
+    kp = (pk + zero.astype(pk.dtype))[prompt_of + zero]
+    vp = (pv + zero.astype(pv.dtype))[prompt_of + zero]
+    scale = 1.0 / math.sqrt(dh)
+    sp = jnp.einsum("bkgd,bksd->bkgs", qh, kp.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    sc = jnp.einsum("bkgd,bksd->bkgs", qh, ck.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    scores = jnp.concatenate([jnp.where(pmask[:, None, None], sp, _NEG_INF),
+                              jnp.where(cmask[:, None, None], sc, _NEG_INF)], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cv.dtype)
+    n_p = pk.shape[-2]
+    out = (jnp.einsum("bkgs,bksd->bkgd", probs[..., :n_p], vp)
+           + jnp.einsum("bkgs,bksd->bkgd", probs[..., n_p:], cv))
+    return attn.o_proj(out.reshape(s, 1, h * dh).astype(q.dtype))
+
+
+def _block(block, x, cos, sin, attend):
+    """Pre-norm decoder layer around `attend(q, k, v) -> attention output` (`Block.__call__`)."""
+    q, k, v = _qkv(block.attn, block.input_norm(x), cos, sin)
+    x = x + attend(q, k, v)
+    return x + block.mlp(block.post_attn_norm(x))
+
+
+def _layers(model, x, cos, sin, pcache, ccache, widx, prompt_of, pmask, cmask):
+    """All layers for one token per slot; writes each slot's key/value at completion slot
+    `widx [S]` (a scatter, in place in the loop carry). Returns (x, completion cache)."""
+    s = x.shape[0]
+    ar = jnp.arange(s)
+
+    if not model.scan_layers:
+        new_cache = []
+        for layer, (pk, pv), (ck, cv) in zip(model.layers, pcache, ccache):
+            def attend(q, k, v, pk=pk, pv=pv, ck=ck, cv=cv):
+                ck = ck.at[ar, :, widx].set(k[:, 0].astype(ck.dtype))
+                cv = cv.at[ar, :, widx].set(v[:, 0].astype(cv.dtype))
+                new_cache.append((ck, cv))
+                return _attend(layer.attn, q, pk, pv, ck, cv, prompt_of, pmask, cmask)
+
+            x = _block(layer, x, cos, sin, attend)
+        return x, new_cache
+
+    graphdef, stacked = nnx.split(model.layers)
+
+    def body(carry, xs):
+        x, (ck, cv) = carry
+        st, i, pk, pv = xs
+        block = nnx.merge(graphdef, st)
+        written = {}
+
+        def attend(q, k, v):
+            ck2 = ck.at[i, ar, :, widx].set(k[:, 0].astype(ck.dtype))
+            cv2 = cv.at[i, ar, :, widx].set(v[:, 0].astype(cv.dtype))
+            written["kv"] = (ck2, cv2)
+            return _attend(block.attn, q, pk, pv, jax.lax.dynamic_index_in_dim(ck2, i, keepdims=False),
+                           jax.lax.dynamic_index_in_dim(cv2, i, keepdims=False), prompt_of, pmask, cmask)
+
+        x = _block(block, x, cos, sin, attend)
+        return (x, written["kv"]), None
+
+    ids = jnp.arange(model.config.num_hidden_layers, dtype=jnp.int32)
+    pk, pv = pcache
+    (x, ccache), _ = jax.lax.scan(body, (x, tuple(ccache)), (stacked, ids, pk, pv))
+    return x, ccache
+
+
+def draw_uniforms(seed, row, step):
+    """`[S]` uniforms: `uniform(fold_in(fold_in(key(seed), row), step))` per slot - the draw of
+    `sampling.generate` for row `row` at step `step` with `seed=seed` (see its `_uniforms`)."""
+    def one(s, r, t):
+        key = jax.random.key(s)
+        return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, r), t), (), jnp.float32)
+
+    return jax.vmap(one)(seed, row, step)
+
+
+def _decode_core(graphdef, state, head, dstate: DeviceState, slots: SlotArrays, stops, temperature, top_p,
+                 max_steps, want_free, *, spec: EngineSpec):
+    """Up to `max_steps` decode steps over all slots, on device.
+
+    head: tuple of `[D, V_i]` LM-head column blocks or None (= `model.lm_head_weight()`);
+    stops `[num_stop_slots]` int32 (-1 unused); temperature, top_p f32 scalars; max_steps,
+    want_free int32 scalars. Exits early once no slot is active, or once at least `want_free`
+    slots are inactive (the host has requests waiting for them).
+    Returns (DeviceState, SlotArrays, steps run int32).
+    """
+    TRACE_COUNT["decode"] += 1
+    model = nnx.merge(graphdef.graphdef, state)
+    cfg = model.config
+    inv_freq = rope_inv_freq(cfg)
+    if head is None:
+        head = (model.lm_head_weight(),)
+    sp_, sc_ = spec.prompt_len, spec.gen_len
+    pmask = jnp.arange(sp_)[None, :] < slots.plen[:, None]  # fixed while the slots are
+    ar = jnp.arange(spec.num_slots)
+    embed = model.embed[...]
+
+    def lm_logits(hidden):
+        h = hidden.astype(model.dtype)
+        parts = [jnp.dot(h, w.astype(model.dtype), preferred_element_type=jnp.float32) for w in head]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+    def step(carry):
+        i, sl, ds = carry
+        n = sl.n
+        prompt_of = sl.prompt_of
+        x = embed[sl.tok][:, None].astype(model.dtype)  # [S, 1, D]
+        pos = jnp.maximum(sl.plen + n - 1, 0)[:, None].astype(jnp.int32)
+        cos, sin = rope_cos_sin(pos, inv_freq)
+        widx = jnp.maximum(n - 1, 0)
+        cmask = jnp.arange(sc_)[None, :] < jnp.maximum(n, 1)[:, None]
+        x, ccache = _layers(model, x, cos, sin, ds.prompt_cache, ds.completion_cache, widx, prompt_of,
+                            pmask, cmask)
+        hidden = model.final_norm(x)[:, 0]
+        hidden = jnp.where((n == 0)[:, None], ds.prompt_hidden[prompt_of].astype(hidden.dtype), hidden)
+        logits = lm_logits(hidden)
+        u = draw_uniforms(sl.seed, sl.row, n)
+        tok, logp = sample_tokens(logits, u, temperature=temperature, top_k=spec.top_k, top_p=top_p,
+                                  use_top_p=spec.use_top_p, greedy=spec.greedy)
+        filtered = not spec.greedy and (spec.top_k > 0 or spec.use_top_p)
+        base = unfiltered_logprobs(logits, tok, temperature=temperature) if filtered else logp
+        live = sl.active
+        col = jnp.where(live, n, sc_)  # out of range: dropped
+        out_tok = ds.out_tok.at[ar, col].set(tok, mode="drop")
+        out_logp = ds.out_logp.at[ar, col].set(logp, mode="drop")
+        out_base = ds.out_base.at[ar, col].set(base, mode="drop")
+        n_new = n + live.astype(jnp.int32)
+        hit = live & jnp.isin(tok, stops)
+        active = live & ~hit & (n_new < sl.limit)
+        sl = sl._replace(tok=jnp.where(live, tok, sl.tok), n=n_new, active=active, stopped=sl.stopped | hit)
+        ds = ds._replace(completion_cache=ccache, out_tok=out_tok, out_logp=out_logp, out_base=out_base)
+        return i + 1, sl, ds
+
+    def cond(carry):
+        i, sl, _ = carry
+        free = jnp.sum(~sl.active)
+        return (i < max_steps) & jnp.any(sl.active) & (free < want_free)
+
+    i, slots, dstate = jax.lax.while_loop(cond, step, (jnp.int32(0), slots, dstate))
+    return dstate, slots, i
+
+
+decode_jit = jax.jit(_decode_core, static_argnames=("graphdef", "spec"), donate_argnames=("dstate",))

@@ -51,12 +51,13 @@ MODEL = dict(vocab_size=32000, hidden_size=256, num_hidden_layers=12, num_attent
              bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def build_hf(path: str):
+def build_hf(path: str, **config_overrides):
+    """The ~20M model (`MODEL`, with `config_overrides`) with seeded random weights, saved to `path`."""
     import torch
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.Qwen2Config(**MODEL)
+    config = transformers.Qwen2Config(**{**MODEL, **config_overrides})
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.save_pretrained(path, safe_serialization=True)
     return model

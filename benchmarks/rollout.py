@@ -44,21 +44,12 @@ import time
 
 import numpy as np
 
-# ~20M parameters, Qwen2 layout (as benchmarks/generate.py).
-MODEL = dict(vocab_size=32000, hidden_size=256, num_hidden_layers=12, num_attention_heads=4,
-             num_key_value_heads=2, intermediate_size=1024, tie_word_embeddings=True,
-             max_position_embeddings=2048, rope_theta=1000000.0, rms_norm_eps=1e-6,
-             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+from generate import build_hf as build_generate_model  # the ~20M model of benchmarks/generate.py
 
 
 def build_hf(path: str):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**MODEL), dtype=torch.float32)
-    model.eval().save_pretrained(path, safe_serialization=True)
-    return model
+    """benchmarks/generate.py's ~20M Qwen2 model, with room for 512-token prompts + 512 new tokens."""
+    return build_generate_model(path, max_position_embeddings=2048)
 
 
 def hf_worker(conn, path: str, build: bool) -> None:

@@ -146,6 +146,9 @@ _LOWER_ONLY = contextvars.ContextVar("jaxrl_rm_plan_lower_only", default=False)
 # set by `plan(..., steps=...)`: fnmatch patterns of the step names to compile (None: all)
 _STEPS = contextvars.ContextVar("jaxrl_rm_plan_steps", default=None)
 
+#: the note of a step `plan(compile=False)` only lowered (its temporaries are unknown)
+LOWERED_ONLY = "lowered only: no temporaries"
+
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -178,7 +181,7 @@ def compile_step(phase, name: str, fn, *args, resident_args: int, **kwargs) -> N
         report = aot.CompileReport(temp_bytes=0, argument_bytes=per_chip_bytes(args), output_bytes=0, alias_bytes=0,
                                    generated_code_bytes=0, compile_seconds=time.perf_counter() - t0,
                                    collectives={}, all_gather_shapes=())
-        phase.steps.append(PlannedStep(phase.name, name, report, resident_args, "lowered only: no temporaries"))
+        phase.steps.append(PlannedStep(phase.name, name, report, resident_args, LOWERED_ONLY))
         return
     try:
         report, note = aot.compile_report(fn, *args, **kwargs), ""
@@ -255,7 +258,7 @@ class Plan:
                             "resident_gib": ph.resident / GIB, "peak_gib": peak / GIB,
                             "fits": peak <= self.hbm_bytes, "compile_s": r.compile_seconds,
                             "collectives": r.collectives, "note": st.note})
-                if st.kv is not None and not st.note.startswith("lowered only"):
+                if st.kv is not None and st.note != LOWERED_ONLY:
                     # rows whose caches fit beside the resident weights and the step's other memory
                     # (its peak minus its own cache): what bounds prompts x samples per step
                     other = peak - st.kv["bytes"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -100,6 +101,32 @@ def tiny_hf_model(tmp_path):
         return make_tiny_hf_model(family, path, **overrides), path
 
     return make
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """Factory, built once per module: tiny_models(family, scan_layers=False) -> (torch model,
+    the same weights loaded by `hf.load_model` in that layer layout, HF directory)."""
+    from jaxrl_rm.models import hf
+
+    cache = {}
+
+    def get(family, scan_layers=False):
+        if family not in cache:
+            path = tmp_path_factory.mktemp(f"hf_{family}")
+            cache[family] = (make_tiny_hf_model(family, path), path)
+        if (family, scan_layers) not in cache:
+            tm, path = cache[family]
+            cache[family, scan_layers] = (tm, hf.load_model(path, scan_layers=scan_layers), path)
+        return cache[family, scan_layers]
+
+    return get
+
+
+def random_prompts(seed: int, lens, vocab_size: int = 97) -> list[list[int]]:
+    """Token-id prompts of the given lengths, ids in [3, vocab_size) (clear of pad / bos / eos)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab_size, n).tolist() for n in lens]
 
 
 # --- a realistic tokenizer: byte-level BPE, ChatML, eos <|im_end|>, no pad token -----------------

@@ -1,11 +1,12 @@
 """`type: ensemble` rewards: several sources scored on the same rollouts and reduced per rollout
 (`mean`, or `min`: a hack must fool every member), with each member's metrics, the members'
-disagreement, config errors that name the member, evaluation views, and the planner's programs."""
+disagreement, config errors that name the member, and evaluation views (the planner's programs:
+tests/test_plan.py)."""
 
 import numpy as np
 import pytest
 
-from jaxrl_rm.config import RewardSpec, load_config
+from jaxrl_rm.config import RewardSpec
 from jaxrl_rm.data.records import PromptItem
 from jaxrl_rm.rewards.sources import EnsembleSource, Rollouts, build_source
 
@@ -79,27 +80,3 @@ def test_built_from_config_with_rule_members():
 def test_config_errors_name_the_option(options, message):
     with pytest.raises(ValueError, match=message):
         build_source(RewardSpec(type="ensemble", options=options), {})
-
-
-def test_planner_compiles_each_member_under_its_own_name(tmp_path):
-    """Two judges in one ensemble: two scoring programs and two resident weight entries, named
-    `<ensemble>/m<i>` (lowered only: the planner's own tests compile)."""
-    pytest.importorskip("libtpu")
-    import json
-
-    from jaxrl_rm.plan import plan
-
-    tiny = tmp_path / "judge"
-    tiny.mkdir()
-    (tiny / "config.json").write_text(json.dumps({
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 128, "hidden_size": 64,
-        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True}))
-    judge = {"type": "judge", "path": str(tiny), "options": {"max_new_tokens": 8, "max_prompt_length": 64}}
-    task = {"name": "math", "kind": "verifiable", "data": "synthetic:arithmetic", "rewards": [
-        {"type": "ensemble", "options": {"name": "jury", "reduce": "min", "members": [judge, judge]}}]}
-    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "task=grpo", "grpo.tasks=" + json.dumps([task])])
-    result = plan(cfg, "v5e:2x2", compile=False)
-    steps = [row["step"] for row in result.rows()]
-    assert "grpo/score/jury/m0" in steps and "grpo/score/jury/m1" in steps, steps
-    assert {"jury/m0 params", "jury/m1 params"} <= set(result.phases[-1].residents)

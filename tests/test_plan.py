@@ -91,6 +91,25 @@ def test_rollout_reports_its_kv_cache_per_chip(tmp_path):
     assert "KV cache of grpo/rollout: 1.5 MiB per chip (32 sample rows)" in result.table()
 
 
+def test_ensemble_reward_plans_each_member_under_its_own_name(tmp_path):
+    """Two judges in one ensemble: two scoring programs and two resident weight entries, named
+    `<ensemble>/m<i>` (lowered only: the planner's own tests compile)."""
+    tiny = tmp_path / "judge"
+    tiny.mkdir()
+    (tiny / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 128, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True}))
+    judge = {"type": "judge", "path": str(tiny), "options": {"max_new_tokens": 8, "max_prompt_length": 64}}
+    task = {"name": "math", "kind": "verifiable", "data": "synthetic:arithmetic", "rewards": [
+        {"type": "ensemble", "options": {"name": "jury", "reduce": "min", "members": [judge, judge]}}]}
+    result = _plan(None, "v5e:2x2", [f"run_dir={tmp_path / 'run'}", "task=grpo", "grpo.tasks=" + json.dumps([task])],
+                   compile=False)
+    steps = [row["step"] for row in result.rows()]
+    assert "grpo/score/jury/m0" in steps and "grpo/score/jury/m1" in steps, steps
+    assert {"jury/m0 params", "jury/m1 params"} <= set(result.phases[-1].residents)
+
+
 def test_oversized_batch_exits_1_naming_step_hbm_and_shortfall(tmp_path):
     """A real-width model (d 2048) with 64 sequences of 4096 tokens per chip of SFT cannot fit a
     v5e chip's 16 GiB: the command exits 1 and says which step, the HBM and by how much."""

@@ -12,8 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import make_tiny_hf_model
-from jaxrl_rm.models import hf
+from conftest import random_prompts
 from jaxrl_rm.rollout import Request, SlotEngine
 from jaxrl_rm.rollout import step as step_mod
 from jaxrl_rm.sampling import generate, teacher_forced_logprobs
@@ -26,26 +25,8 @@ LENS = [5, 12, 1, 9, 7, 3]
 SHAPE = dict(max_prompt_len=16, max_new_tokens=24)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(family, scan_layers=False) -> (torch model, jax model); built once per module."""
-    cache = {}
-
-    def get(family, scan_layers=False):
-        if family not in cache:
-            path = tmp_path_factory.mktemp(f"hf_{family}")
-            cache[family] = (make_tiny_hf_model(family, path), path)
-        if (family, scan_layers) not in cache:
-            tm, path = cache[family]
-            cache[family, scan_layers] = (tm, hf.load_model(path, scan_layers=scan_layers))
-        return cache[family, scan_layers]
-
-    return get
-
-
 def _prompts(seed=0, lens=LENS):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, VOCAB, n).tolist() for n in lens]
+    return random_prompts(seed, lens, VOCAB)
 
 
 def _np(res):
@@ -54,10 +35,10 @@ def _np(res):
 
 # --- equality with the static sampler ---------------------------------------------------------------
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
-def test_samples_equal_generate_with_midflight_inserts(scan_layers, tiny):
+def test_samples_equal_generate_with_midflight_inserts(scan_layers, tiny_models):
     """18 samples through 5 slots (rows inserted as others stop), 2 prompt slots, a stop token and
     per-request budgets: every row equals `generate`'s row for the same seed, until its end."""
-    _, model = tiny("qwen3", scan_layers)
+    _, model, _ = tiny_models("qwen3", scan_layers)
     prompts = _prompts()
     free = generate(model, prompts, num_samples=3, max_new_tokens=24, temperature=0.8, seed=3,
                     return_unfiltered_logprobs=True)
@@ -102,10 +83,10 @@ def _hf_greedy(torch_model, prompts, max_new, eos):
 
 
 @pytest.mark.parametrize("family,scan_layers", [("llama", False), ("qwen2", True)])
-def test_greedy_matches_transformers(family, scan_layers, tiny):
+def test_greedy_matches_transformers(family, scan_layers, tiny_models):
     """Greedy through 2 slots for 6 prompts (4 inserted mid-flight), with a stop token the model
     emits: the tokens, lengths and padding are transformers' and `generate`'s."""
-    torch_model, model = tiny(family, scan_layers)
+    torch_model, model, _ = tiny_models(family, scan_layers)
     prompts = _prompts(1)
     free = _hf_greedy(torch_model, prompts, 24, eos=None)
     stop = int(free[0, 3])
@@ -126,8 +107,8 @@ def test_greedy_matches_transformers(family, scan_layers, tiny):
 
 # --- log-probs --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
-def test_logprobs_equal_teacher_forced(scan_layers, tiny):
-    _, model = tiny("qwen3", scan_layers)
+def test_logprobs_equal_teacher_forced(scan_layers, tiny_models):
+    _, model, _ = tiny_models("qwen3", scan_layers)
     engine = SlotEngine(model, num_slots=5, num_prompt_slots=2, temperature=0.7, steps_per_sync=4, host_threads=1,
                         **SHAPE)
     res = engine.generate(_prompts(2), num_samples=3, seed=4)
@@ -137,10 +118,10 @@ def test_logprobs_equal_teacher_forced(scan_layers, tiny):
     assert np.all(np.asarray(res.logprobs)[np.asarray(res.mask)] < 0)
 
 
-def test_filtered_logprobs_and_unfiltered(tiny):
+def test_filtered_logprobs_and_unfiltered(tiny_models):
     """top-k + top-p: sampled log-probs are the renormalised filtered ones (teacher-forced with the
     same filters); `unfiltered_logprobs` are log_softmax(logits / T), what a trainer recomputes."""
-    _, model = tiny("qwen3")
+    _, model, _ = tiny_models("qwen3")
     engine = SlotEngine(model, num_slots=4, temperature=1.3, top_k=5, top_p=0.8, host_threads=1, **SHAPE)
     res = engine.generate(_prompts(3, [4, 9, 2]), num_samples=2, seed=1)
     tf = teacher_forced_logprobs(model, res, temperature=1.3, top_k=5, top_p=0.8)
@@ -154,10 +135,10 @@ def test_filtered_logprobs_and_unfiltered(tiny):
 
 
 # --- determinism ------------------------------------------------------------------------------------
-def test_independent_of_slot_count_threads_and_arrival_order(tiny):
+def test_independent_of_slot_count_threads_and_arrival_order(tiny_models):
     """Each sample's draws are fixed by (seed, row, step): 3 or 7 slots, 1 or 2 host threads,
     and the requests in reverse order (explicit rows) give the same rows."""
-    _, model = tiny("qwen3")
+    _, model, _ = tiny_models("qwen3")
     prompts = _prompts(5, [3, 7, 1, 12, 5, 9, 2, 4])
     reqs = [Request(p, num_samples=2, row=2 * i, max_new_tokens=6 + 2 * i) for i, p in enumerate(prompts)]
     kw = dict(temperature=1.0, steps_per_sync=5, **SHAPE)
@@ -173,11 +154,11 @@ def test_independent_of_slot_count_threads_and_arrival_order(tiny):
     assert (np.asarray(c.tokens) != ea["tokens"]).any()
 
 
-def test_no_recompilation_when_requests_are_inserted(tiny):
+def test_no_recompilation_when_requests_are_inserted(tiny_models):
     """After `warmup()` (prefill buckets, decode and compaction at each slot level), runs with
     other request counts, prompt lengths, budgets, seeds and sample counts trace nothing new; the
     tail compaction (8 -> 4 -> 2 slots) leaves the samples those of `generate`."""
-    _, model = tiny("qwen3")
+    _, model, _ = tiny_models("qwen3")
     engine = SlotEngine(model, num_slots=8, num_prompt_slots=4, temperature=1.0, stop_token_ids=[5, 6],
                         steps_per_sync=3, host_threads=1, min_compact_slots=2, **SHAPE)
     assert [lv.num_slots for lv in engine.levels] == [8, 4, 2] and engine.prefill_buckets == (1, 2, 4)
@@ -207,11 +188,11 @@ def test_no_recompilation_when_requests_are_inserted(tiny):
 
 
 # --- memory -----------------------------------------------------------------------------------------
-def test_prompt_cache_stored_once_per_prompt(tiny):
+def test_prompt_cache_stored_once_per_prompt(tiny_models):
     """G samples read one copy of their prompt's K/V: the prompt cache has a row per prompt slot
     (`num_slots / G`), the completion cache a row per sample slot; identical prompts are prefilled
     once."""
-    _, model = tiny("qwen3")
+    _, model, _ = tiny_models("qwen3")
     cfg = model.config
     g, slots = 4, 8
     engine = SlotEngine(model, num_slots=slots, num_prompt_slots=slots // g, temperature=1.0, host_threads=1,
@@ -237,7 +218,7 @@ def test_prompt_cache_stored_once_per_prompt(tiny):
     np.testing.assert_array_equal(np.asarray(same.tokens), np.asarray(res.tokens)[:4])
 
 
-def test_decode_program_holds_one_layer_of_gathered_prompt_kv(tiny):
+def test_decode_program_holds_one_layer_of_gathered_prompt_kv(tiny_models):
     """XLA's memory plan of the decode step: its temporaries stay below the size of a per-sample
     copy of the prompt K/V (the per-layer gathers of the shared prompt rows are neither hoisted
     out of the loop nor all live at once)."""
@@ -245,7 +226,7 @@ def test_decode_program_holds_one_layer_of_gathered_prompt_kv(tiny):
 
     from jaxrl_rm.sampling.sampler import _StaticGraph
 
-    _, model = tiny("qwen3")
+    _, model, _ = tiny_models("qwen3")
     engine = SlotEngine(model, num_slots=16, num_prompt_slots=1, max_prompt_len=128, max_new_tokens=8,
                         temperature=1.0, host_threads=1, compact=False)
     state = step_mod.init_state(model, engine.spec)
@@ -259,8 +240,8 @@ def test_decode_program_holds_one_layer_of_gathered_prompt_kv(tiny):
     assert temp < engine.cache_bytes()["repeated_prompt"], (temp, engine.cache_bytes())
 
 
-def test_bad_requests_are_clear_errors(tiny):
-    _, model = tiny("qwen3")
+def test_bad_requests_are_clear_errors(tiny_models):
+    _, model, _ = tiny_models("qwen3")
     engine = SlotEngine(model, num_slots=2, temperature=1.0, host_threads=1, **SHAPE)
     with pytest.raises(ValueError, match=r"requests\[1\] has 17 prompt tokens > the engine's max_prompt_len=16"):
         engine.run([Request([1, 2]), Request(list(range(3, 20)))])

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_tiny_hf_model
+from conftest import random_prompts
 from jaxrl_rm.models import hf
 from jaxrl_rm.sampling import (bucket_length, filtered_logits, generate, generate_text, sample_tokens,
                                teacher_forced_logprobs, token_logprobs, top_p_keep)
@@ -23,26 +23,8 @@ PROMPT_LENS = [5, 12, 1, 9]
 SAMPLE = dict(num_samples=3, max_new_tokens=10, temperature=1.0, return_unfiltered_logprobs=True)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(family, scan_layers=False) -> (torch model, jax model, path); built once per module."""
-    cache = {}
-
-    def get(family, scan_layers=False):
-        if family not in cache:
-            path = tmp_path_factory.mktemp(f"hf_{family}")
-            cache[family] = (make_tiny_hf_model(family, path), path)
-        if (family, scan_layers) not in cache:
-            tm, path = cache[family]
-            cache[family, scan_layers] = (tm, hf.load_model(path, scan_layers=scan_layers), path)
-        return cache[family, scan_layers]
-
-    return get
-
-
 def _prompts(seed=0, lens=PROMPT_LENS):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, VOCAB, n).tolist() for n in lens]
+    return random_prompts(seed, lens, VOCAB)
 
 
 def _hf_greedy(torch_model, prompts, max_new, eos):
@@ -60,8 +42,8 @@ def _hf_greedy(torch_model, prompts, max_new, eos):
 
 # --- HF parity ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family,scan_layers", [("llama", False), ("qwen2", False), ("qwen2", True)])
-def test_greedy_matches_transformers(family, scan_layers, tiny):
-    torch_model, model, _ = tiny(family, scan_layers)
+def test_greedy_matches_transformers(family, scan_layers, tiny_models):
+    torch_model, model, _ = tiny_models(family, scan_layers)
     prompts = _prompts()
     # 40 new tokens: a 64-slot generation bucket, decoded in two phases (the cache grows between them)
     assert len(sampler_mod.decode_windows(16, bucket_length(40))) == 2
@@ -84,8 +66,8 @@ def test_greedy_matches_transformers(family, scan_layers, tiny):
 
 # --- log-probs ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
-def test_logprobs_equal_teacher_forced(scan_layers, tiny):
-    _, model, _ = tiny("qwen3", scan_layers)
+def test_logprobs_equal_teacher_forced(scan_layers, tiny_models):
+    _, model, _ = tiny_models("qwen3", scan_layers)
     res = generate(model, _prompts(1), **{**SAMPLE, "temperature": 0.7, "max_new_tokens": 40}, seed=3)
     assert res.tokens.shape == (12, 40) and res.logprobs.dtype == jnp.float32
     tf = teacher_forced_logprobs(model, res, temperature=0.7)
@@ -95,10 +77,10 @@ def test_logprobs_equal_teacher_forced(scan_layers, tiny):
     assert np.all(np.asarray(res.logprobs)[np.asarray(res.mask)] < 0)
 
 
-def test_topk_topp_end_to_end_consistent(tiny):
+def test_topk_topp_end_to_end_consistent(tiny_models):
     """Filtered sampling: every token lies in the teacher-forced filtered support, and the sampler's
     log-prob is the renormalised filtered log-prob."""
-    _, model, _ = tiny("qwen3")
+    _, model, _ = tiny_models("qwen3")
     res = generate(model, _prompts(2), num_samples=4, max_new_tokens=8, temperature=1.3, top_k=5, top_p=0.8,
                    seed=1)
     tf = teacher_forced_logprobs(model, res, temperature=1.3, top_k=5, top_p=0.8)
@@ -107,11 +89,11 @@ def test_topk_topp_end_to_end_consistent(tiny):
 
 
 @pytest.mark.parametrize("filters", [dict(top_p=0.7), dict(top_k=5), dict(top_k=5, top_p=0.8)])
-def test_unfiltered_logprobs_are_teacher_forced_at_the_sampling_temperature(tiny, filters):
+def test_unfiltered_logprobs_are_teacher_forced_at_the_sampling_temperature(tiny_models, filters):
     """With top-p / top-k on, `unfiltered_logprobs` is log_softmax(logits / T) of the sampled token
     before filtering - what a trainer recomputes (GRPO's TIS and sampler_logp_gap use it) - while
     `logprobs` also holds the log of the kept mass."""
-    _, model, _ = tiny("qwen3")
+    _, model, _ = tiny_models("qwen3")
     res = generate(model, _prompts(2), num_samples=4, max_new_tokens=8, temperature=1.3, seed=1,
                    return_unfiltered_logprobs=True, **filters)
     mask = np.asarray(res.mask)
@@ -122,7 +104,7 @@ def test_unfiltered_logprobs_are_teacher_forced_at_the_sampling_temperature(tiny
     assert (nucleus[mask] > -1e-5).all() and nucleus[mask].max() > 0.05
 
 
-def test_trainer_logprobs_match_sampler_bf16_compute_f32_params(tiny):
+def test_trainer_logprobs_match_sampler_bf16_compute_f32_params(tiny_models):
     """bf16 compute with float32 parameters: the sampler's logits use the head cast to bf16 (default
     precision, float32 accumulation). The trainer's log-probs (`grpo.completion_logprobs` ->
     `kernels.token_logprobs`, jitted as in the update step) must use the same head: an uncast float32
@@ -131,7 +113,7 @@ def test_trainer_logprobs_match_sampler_bf16_compute_f32_params(tiny):
 
     from jaxrl_rm.train.grpo import completion_hidden, completion_logprobs
 
-    _, _, path = tiny("qwen2")  # untied float32 lm_head
+    _, _, path = tiny_models("qwen2")  # untied float32 lm_head
     model = hf.load_model(path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     assert model.lm_head_weight().dtype == jnp.float32
     res = generate(model, _prompts(4), num_samples=4, max_new_tokens=16, temperature=0.7, seed=3)
@@ -245,8 +227,8 @@ def test_excluded_tokens_never_drawn_even_at_u_near_one():
 
 
 # --- seeds, stops, limits -------------------------------------------------------------------------
-def test_seeds_and_rows(tiny):
-    _, model, _ = tiny("qwen3")
+def test_seeds_and_rows(tiny_models):
+    _, model, _ = tiny_models("qwen3")
     prompts = _prompts(4)
     a = generate(model, prompts, **SAMPLE, seed=7)
     b = generate(model, prompts, **SAMPLE, seed=7)
@@ -259,8 +241,8 @@ def test_seeds_and_rows(tiny):
         assert len({tuple(row) for row in toks[i]}) == 3
 
 
-def test_stop_tokens_mask_lengths(tiny):
-    _, model, _ = tiny("qwen3")
+def test_stop_tokens_mask_lengths(tiny_models):
+    _, model, _ = tiny_models("qwen3")
     prompts = _prompts(5)
     free = generate(model, prompts, **SAMPLE, seed=11)
     toks = np.asarray(free.tokens)
@@ -277,8 +259,8 @@ def test_stop_tokens_mask_lengths(tiny):
     assert n[0] <= 3 and res.finish_reason[0] == "stop"
 
 
-def test_prompt_limits_and_padded_input(tiny):
-    _, model, _ = tiny("qwen3")
+def test_prompt_limits_and_padded_input(tiny_models):
+    _, model, _ = tiny_models("qwen3")
     prompts = _prompts(6)
     with pytest.raises(ValueError, match=r"prompt 1 has 12 tokens > max_prompt_len=8.*truncate_prompt='left'"):
         generate(model, prompts, **SAMPLE, max_prompt_len=8)
@@ -297,8 +279,8 @@ def test_prompt_limits_and_padded_input(tiny):
         generate(model, [[1, 2, VOCAB]], **SAMPLE)
 
 
-def test_compiles_once_per_bucket(tiny):
-    _, model, _ = tiny("qwen3")
+def test_compiles_once_per_bucket(tiny_models):
+    _, model, _ = tiny_models("qwen3")
     generate(model, _prompts(7, [3, 9, 4]), **SAMPLE, seed=0)
     before = sampler_mod.TRACE_COUNT["n"]
     # other prompt counts / lengths, budgets, temperatures, seeds and stop ids within the same buckets
@@ -331,10 +313,10 @@ def test_text_helpers_apply_chat_template(tmp_path):
         assert (why == "stop") == (row[-1] == eos) and len(row) == n
 
 
-def test_host_thread_shards_do_not_change_samples(tiny):
+def test_host_thread_shards_do_not_change_samples(tiny_models):
     """On CPU the rows may be decoded as concurrent shards; each row's draws depend only on
     (seed, row, step), so the result is the same however the batch is split."""
-    _, model, _ = tiny("qwen3")
+    _, model, _ = tiny_models("qwen3")
     prompts = _prompts(10, [3, 7, 1, 12] * 4)
     one = generate(model, prompts, max_new_tokens=6, temperature=1.0, seed=5, host_threads=1)
     two = generate(model, prompts, max_new_tokens=6, temperature=1.0, seed=5, host_threads=2)

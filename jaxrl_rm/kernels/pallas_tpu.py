@@ -402,6 +402,16 @@ def _accumulate(ref, value, first, idx=Ellipsis):
         ref[idx] = ref[idx] + value
 
 
+def _logits_block(z_sc, h_ref, w_ref, k, gk: int, precision):
+    """`z_sc = sum_k h[i, k] @ W[k, j]` (float32), one D chunk per grid step `k` of `gk` (one
+    plain store when D is not tiled): the logits block both kernels start from."""
+    prod = lax.dot_general(h_ref[...], w_ref[...], _NN, precision=precision, preferred_element_type=jnp.float32)
+    if gk == 1:
+        z_sc[...] = prod
+    else:
+        _accumulate(z_sc, prod, k == 0)
+
+
 def _when_last(idx, n_blocks: int, ragged: bool, fn):
     """`fn(False)` on all but the last block and `fn(True)` on the last (when `ragged`)."""
     if not ragged:
@@ -430,12 +440,7 @@ def _fwd_kernel(h_ref, w_ref, t_ref, out_ref, m_sc, s_sc, zt_sc, *rest, v: int, 
         if with_entropy:
             we_sc[...] = jnp.zeros(we_sc.shape, jnp.float32)
 
-    prod = lax.dot_general(h_ref[...], w_ref[...], _NN, precision=precision,
-                           preferred_element_type=jnp.float32)
-    if gk == 1:
-        z_sc[...] = prod
-    else:
-        _accumulate(z_sc, prod, k == 0)
+    _logits_block(z_sc, h_ref, w_ref, k, gk, precision)
 
     def fold(last_vocab_block: bool):
         def rows_body(rows):
@@ -534,13 +539,8 @@ def _bwd_kernel(h_ref, ht_ref, w_ref, side_ref, dw_ref, dh_hbm, z_sc, dz_sc, dh_
             w_ref[:, rem:] = jnp.zeros((w_ref.shape[0], bv - rem), w_ref.dtype)
 
     @pl.when(s == 0)
-    def _logits():  # z = sum_k h[i, k] @ W[k, j] (one step when D is not tiled)
-        prod = lax.dot_general(h_ref[...], w_ref[...], _NN, precision=precision,
-                               preferred_element_type=jnp.float32)
-        if gk == 1:
-            z_sc[...] = prod
-        else:
-            _accumulate(z_sc, prod, k == 0)
+    def _logits():
+        _logits_block(z_sc, h_ref, w_ref, k, gk, precision)
 
     def dz_block(mask_cols: bool, mask_rows: bool):
         """dz of the whole (j, i) block into dz_sc, by row chunks; masks only where needed."""

@@ -225,7 +225,7 @@ class TextJudge:
             return [once[t] * num_samples for t in texts]
         seed = self.seed if seed is None else int(seed)
         model = self.model_fn()
-        budget = self.max_prompt_length or max(model.config.max_position_embeddings - self.max_new_tokens, 1)
+        budget = self.prompt_budget(model)
         collector = RolloutCollector(max_prompt_len=budget, max_new_tokens=self.max_new_tokens,
                                      temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                                      stop_token_ids=self.eos, pad_id=self.pad, mesh=self.mesh)
@@ -243,6 +243,11 @@ class TextJudge:
     def __call__(self, texts: Sequence[str]) -> list[str]:
         return [o[0] for o in self.generate(texts, num_samples=1)]
 
+    def prompt_budget(self, model) -> int:
+        """Prompt tokens kept (the tail): `max_prompt_length`, else the model's context minus
+        `max_new_tokens`."""
+        return self.max_prompt_length or max(model.config.max_position_embeddings - self.max_new_tokens, 1)
+
     def continuation_logprobs(self, prefixes: Sequence[str], continuations: Sequence[str]) -> np.ndarray:
         """`[len(prefixes), len(continuations)]` float32: log P(c | prefix) under the judge, each
         `prefix + c` encoded as one string (`data.pipeline.encode_pieces`), at the judge's sampling
@@ -253,7 +258,7 @@ class TextJudge:
         from jaxrl_rm.sampling.sampler import bucket_length
 
         model = self.model_fn()
-        budget = self.max_prompt_length or max(model.config.max_position_embeddings - self.max_new_tokens, 1)
+        budget = self.prompt_budget(model)
         rows, spans = [], []  # ids of each (prefix, continuation); where its continuation starts / ends
         for prefix in prefixes:
             head, tails = encode_pieces(self.tokenizer, prefix, list(continuations))
@@ -485,7 +490,7 @@ class JudgeSource:
                         continue
                     vals = (res.value,) if self.mode == "pointwise" else tuple(res.value)
                     for m, v in zip(r.members, vals):
-                        s = expected[(n, k)] if self.score_expectation else normalise(float(v), self.template)
+                        s = expected.get((n, k), normalise(float(v), self.template))
                         entries[r.group][m].append(s)
                         valid_scores.append(s)
             rewards = np.full((b, g), self.invalid_reward, np.float32)

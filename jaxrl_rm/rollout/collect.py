@@ -36,7 +36,6 @@ class RolloutStats:
     """One `generate` call: useful (kept) completion tokens, wall seconds, tokens/s, occupancy."""
 
     engine: str = "static"
-    rows: int = 0
     useful_tokens: int = 0
     wall_s: float = 0.0
     occupancy: float = 0.0
@@ -45,9 +44,13 @@ class RolloutStats:
     def tokens_per_s(self) -> float:
         return self.useful_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
-    def metrics(self, prefix: str = "rollout/") -> dict[str, float]:
-        return {f"{prefix}tokens_per_s": self.tokens_per_s, f"{prefix}occupancy": self.occupancy,
-                f"{prefix}wall_s": self.wall_s, f"{prefix}useful_tokens": float(self.useful_tokens)}
+    @staticmethod
+    def step_metrics(calls: Sequence["RolloutStats"]) -> dict[str, float]:
+        """An RL step's sampler throughput over its calls (sampling rounds): `rollout/tokens_per_s`
+        (all kept tokens over all wall time) and `rollout/occupancy` (the calls' mean)."""
+        wall, tokens = sum(c.wall_s for c in calls), sum(c.useful_tokens for c in calls)
+        return {"rollout/tokens_per_s": tokens / wall if wall > 0 else 0.0,
+                "rollout/occupancy": float(np.mean([c.occupancy for c in calls]))}
 
 
 class RolloutCollector:
@@ -108,6 +111,6 @@ class RolloutCollector:
             res = engine.generate(prompts, num_samples=num_samples, seed=int(seed))
             lengths = np.asarray(res.lengths)
             occupancy = engine.stats.occupancy
-        self.stats = RolloutStats(engine=self.engine, rows=int(lengths.size), useful_tokens=int(lengths.sum()),
+        self.stats = RolloutStats(engine=self.engine, useful_tokens=int(lengths.sum()),
                                   wall_s=time.perf_counter() - t0, occupancy=float(occupancy))
         return res

@@ -38,7 +38,7 @@ from jaxrl_rm.parallel.rules import merge_row_blocks, shard_batch, strided_row_b
 from jaxrl_rm.rewards import sources as reward_sources
 from jaxrl_rm.rewards.shaping import overlong_penalty
 from jaxrl_rm.rewards.sources import EVAL_SCORERS, RULE_REWARDS, Rollouts
-from jaxrl_rm.rollout.collect import RolloutCollector
+from jaxrl_rm.rollout.collect import RolloutCollector, RolloutStats
 from jaxrl_rm.train.logger import run_means
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
 from jaxrl_rm.train.state import (Trainer, abstract_like, build_train_step, export_hf, inject_faults,
@@ -315,10 +315,7 @@ class GRPO:
                 parts.append((rollouts, res, prompts, rewards, np.arange(B)))
                 kept = B
         metrics["zero_variance_fraction"] = flat / generated  # groups whose rewards give no advantage
-        # sampler throughput over the step's rounds: kept tokens / s and the share of decode work kept
-        wall, tokens = sum(st.wall_s for st in rollout_stats), sum(st.useful_tokens for st in rollout_stats)
-        metrics["rollout/tokens_per_s"] = tokens / wall if wall > 0 else 0.0
-        metrics["rollout/occupancy"] = float(np.mean([st.occupancy for st in rollout_stats]))
+        metrics.update(RolloutStats.step_metrics(rollout_stats))
         metrics["sampling_rounds"] = len(parts)
         if g.dynamic_sampling:
             metrics["dynamic_sampling/dropped_fraction"] = dropped / generated

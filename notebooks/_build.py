@@ -960,7 +960,7 @@ comparing them is reading `metrics.jsonl` files — `jaxrl_rm.report.read_run` �
 relative paths are relative to the kernel's working directory) and nothing is trained. Otherwise the notebook makes the runs itself, in the miniature world
 (string reversal with a 300k-parameter policy), with the settings of `configs/quickstart.yaml` and
 `configs/urpo_tiny.yaml` — on the order of half an hour on a laptop CPU, or a few minutes with
-`JAXRL_RM_NOTEBOOK_TINY=1` (a dozen RL steps per run: the curves are then mostly noise, but every
+`JAXRL_RM_NOTEBOOK_TINY=1` (six RL steps per run: the curves are then mostly noise, but every
 step of the pipeline runs).
 """)
 nb.code(setup_cell("04_grpo"))
@@ -1004,7 +1004,7 @@ interrupted one resumes from its checkpoint. The whole chain is also one command
 nb.code(r"""
 # Tiny mode: same recipes, far fewer steps. Full mode: the configs' own settings.
 QUIET = ["logging.tensorboard=false", f"logging.progress={str(not TINY).lower()}"]
-RL = (["train.steps=12", "train.eval_every=4", "train.log_every=1", "grpo.eval_size=64", "grpo.prompts_per_step=8",
+RL = (["train.steps=6", "train.eval_every=3", "train.log_every=1", "grpo.eval_size=32", "grpo.prompts_per_step=8",
        "checkpoint.every=0"] if TINY else
       ["train.steps=120", "train.eval_every=40", "grpo.eval_size=128"])
 
@@ -1040,7 +1040,7 @@ if MAKE_RUNS:
                "template: pointwise_correctness, greedy: true, max_prompt_length: 128, max_new_tokens: 40}}, "
                "{type: exact_match, weight: 0}]}]")
     urpo = run("urpo", CONFIGS / "urpo_tiny.yaml",
-               *(RL + ["warmup.steps=100", "warmup.batch_size=16", "grpo.tasks.2.start_step=6"] if TINY
+               *(RL + ["warmup.steps=100", "warmup.batch_size=16", "grpo.tasks.2.start_step=3"] if TINY
                  else ["train.log_every=1"]))
     RUN_DIRS = {"rlvr": str(rlvr), "rllm": str(rllm), "urpo": str(urpo)}
     JUDGE_DIR = judge

@@ -241,6 +241,10 @@ class GRPOConfig:
     #: rows sharded over the mesh) | slots (continuous batching over `rollout_slots` sample slots,
     #: one copy of each prompt's K/V for its G samples; one device). Same samples for a seed.
     rollout_engine: Literal["static", "slots"] = "static"
+    #: Rollout KV cache (either engine): compute (the model's compute dtype: bf16 under bf16) | int8
+    #: (int8 K/V with a float32 scale per token and KV head: (Dh + 4) / (2 Dh) of bf16's bytes, 0.53x
+    #: at Dh = 64; sampler log-probs drift from a float32 cache, see the README's "Rollouts" section).
+    kv_cache_dtype: Literal["compute", "int8"] = "compute"
     #: slots: sample slots decoded together (0: the step's B x G rows, rounded up to a power of 2).
     rollout_slots: int = 0
     #: slots: decode steps per host round-trip.

@@ -264,6 +264,7 @@ class Plan:
                     other = peak - st.kv["bytes"]
                     out[-1]["kv_cache_gib"] = st.kv["bytes"] / GIB
                     out[-1]["kv_rows_per_chip"] = st.kv["rows_per_chip"]
+                    out[-1]["kv_dtype"] = st.kv["dtype"]
                     out[-1]["kv_max_rows_per_chip"] = max(int((self.hbm_bytes - other) // st.kv["row_bytes"]), 0)
         return out
 
@@ -295,7 +296,8 @@ class Plan:
         for row in self.rows():
             if "kv_cache_gib" in row:
                 lines.append(f"KV cache of {row['step']}: {fmt_bytes(row['kv_cache_gib'] * GIB)} per chip "
-                             f"({row['kv_rows_per_chip']} sample rows); with the rest of the step as planned, "
+                             f"({row['kv_rows_per_chip']} sample rows) in {row['kv_dtype']}; with the rest of the "
+                             "step as planned, "
                              f"the chip's HBM holds the caches of {row['kv_max_rows_per_chip']} rows")
         return "\n".join(lines)
 
@@ -356,29 +358,36 @@ def plan_reward_model(cfg, mesh) -> Phase:
 
 
 def _generate_step(phase, name, model, params, mesh, *, prompts, prompt_len, num_samples, max_new_tokens,
-                   top_k=0, top_p=1.0, greedy=False, unfiltered=False):
+                   top_k=0, top_p=1.0, greedy=False, unfiltered=False, kv_cache_dtype=None):
     from jaxrl_rm.sampling.sampler import generate_program
 
     fn, args, kwargs = generate_program(model, params, prompts=prompts, prompt_len=prompt_len,
                                         num_samples=num_samples, max_new_tokens=max_new_tokens, mesh=mesh,
-                                        top_k=top_k, top_p=top_p, greedy=greedy, unfiltered=unfiltered)
+                                        top_k=top_k, top_p=top_p, greedy=greedy, unfiltered=unfiltered,
+                                        kv_cache_dtype=kv_cache_dtype)
     compile_step(phase, name, fn, *args, resident_args=per_chip_bytes(params), **kwargs)
     if phase.steps and phase.steps[-1].name == name:  # (not skipped by `steps=`)
         prompt_ids, spec = args[3], kwargs["spec"]  # `[rows, P]` in the bucketed shapes it compiles
         phase.steps[-1].kv = kv_cache_per_chip(model, mesh, rows=prompt_ids.shape[0] * num_samples,
-                                               slots=prompt_ids.shape[1] + spec.gen_len)
+                                               slots=prompt_ids.shape[1] + spec.gen_len, dtype=kv_cache_dtype)
 
 
-def kv_cache_per_chip(model, mesh, *, rows: int, slots: int) -> dict:
+def kv_cache_per_chip(model, mesh, *, rows: int, slots: int, dtype=None) -> dict:
     """The sampler's KV cache on one chip: `rows` sample rows (sharded over data x fsdp) of `slots`
-    positions, K and V for every layer, heads split over `tensor` when they divide it, in the
-    model's compute dtype -> {bytes, row_bytes (one row on its chip), rows_per_chip, slots}."""
+    positions, K and V for every layer, heads split over `tensor` when they divide it, in `dtype`
+    (None / "compute": the model's compute dtype; "int8": 1 byte per element plus a float32 scale
+    per (token, head), `models.transformer.kv_slot_bytes`) -> {bytes, row_bytes (one row on its
+    chip), rows_per_chip, slots, dtype (its name)}."""
+    from jaxrl_rm.models.transformer import kv_cache_dtype_name, kv_slot_bytes
+
     c = model.config
     tensor = mesh.shape.get("tensor", 1)
     heads = c.num_key_value_heads // tensor if c.num_key_value_heads % tensor == 0 else c.num_key_value_heads
-    row_bytes = c.num_hidden_layers * 2 * heads * c.dim_per_head * slots * jnp.dtype(model.dtype).itemsize
+    row_bytes = kv_slot_bytes(c, dtype, model.dtype, heads=heads) * slots
     per_chip = -(-rows // (mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)))
-    return {"bytes": per_chip * row_bytes, "row_bytes": row_bytes, "rows_per_chip": per_chip, "slots": slots}
+    name = kv_cache_dtype_name(dtype) or jnp.dtype(model.dtype).name
+    return {"bytes": per_chip * row_bytes, "row_bytes": row_bytes, "rows_per_chip": per_chip, "slots": slots,
+            "dtype": name}
 
 
 def plan_grpo(cfg, mesh, *, name: str = "grpo", exports: dict | None = None) -> Phase:
@@ -397,7 +406,8 @@ def plan_grpo(cfg, mesh, *, name: str = "grpo", exports: dict | None = None) -> 
     p, t = g.max_prompt_length, g.max_new_tokens
     n_rollout = g.prompts_per_step * g.num_samples
     _generate_step(phase, "rollout", model, params, mesh, prompts=g.prompts_per_step, prompt_len=p,
-                   num_samples=g.num_samples, max_new_tokens=t, top_k=g.top_k, top_p=g.top_p, unfiltered=True)
+                   num_samples=g.num_samples, max_new_tokens=t, top_k=g.top_k, top_p=g.top_p, unfiltered=True,
+                   kv_cache_dtype=g.kv_cache_dtype)
 
     def rows(n):
         return {"input_ids": ((n, p + t), jnp.int32), "attention_mask": ((n, p + t), jnp.int32),

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxrl_rm.models.transformer import kv_cache_dtype_name
 from jaxrl_rm.sampling import generate
 
 ENGINES = ("static", "slots")
@@ -59,13 +60,15 @@ class RolloutCollector:
     engine: `static` | `slots`. num_slots (slots): sample slots decoded together (0: one per
     row of the first call, rounded up to a power of two). steps_per_sync (slots): decode steps
     per host round-trip. mesh: the static engine shards rows over it; the slot engine runs on
-    one device and refuses a multi-device mesh. Other arguments as in `sampling.generate`.
+    one device and refuses a multi-device mesh. kv_cache_dtype: None / "compute" (the model's
+    compute dtype) or "int8" (int8 K/V with a per-(token, head) scale), either engine. Other
+    arguments as in `sampling.generate`.
     """
 
     def __init__(self, *, engine: str = "static", max_prompt_len: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  stop_token_ids: Sequence[int] = (), pad_id: int = 0, mesh=None, num_slots: int = 0,
-                 steps_per_sync: int = 16):
+                 steps_per_sync: int = 16, kv_cache_dtype=None):
         if engine not in ENGINES:
             raise ValueError(f"rollout engine must be one of {list(ENGINES)}, got {engine!r}")
         if engine == "slots" and mesh is not None and mesh.size > 1:
@@ -76,6 +79,7 @@ class RolloutCollector:
         self.sampling = dict(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
         self.stop_token_ids, self.pad_id = list(stop_token_ids), int(pad_id)
         self.num_slots, self.steps_per_sync = int(num_slots), int(steps_per_sync)
+        self.kv_cache_dtype = kv_cache_dtype_name(kv_cache_dtype)
         self._engines: dict[tuple[bool, int], object] = {}  # (greedy, G) -> SlotEngine, built on first use
         self.stats = RolloutStats(engine=engine)
 
@@ -90,7 +94,8 @@ class RolloutCollector:
             res = generate(model, prompts, num_samples=num_samples, max_new_tokens=self.max_new_tokens,
                            stop_token_ids=self.stop_token_ids, seed=seed, greedy=greedy, mesh=self.mesh,
                            return_unfiltered_logprobs=True, max_prompt_len=self.max_prompt_len,
-                           truncate_prompt="left", pad_id=self.pad_id, **self.sampling)
+                           truncate_prompt="left", pad_id=self.pad_id, kv_cache_dtype=self.kv_cache_dtype,
+                           **self.sampling)
             lengths = np.asarray(res.lengths)
             steps = int(lengths.max()) if lengths.size else 0
             occupancy = float(lengths.sum()) / max(lengths.size * steps, 1)
@@ -106,7 +111,7 @@ class RolloutCollector:
                     model, num_slots=slots, num_prompt_slots=max(1, slots // num_samples),
                     max_prompt_len=self.max_prompt_len, max_new_tokens=self.max_new_tokens, greedy=greedy,
                     stop_token_ids=self.stop_token_ids, pad_id=self.pad_id, steps_per_sync=self.steps_per_sync,
-                    **self.sampling)
+                    kv_cache_dtype=self.kv_cache_dtype, **self.sampling)
             engine.model = model  # the engine reads the weights at each run
             res = engine.generate(prompts, num_samples=num_samples, seed=int(seed))
             lengths = np.asarray(res.lengths)

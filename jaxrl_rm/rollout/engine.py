@@ -25,7 +25,8 @@ shared a batch - and with the default row numbering it equals `generate`'s outpu
 seed (up to float rounding of the logits, which can differ with batch shapes).
 
 Memory: a prompt's K/V is stored once (`[P, kv, Sp, Dh]` per layer) and read by its samples
-through an index; a sample slot holds only its completion (`[S, kv, Sc, Dh]`).
+through an index; a sample slot holds only its completion (`[S, kv, Sc, Dh]`). With
+`kv_cache_dtype="int8"` both caches hold int8 K/V with a float32 scale per (token, KV head).
 `SlotEngine.cache_bytes()` reports both next to what repeating the prompt per sample would cost.
 
 Scope: one device (no mesh); CPU runs several slot groups from host threads because XLA:CPU runs
@@ -48,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrl_rm.models.transformer import kv_cache_dtype_name, kv_slot_bytes
 from jaxrl_rm.rollout import step as step_mod
 from jaxrl_rm.rollout.requests import Request, Sample, expand, validate
 from jaxrl_rm.sampling.sampler import (FINISH_LENGTH, FINISH_STOP, GenerationResult, _decode_head, _StaticGraph,
@@ -267,6 +269,8 @@ class SlotEngine:
     compact / min_compact_slots: once no request waits, move the running samples into a smaller
         slot count (halving, down to `min_compact_slots`; one compiled program per level), so the
         long tail of a run does not pay for idle slots.
+    kv_cache_dtype: both caches' dtype, as in `sampling.generate` (None: the compute dtype;
+        "int8": int8 values with a float32 scale per (token, KV head)).
 
     Programs (compiled on first use, or all at once by `warmup()`): prefill for 1, 2, 4, ...
     `prefill_rows` prompts, decode and compaction per slot level. Inserting requests never
@@ -278,7 +282,7 @@ class SlotEngine:
                  greedy: bool = False, stop_token_ids: Sequence[int] | int | None = (), pad_id: int | None = None,
                  steps_per_sync: int = 16, min_refill: int | None = None, prefill_rows: int = 4,
                  host_threads: int | None = None, reuse_prompts: bool = True, compact: bool = True,
-                 min_compact_slots: int = 4):
+                 min_compact_slots: int = 4, kv_cache_dtype=None):
         cfg = model.config
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
@@ -317,7 +321,7 @@ class SlotEngine:
             num_slots=per_group, num_prompt_slots=-(-prompt_slots // self.groups), prompt_len=self.max_prompt_len,
             gen_len=self.max_new_tokens, prefill_rows=min(int(prefill_rows), -(-prompt_slots // self.groups)),
             top_k=k, use_top_p=(not greedy and top_p < 1.0), greedy=bool(greedy),
-            num_stop_slots=len(stop_arr), pad_id=self.pad_id)
+            num_stop_slots=len(stop_arr), pad_id=self.pad_id, kv_cache_dtype=kv_cache_dtype_name(kv_cache_dtype))
         self.prefill_buckets = tuple(sorted({min(1 << i, self.spec.prefill_rows)
                                              for i in range(self.spec.prefill_rows.bit_length() + 1)}))
         self.compact = bool(compact)
@@ -341,10 +345,9 @@ class SlotEngine:
     def cache_bytes(self) -> dict[str, int]:
         """Bytes of the KV caches of all slot groups: `prompt` (shared, one row per prompt slot),
         `completion` (one row per sample slot), and `repeated_prompt` - what holding a copy of the
-        prompt per sample slot would take (the static sampler's layout)."""
-        cfg = self.model.config
-        item = jnp.dtype(self.model.dtype).itemsize
-        per_slot = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.dim_per_head * item
+        prompt per sample slot would take (the static sampler's layout). An int8 cache counts its
+        int8 values and its float32 scales (`models.transformer.kv_slot_bytes`)."""
+        per_slot = kv_slot_bytes(self.model.config, self.spec.kv_cache_dtype, self.model.dtype)
         return dict(prompt=self.num_prompt_slots * self.max_prompt_len * per_slot,
                     completion=self.num_slots * self.max_new_tokens * per_slot,
                     repeated_prompt=self.num_slots * self.max_prompt_len * per_slot)

@@ -32,6 +32,11 @@ it ran in, and equals `generate`'s row `row` for the same seed (up to float roun
 A freshly inserted slot (`n == 0`) runs the step on a dummy token (its write lands on completion
 slot 0, which its first real token overwrites) and takes its logits from `prompt_hidden`, so
 insertion needs no separate program and never changes a compiled shape.
+
+`EngineSpec.kv_cache_dtype="int8"`: both caches hold `models.transformer.QuantizedKV` leaves (int8
+K/V, a float32 scale per token and KV head, same axes), written quantized (`kv_set`) and read
+dequantized after the prompt-row gather; `generate(kv_cache_dtype="int8")` quantizes the same way,
+so the two samplers still agree for a seed.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrl_rm.models.transformer import _NEG_INF, apply_rope, rope_cos_sin, rope_inv_freq
+from jaxrl_rm.models.transformer import (_NEG_INF, QuantizedKV, apply_rope, dequantize_kv, kv_layer, kv_set,
+                                         rope_cos_sin, rope_inv_freq)
 from jaxrl_rm.sampling.distribution import sample_tokens, unfiltered_logprobs
 
 TRACE_COUNT = {"prefill": 0, "decode": 0, "compact": 0}  # incremented on every trace (tests check no recompiles)
@@ -64,6 +70,7 @@ class EngineSpec:
     greedy: bool
     num_stop_slots: int
     pad_id: int
+    kv_cache_dtype: str | None = None  # both caches: None = compute dtype, "int8" = `QuantizedKV` leaves
 
 
 class SlotArrays(NamedTuple):
@@ -100,16 +107,17 @@ def init_state(model, spec: EngineSpec) -> DeviceState:
     """Zeroed device state for one slot group."""
     s, sc = spec.num_slots, spec.gen_len
     return DeviceState(
-        prompt_cache=model.init_cache(spec.num_prompt_slots, spec.prompt_len),
+        prompt_cache=model.init_cache(spec.num_prompt_slots, spec.prompt_len, spec.kv_cache_dtype),
         prompt_hidden=jnp.zeros((spec.num_prompt_slots, model.config.hidden_size), model.dtype),
-        completion_cache=model.init_cache(s, sc),
+        completion_cache=model.init_cache(s, sc, spec.kv_cache_dtype),
         out_tok=jnp.full((s, sc), spec.pad_id, jnp.int32),
         out_logp=jnp.zeros((s, sc), jnp.float32),
         out_base=jnp.zeros((s, sc), jnp.float32))
 
 
 def _rows(x, idx):
-    """Index the row axis (-4) of a cache leaf `[..., R, kv, S, Dh]`."""
+    """Index the row axis (-4) of a cache leaf `[..., R, kv, S, Dh]` (or an int8 cache's scale leaf
+    `[..., R, kv, S, 1]`)."""
     return (slice(None),) * (x.ndim - 4) + (idx,)
 
 
@@ -123,7 +131,7 @@ def _prefill_core(graphdef, state, dstate: DeviceState, ids, lens, dest, *, spec
     model = nnx.merge(graphdef.graphdef, state)
     b, sp = ids.shape
     slots = jnp.arange(sp, dtype=jnp.int32)[None, :]
-    cache = model.init_cache(b, sp)
+    cache = model.init_cache(b, sp, spec.kv_cache_dtype)  # int8: quantized here, copied as stored
     hidden, cache = model.decode(ids, cache, positions=jnp.broadcast_to(slots, (b, sp)), cache_index=0,
                                  kv_mask=slots < lens[:, None])
     last = hidden[jnp.arange(b), lens - 1]  # [B, D]
@@ -176,7 +184,8 @@ def _attend(attn, q, pk, pv, ck, cv, prompt_of, pmask, cmask):
 
     q `[S, 1, H, Dh]`; pk/pv `[P, kv, Sp, Dh]` (one layer's prompt cache); ck/cv `[S, kv, Sc,
     Dh]` (this step's key already written); prompt_of `[S]`; pmask `[S, Sp]`, cmask `[S, Sc]` bool.
-    -> `[S, 1, D]`.
+    -> `[S, 1, D]`. An int8 cache (`QuantizedKV` pk/pv/ck/cv) is gathered leaf by leaf and read
+    dequantized: keys in q's dtype, values in q's dtype (plain caches: in their own dtype).
     """
     s, _, h, dh = q.shape
     kv = attn.num_kv_heads
@@ -189,17 +198,23 @@ def _attend(attn, q, pk, pv, ck, cv, prompt_of, pmask, cmask):
     # this layer's stored prompt rows (`[P, ...]`, 1/G of the gathered `[S, ...]`).
     zero = _zero_from(q)
     qh = q.reshape(s, kv, g, dh)
-    # [S, kv, Sp, Dh]: this layer's prompt rows (with one prompt slot XLA turns the gather into
-    # a broadcast of the cache, so the dependency rides on the data as well as on the index)
-    kp = (pk + zero.astype(pk.dtype))[prompt_of + zero]
-    vp = (pv + zero.astype(pv.dtype))[prompt_of + zero]
+
+    def gather(c):
+        """[S, kv, Sp, Dh]: this layer's prompt rows, each leaf of an int8 cache alike (with one
+        prompt slot XLA turns the gather into a broadcast of the cache, so the dependency rides on
+        the data as well as on the index)."""
+        return jax.tree.map(lambda a: (a + zero.astype(a.dtype))[prompt_of + zero], c)
+
+    n_p = jax.tree.leaves(pk)[0].shape[-2]
+    v_dtype = q.dtype if isinstance(cv, QuantizedKV) else cv.dtype
+    kp, vp = dequantize_kv(gather(pk), q.dtype), dequantize_kv(gather(pv), v_dtype)
+    ck, cv = dequantize_kv(ck, q.dtype), dequantize_kv(cv, v_dtype)
     scale = 1.0 / math.sqrt(dh)
-    sp = jnp.einsum("bkgd,bksd->bkgs", qh, kp.astype(q.dtype), preferred_element_type=jnp.float32) * scale
-    sc = jnp.einsum("bkgd,bksd->bkgs", qh, ck.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    sp = jnp.einsum("bkgd,bksd->bkgs", qh, kp, preferred_element_type=jnp.float32) * scale
+    sc = jnp.einsum("bkgd,bksd->bkgs", qh, ck, preferred_element_type=jnp.float32) * scale
     scores = jnp.concatenate([jnp.where(pmask[:, None, None], sp, _NEG_INF),
                               jnp.where(cmask[:, None, None], sc, _NEG_INF)], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(cv.dtype)
-    n_p = pk.shape[-2]
     out = (jnp.einsum("bkgs,bksd->bkgd", probs[..., :n_p], vp)
            + jnp.einsum("bkgs,bksd->bkgd", probs[..., n_p:], cv))
     return attn.o_proj(out.reshape(s, 1, h * dh).astype(q.dtype))
@@ -214,7 +229,8 @@ def _block(block, x, cos, sin, attend):
 
 def _layers(model, x, cos, sin, pcache, ccache, widx, prompt_of, pmask, cmask):
     """All layers for one token per slot; writes each slot's key/value at completion slot
-    `widx [S]` (a scatter, in place in the loop carry). Returns (x, completion cache)."""
+    `widx [S]` (a scatter, in place in the loop carry; quantized for an int8 cache, `kv_set`).
+    Returns (x, completion cache)."""
     s = x.shape[0]
     ar = jnp.arange(s)
 
@@ -222,8 +238,8 @@ def _layers(model, x, cos, sin, pcache, ccache, widx, prompt_of, pmask, cmask):
         new_cache = []
         for layer, (pk, pv), (ck, cv) in zip(model.layers, pcache, ccache):
             def attend(q, k, v, pk=pk, pv=pv, ck=ck, cv=cv):
-                ck = ck.at[ar, :, widx].set(k[:, 0].astype(ck.dtype))
-                cv = cv.at[ar, :, widx].set(v[:, 0].astype(cv.dtype))
+                ck = kv_set(ck, (ar, slice(None), widx), k[:, 0])
+                cv = kv_set(cv, (ar, slice(None), widx), v[:, 0])
                 new_cache.append((ck, cv))
                 return _attend(layer.attn, q, pk, pv, ck, cv, prompt_of, pmask, cmask)
 
@@ -239,11 +255,10 @@ def _layers(model, x, cos, sin, pcache, ccache, widx, prompt_of, pmask, cmask):
         written = {}
 
         def attend(q, k, v):
-            ck2 = ck.at[i, ar, :, widx].set(k[:, 0].astype(ck.dtype))
-            cv2 = cv.at[i, ar, :, widx].set(v[:, 0].astype(cv.dtype))
+            ck2 = kv_set(ck, (i, ar, slice(None), widx), k[:, 0])
+            cv2 = kv_set(cv, (i, ar, slice(None), widx), v[:, 0])
             written["kv"] = (ck2, cv2)
-            return _attend(block.attn, q, pk, pv, jax.lax.dynamic_index_in_dim(ck2, i, keepdims=False),
-                           jax.lax.dynamic_index_in_dim(cv2, i, keepdims=False), prompt_of, pmask, cmask)
+            return _attend(block.attn, q, pk, pv, kv_layer(ck2, i), kv_layer(cv2, i), prompt_of, pmask, cmask)
 
         x = _block(block, x, cos, sin, attend)
         return (x, written["kv"]), None

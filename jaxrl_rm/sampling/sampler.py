@@ -14,7 +14,9 @@ can already be filled - on CPU a decode step is memory-bound and the K/V reads c
 much as the weight reads. The cache and loop state never leave one jitted function: XLA updates
 the while-loop carry in place (the in-jit equivalent of donating it); the weights are passed in,
 never donated. Sampling reads one uniform per row per step (`distribution.sample_tokens`),
-drawn up front as a function of (seed, row, step) only.
+drawn up front as a function of (seed, row, step) only. `kv_cache_dtype="int8"` stores the cache
+as `models.transformer.QuantizedKV` leaves (int8 K/V plus a float32 scale per token and KV head,
+same axes, so growing, repeating and sharding it are the same tree ops).
 
 CPU specifics (measured on 2 cores; see benchmarks/generate.py): XLA:CPU runs one program's
 matmuls on one core, so without a mesh the rows are split into shards decoded concurrently from
@@ -48,6 +50,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxrl_rm.models.transformer import kv_cache_dtype_name
 from jaxrl_rm.parallel.mesh import replicate
 from jaxrl_rm.sampling.distribution import sample_tokens, unfiltered_logprobs
 
@@ -208,12 +211,14 @@ class _Spec:
     unfiltered: bool
     mesh: Any
     windows: tuple[int, ...] = ()  # cache sizes of the decode phases (last = prompt_len + gen_len)
+    kv_cache_dtype: str | None = None  # None: the compute dtype; "int8": `QuantizedKV` leaves
 
 
 def _constrain_cache(cache, spec: _Spec, num_kv_heads: int):
     """Pin a KV cache's sharding: rows over (data, fsdp), KV heads over tensor when they divide
     it. Every cache leaf is `[..., B, kv, S, Dh]` (a leading layer dim in the scanned layout,
-    replicated), so this works for either `KVCache` layout."""
+    replicated), so this works for either `KVCache` layout (and for int8 `QuantizedKV` leaves, whose
+    values and scales share those axes)."""
     if spec.mesh is None:
         return cache
     tensor = spec.mesh.shape.get("tensor", 1)
@@ -290,7 +295,7 @@ def _generate_core(graphdef, state, head, prompt_ids, prompt_lens, live, uniform
     slots_p = jnp.arange(p)[None, :]
     pad_start = (p - prompt_lens)[:, None]  # [R, 1] first real slot of each row
     positions = jnp.maximum(slots_p - pad_start, 0).astype(jnp.int32)
-    pcache = _constrain_cache(model.init_cache(r, p), spec, cfg.num_key_value_heads)
+    pcache = _constrain_cache(model.init_cache(r, p, spec.kv_cache_dtype), spec, cfg.num_key_value_heads)
     hidden, pcache = model.decode(prompt_ids, pcache, positions=positions, cache_index=0,
                                   kv_mask=slots_p >= pad_start)
     logits = lm_logits(hidden[:, -1])  # [R, V] f32: only the last position needs the head
@@ -442,18 +447,18 @@ def _stop_slots(n_stops: int) -> int:
 
 
 def _make_spec(cfg, *, rows, prompt_len, gen_len, num_samples, top_k, top_p, greedy, num_stop_slots,
-               pad_id, unfiltered, mesh) -> _Spec:
+               pad_id, unfiltered, mesh, kv_cache_dtype=None) -> _Spec:
     """The static part of a sampler program (what one compilation covers)."""
     k = top_k if (not greedy and top_k and top_k < cfg.vocab_size) else 0
     return _Spec(rows=rows, prompt_len=prompt_len, gen_len=gen_len, num_samples=num_samples, top_k=k,
                  use_top_p=(not greedy and top_p < 1.0), greedy=bool(greedy), num_stop_slots=num_stop_slots,
                  pad_id=int(pad_id), unfiltered=bool(unfiltered), mesh=mesh,
-                 windows=decode_windows(prompt_len, gen_len))
+                 windows=decode_windows(prompt_len, gen_len), kv_cache_dtype=kv_cache_dtype_name(kv_cache_dtype))
 
 
 def generate_program(model, state, *, prompts: int, prompt_len: int, num_samples: int, max_new_tokens: int,
                      mesh, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-                     unfiltered: bool = False, num_stops: int = 1):
+                     unfiltered: bool = False, num_stops: int = 1, kv_cache_dtype=None):
     """The jitted program `generate` runs for `prompts` prompts of up to `prompt_len` tokens, and
     its arguments as `jax.ShapeDtypeStruct`s placed as `generate` places them, for compiling
     ahead of time (`jaxrl_rm.plan`): returns `(jitted, args, kwargs)`, so that
@@ -461,14 +466,15 @@ def generate_program(model, state, *, prompts: int, prompt_len: int, num_samples
     on `mesh` (an accelerator mesh: one row split, no CPU head cache).
 
     model: the `Transformer` (may be abstract, from `nnx.eval_shape`); state: its weights as
-    `ShapeDtypeStruct`s with shardings (an `nnx.State` or pure dict).
+    `ShapeDtypeStruct`s with shardings (an `nnx.State` or pure dict). kv_cache_dtype: as in
+    `generate`.
     """
     cfg = model.config
     shards = math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
     rows, p, n = bucket_rows(prompts, shards), bucket_length(prompt_len), bucket_length(max_new_tokens)
     spec = _make_spec(cfg, rows=rows, prompt_len=p, gen_len=n, num_samples=num_samples, top_k=top_k,
                       top_p=top_p, greedy=greedy, num_stop_slots=_stop_slots(num_stops), pad_id=0,
-                      unfiltered=unfiltered, mesh=mesh)
+                      unfiltered=unfiltered, mesh=mesh, kv_cache_dtype=kv_cache_dtype)
 
     def placed(shape, dtype, row_dim=0):
         parts = [None] * len(shape)
@@ -522,7 +528,8 @@ def generate(model, prompts, *, num_samples: int = 1, max_new_tokens: int, tempe
              seed: int | jax.Array = 0, greedy: bool = False, mesh: jax.sharding.Mesh | None = None,
              max_prompt_len: int | None = None, truncate_prompt: str = "error",
              prompt_lengths=None, padding_side: str = "left", pad_id: int | None = None,
-             return_unfiltered_logprobs: bool = False, host_threads: int | None = None) -> GenerationResult:
+             return_unfiltered_logprobs: bool = False, host_threads: int | None = None,
+             kv_cache_dtype=None) -> GenerationResult:
     """Sample `num_samples` completions for each prompt.
 
     model: `jaxrl_rm.models.Transformer` (any compute dtype; sampler math is float32).
@@ -548,6 +555,10 @@ def generate(model, prompts, *, num_samples: int = 1, max_new_tokens: int, tempe
         concurrently from host threads (default `_host_splits`: one per core, >= 8 rows each).
         XLA:CPU runs one program's matmuls on one core; independent executions run in parallel.
         Results do not depend on it (each row's random draws are fixed by `seed` and its index).
+    kv_cache_dtype: None / "compute" (the model's compute dtype), "int8" (each K / V stored as
+        int8 with a float32 scale per (token, KV head), `models.transformer.QuantizedKV`: 0.53x
+        the bytes of a bf16 cache at head_dim 64; log-probs drift slightly, see README), or
+        another float dtype.
 
     Returns a `GenerationResult` with `B * num_samples` rows (row i*num_samples + j is sample j
     of prompt i).
@@ -589,7 +600,7 @@ def generate(model, prompts, *, num_samples: int = 1, max_new_tokens: int, tempe
     spec = _make_spec(cfg, rows=r_bucket // splits, prompt_len=p_bucket, gen_len=n_bucket,
                       num_samples=num_samples, top_k=top_k, top_p=top_p, greedy=greedy,
                       num_stop_slots=len(stop_arr), pad_id=pad_id,
-                      unfiltered=return_unfiltered_logprobs, mesh=mesh)
+                      unfiltered=return_unfiltered_logprobs, mesh=mesh, kv_cache_dtype=kv_cache_dtype)
     key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
     # One uniform per row and step, drawn up front for the whole batch (so samples do not depend
     # on how the rows are split below); the loop does no PRNG work.

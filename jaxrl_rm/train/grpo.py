@@ -168,7 +168,7 @@ class GRPO:
         self.rollout = RolloutCollector(
             engine=g.rollout_engine, max_prompt_len=self.P, max_new_tokens=self.T, temperature=g.temperature,
             top_p=g.top_p, top_k=g.top_k, stop_token_ids=self.eos, pad_id=self.pad, mesh=self.mesh,
-            num_slots=g.rollout_slots, steps_per_sync=g.rollout_steps_per_sync)
+            num_slots=g.rollout_slots, steps_per_sync=g.rollout_steps_per_sync, kv_cache_dtype=g.kv_cache_dtype)
         self.update = build_train_step(self.trainer, make_grpo_loss(g, prompt_len=self.P, mesh=self.mesh),
                                        micro_batches=cfg.train.micro_batches)
         # the old / reference pass in blocks the size of one update micro-batch

@@ -39,7 +39,7 @@ NEW_TOKENS = 24
 EOS = 2  # <|im_end|>
 # `test_int8_kv_cache_logprob_drift` bounds (nats; measured values in the test's docstring / output)
 BF16_KV_MAX, BF16_KV_MEAN = 0.2, 0.03
-INT8_KV_MAX, INT8_KV_MEAN = 0.5, 0.12
+INT8_KV_MAX, INT8_KV_MEAN = 0.5, 0.09
 
 
 # --- fixtures -------------------------------------------------------------------------------------
@@ -375,7 +375,8 @@ def test_int8_kv_cache_logprob_drift(jax_model, prompt_ids):
     head scales) caches; sampler log-probs of the 4 chat prompts x 32 sampled tokens (temperature 1)
     against one float32 teacher-forced pass over the same tokens (no cache). Measured 2026-12-06
     (printed; |dlogp| in nats): float32 cache max 2.4e-5; bf16 max 0.068, mean 0.0099; int8 max
-    0.18, mean 0.043. The bounds leave about 3x."""
+    0.17, mean 0.031 (max 0.18, mean 0.043 when a prefill also read its own block rounded). The
+    bounds leave about 3x."""
     from jaxrl_rm.sampling import generate, teacher_forced_logprobs
 
     drift = {}

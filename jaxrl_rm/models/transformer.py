@@ -371,30 +371,39 @@ class Attention(nnx.Module):
         step's keys is one contiguous `dynamic_update_slice` per head (in place inside a donated
         `while_loop` carry) and (b) both attention contractions are batched over (B, kv) with no
         transpose of the cache. A `QuantizedKV` cache (int8) stores this step's keys/values
-        quantized (`kv_update_slice`) and is read dequantized (`_cached_attention`).
+        quantized (`kv_update_slice`) and is read dequantized (`_cached_attention`), except that a
+        block of several tokens (a prefill) attends to its own keys/values unquantized, as a
+        compute-dtype prefill would: only what later steps read from the cache is rounded.
         """
         ck, cv = kv_cache
         new_k, new_v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        exact = (new_k, new_v, cache_index) if q.shape[1] > 1 else None
         if layer is None:
             start = (0, 0, cache_index, 0)
             ck = kv_update_slice(ck, new_k, start)
             cv = kv_update_slice(cv, new_v, start)
-            out = self._cached_attention(q, ck, cv, mask)
+            out = self._cached_attention(q, ck, cv, mask, exact)
         else:  # write this layer's slot of the stacked cache (in place), then read its slice
             start = (layer, 0, 0, cache_index, 0)
             ck = kv_update_slice(ck, new_k[None], start)
             cv = kv_update_slice(cv, new_v[None], start)
-            out = self._cached_attention(q, kv_layer(ck, layer), kv_layer(cv, layer), mask)
+            out = self._cached_attention(q, kv_layer(ck, layer), kv_layer(cv, layer), mask, exact)
         return out, (ck, cv)
 
-    def _cached_attention(self, q, ck, cv, mask):
+    def _cached_attention(self, q, ck, cv, mask, exact=None):
         """q `[B, T, H, Dh]` over cache k/v `[B, kv, S, Dh]` (already written; plain arrays or
         `QuantizedKV`) -> `[B, T, D]`. Keys are read in q's dtype; values in the cache's dtype
-        (an int8 cache: dequantized to q's dtype); the softmax is float32."""
+        (an int8 cache: dequantized to q's dtype); the softmax is float32. `exact` (new k, new v
+        `[B, kv, T, Dh]`, their first slot): for an int8 cache, read those slots unrounded."""
         b, t, _, dh = q.shape
         kv, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
-        v_dtype = q.dtype if isinstance(cv, QuantizedKV) else cv.dtype
+        quantized = isinstance(cv, QuantizedKV)
+        v_dtype = q.dtype if quantized else cv.dtype
         ck, cv = dequantize_kv(ck, q.dtype), dequantize_kv(cv, v_dtype)
+        if quantized and exact is not None:
+            new_k, new_v, first = exact
+            ck = jax.lax.dynamic_update_slice(ck, new_k.astype(ck.dtype), (0, 0, first, 0))
+            cv = jax.lax.dynamic_update_slice(cv, new_v.astype(cv.dtype), (0, 0, first, 0))
         # [B, T, kv, g, Dh] -> [B, kv, g*T, Dh]: query rows of one kv head are contiguous.
         qh = q.reshape(b, t, kv, groups, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * t, dh)
         scores = jnp.einsum("bkqd,bksd->bkqs", qh, ck,

@@ -447,7 +447,7 @@ from jaxrl_rm.main import main
 
 COMMON = ["logging.tensorboard=false", f"logging.progress={str(not TINY).lower()}"]
 if TINY:
-    COMMON += ["checkpoint.every=0", "train.log_every=5", "rm.eval_size=128"]
+    COMMON += ["checkpoint.every=0", "train.log_every=5", "rm.eval_size=64"]
 
 
 def run(name, config, *overrides):
@@ -468,13 +468,13 @@ def run(name, config, *overrides):
 
 tiny = lambda *o: list(o) if TINY else []
 bt = run("bt", CONFIGS / "rm_bt_tiny.yaml",
-         *tiny("train.steps=40", "train.eval_every=10", "data.synthetic_size=1024"))
+         *tiny("train.steps=20", "train.eval_every=10", "data.synthetic_size=1024"))
 pt = run("polar_pretrain", CONFIGS / "polar_pretrain_tiny.yaml",
-         *tiny("train.steps=60", "train.eval_every=20", "data.synthetic_size=2048"), *([] if TINY else ["train.eval_every=100"]))
+         *tiny("train.steps=30", "train.eval_every=15", "data.synthetic_size=2048"), *([] if TINY else ["train.eval_every=100"]))
 ft = run("polar_finetune", CONFIGS / "polar_finetune_tiny.yaml", f"model.path={pt / 'hf'}",
-         *tiny("train.steps=30", "train.eval_every=10", "data.synthetic_size=1024"), *([] if TINY else ["train.eval_every=50"]))
+         *tiny("train.steps=16", "train.eval_every=8", "data.synthetic_size=1024"), *([] if TINY else ["train.eval_every=50"]))
 ft_nopt = run("polar_finetune_no_pt", CONFIGS / "polar_finetune_tiny.yaml", "model.path=",
-              *tiny("train.steps=30", "train.eval_every=10", "data.synthetic_size=1024"), *([] if TINY else ["train.eval_every=50"]))
+              *tiny("train.steps=16", "train.eval_every=8", "data.synthetic_size=1024"), *([] if TINY else ["train.eval_every=50"]))
 """)
 nb.md(r"""
 ## 3. Accuracy

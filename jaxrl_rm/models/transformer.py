@@ -109,6 +109,13 @@ def dequantize_kv(x: jax.Array | QuantizedKV, dtype) -> jax.Array:
     return x.astype(dtype)
 
 
+def read_kv(ck, cv, dtype) -> tuple[jax.Array, jax.Array]:
+    """One layer's cache k, v (plain or `QuantizedKV`) as attention reads them: keys in `dtype`
+    (the query's); values in the cache's own dtype, or dequantized to `dtype` for an int8 cache."""
+    v_dtype = dtype if isinstance(cv, QuantizedKV) else cv.dtype
+    return dequantize_kv(ck, dtype), dequantize_kv(cv, v_dtype)
+
+
 def kv_update_slice(cache: jax.Array | QuantizedKV, new: jax.Array, start: tuple) -> jax.Array | QuantizedKV:
     """`dynamic_update_slice(cache, new, start)` for a plain leaf (cast to its dtype) or a
     `QuantizedKV` (`new [..., T, Dh]` quantized per row; the scale gets the same `start`)."""
@@ -398,8 +405,7 @@ class Attention(nnx.Module):
         b, t, _, dh = q.shape
         kv, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
         quantized = isinstance(cv, QuantizedKV)
-        v_dtype = q.dtype if quantized else cv.dtype
-        ck, cv = dequantize_kv(ck, q.dtype), dequantize_kv(cv, v_dtype)
+        ck, cv = read_kv(ck, cv, q.dtype)
         if quantized and exact is not None:
             new_k, new_v, first = exact
             ck = jax.lax.dynamic_update_slice(ck, new_k.astype(ck.dtype), (0, 0, first, 0))

@@ -49,8 +49,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrl_rm.models.transformer import (_NEG_INF, QuantizedKV, apply_rope, dequantize_kv, kv_layer, kv_set,
-                                         rope_cos_sin, rope_inv_freq)
+from jaxrl_rm.models.transformer import (_NEG_INF, apply_rope, kv_layer, kv_set, read_kv, rope_cos_sin,
+                                         rope_inv_freq)
 from jaxrl_rm.sampling.distribution import sample_tokens, unfiltered_logprobs
 
 TRACE_COUNT = {"prefill": 0, "decode": 0, "compact": 0}  # incremented on every trace (tests check no recompiles)
@@ -206,9 +206,8 @@ def _attend(attn, q, pk, pv, ck, cv, prompt_of, pmask, cmask):
         return jax.tree.map(lambda a: (a + zero.astype(a.dtype))[prompt_of + zero], c)
 
     n_p = jax.tree.leaves(pk)[0].shape[-2]
-    v_dtype = q.dtype if isinstance(cv, QuantizedKV) else cv.dtype
-    kp, vp = dequantize_kv(gather(pk), q.dtype), dequantize_kv(gather(pv), v_dtype)
-    ck, cv = dequantize_kv(ck, q.dtype), dequantize_kv(cv, v_dtype)
+    kp, vp = read_kv(gather(pk), gather(pv), q.dtype)
+    ck, cv = read_kv(ck, cv, q.dtype)
     scale = 1.0 / math.sqrt(dh)
     sp = jnp.einsum("bkgd,bksd->bkgs", qh, kp, preferred_element_type=jnp.float32) * scale
     sc = jnp.einsum("bkgd,bksd->bkgs", qh, ck, preferred_element_type=jnp.float32) * scale

@@ -36,13 +36,3 @@ def test_a_step_logs_rollout_throughput(tmp_path):
     rl = GRPO(load_config(None, [*BASE, f"run_dir={tmp_path}", "grpo.rollout_engine=slots"]))
     _, _, metrics = rl.collect(rl.state["params"], step=0)
     assert metrics["rollout/tokens_per_s"] > 0 and 0 < metrics["rollout/occupancy"] <= 1
-
-
-def test_slots_refuse_a_multi_device_mesh():
-    from jaxrl_rm.rollout.collect import RolloutCollector
-
-    class Mesh:
-        size = 8
-
-    with pytest.raises(ValueError, match="one device"):
-        RolloutCollector(engine="slots", max_prompt_len=8, max_new_tokens=4, mesh=Mesh())

@@ -26,7 +26,7 @@ from jaxrl_rm.sampling import sampler as sampler_mod
 from jaxrl_rm.train import grpo as grpo_mod
 
 MESH_OVERRIDES, RUN = __MESH__, __RUN__
-sizes = {k.split("=")[0].split(".")[1]: int(k.split("=")[1]) for k in MESH_OVERRIDES}
+sizes = {k.split("=")[0].split(".")[1]: int(k.split("=")[1]) for k in MESH_OVERRIDES if k.startswith("mesh.")}
 MESH = make_mesh(sizes.get("data", -1), sizes.get("fsdp", 1), sizes.get("tensor", 1))
 SEEN = {"placed": [], "train": [], "sample": []}
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1",
@@ -158,3 +158,13 @@ def test_j1_batches_are_split_and_steps_match_one_device(tmp_path):
     assert_split(sharded["seen"], rows=16, n_updates=2, update_rows=16)
     assert_same_steps(single["steps"], sharded["steps"])
     assert sharded["accuracy"] == single["accuracy"]
+
+
+@pytest.mark.slow
+def test_grpo_with_the_slot_engine_on_the_mesh_matches_one_device(tmp_path):
+    """`grpo.rollout_engine=slots` on the 8-device mesh (a slot group per data shard, weights
+    tensor-sharded): the same samples, rewards and updates as the static sampler on one device."""
+    single = run(GRPO_RUN, 1, [], tmp_path / "one")
+    sharded = run(GRPO_RUN, 8, [*MESH_8, "grpo.rollout_engine=slots"], tmp_path / "eight")
+    assert not sharded["seen"]["sample"]  # the static sampler never ran
+    assert_same_steps(single["steps"], sharded["steps"])

@@ -10,7 +10,7 @@ throughput statistics either way.
 Why both engines: `static` decodes every row until the last one stops, so a long-tailed batch
 idles most rows; it shards rows over a mesh and is what the library's RL results were measured
 with. `slots` (continuous batching, one copy of each prompt's K/V for its G samples) keeps the
-slots busy and stores each prompt once, on one device. Both draw sample j of prompt i at step t
+slots busy and stores each prompt once (on a mesh: a slot group per data shard). Both draw sample j of prompt i at step t
 from the same uniform (a function of the seed, the row and t), so they return the same samples up
 to float rounding of the logits.
 
@@ -21,6 +21,7 @@ decode steps run (static: every row runs until the longest stops) or over slot-s
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 
@@ -59,8 +60,8 @@ class RolloutCollector:
 
     engine: `static` | `slots`. num_slots (slots): sample slots decoded together (0: one per
     row of the first call, rounded up to a power of two). steps_per_sync (slots): decode steps
-    per host round-trip. mesh: the static engine shards rows over it; the slot engine runs on
-    one device and refuses a multi-device mesh. kv_cache_dtype: None / "compute" (the model's
+    per host round-trip. mesh: the static engine shards rows over its ("data", "fsdp") axes; the
+    slot engine runs one slot group per data shard (`SlotEngine(mesh=)`). kv_cache_dtype: None / "compute" (the model's
     compute dtype) or "int8" (int8 K/V with a per-(token, head) scale), either engine. Other
     arguments as in `sampling.generate`.
     """
@@ -71,9 +72,6 @@ class RolloutCollector:
                  steps_per_sync: int = 16, kv_cache_dtype=None):
         if engine not in ENGINES:
             raise ValueError(f"rollout engine must be one of {list(ENGINES)}, got {engine!r}")
-        if engine == "slots" and mesh is not None and mesh.size > 1:
-            raise ValueError(f"rollout engine 'slots' runs on one device; this run's mesh has {mesh.size} "
-                             "(use engine 'static', which shards rows over the mesh)")
         self.engine, self.mesh = engine, mesh
         self.max_prompt_len, self.max_new_tokens = int(max_prompt_len), int(max_new_tokens)
         self.sampling = dict(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
@@ -105,13 +103,15 @@ class RolloutCollector:
             engine = self._engines.get((greedy, num_samples))
             if engine is None:
                 slots = self.num_slots or 1 << max(len(prompts) * num_samples - 1, 0).bit_length()
+                if self.mesh is not None:  # at least one slot per data shard (a slot group each)
+                    slots = max(slots, math.prod(self.mesh.shape.get(a, 1) for a in ("data", "fsdp")))
                 # G samples per prompt: slots / G prompt slots keep every slot busy, 1/G of the cache
                 # that a copy of the prompt per sample would take
                 engine = self._engines[(greedy, num_samples)] = SlotEngine(
                     model, num_slots=slots, num_prompt_slots=max(1, slots // num_samples),
                     max_prompt_len=self.max_prompt_len, max_new_tokens=self.max_new_tokens, greedy=greedy,
                     stop_token_ids=self.stop_token_ids, pad_id=self.pad_id, steps_per_sync=self.steps_per_sync,
-                    kv_cache_dtype=self.kv_cache_dtype, **self.sampling)
+                    kv_cache_dtype=self.kv_cache_dtype, mesh=self.mesh, **self.sampling)
             engine.model = model  # the engine reads the weights at each run
             res = engine.generate(prompts, num_samples=num_samples, seed=int(seed))
             lengths = np.asarray(res.lengths)

@@ -29,8 +29,15 @@ through an index; a sample slot holds only its completion (`[S, kv, Sc, Dh]`). W
 `kv_cache_dtype="int8"` both caches hold int8 K/V with a float32 scale per (token, KV head).
 `SlotEngine.cache_bytes()` reports both next to what repeating the prompt per sample would cost.
 
-Scope: one device (no mesh); CPU runs several slot groups from host threads because XLA:CPU runs
-one program's matmuls on one core (as `sampling.generate` does with its row shards). Both layer
+Devices: with `mesh=` (more than one device), there is one slot group per data shard (`data x
+fsdp`), and one host thread drives them together (`_MeshDriver`): their device states are stacked
+`[groups, ...]` over the data axes and each prefill / decode / compaction is one SPMD program for
+all groups (`rollout.step.*_groups_jit`), so each device holds and reads only its own groups'
+caches (KV heads over "tensor" when it divides them; the weights keep the sharding they have, and
+XLA inserts their collectives). A group's samples read only its own prompt slots; the groups move
+between slot levels together. The host loop is one process's (a mesh spanning processes is
+refused). Without a mesh, CPU runs several slot groups from host threads because XLA:CPU runs one
+program's matmuls on one core (as `sampling.generate` does with its row shards). Both layer
 layouts (unrolled and `scan_layers=True`) are supported.
 """
 
@@ -39,6 +46,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import math
 import os
 import threading
 import time
@@ -50,10 +58,11 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_rm.models.transformer import kv_cache_dtype_name, kv_slot_bytes
+from jaxrl_rm.parallel.mesh import spans_processes
 from jaxrl_rm.rollout import step as step_mod
 from jaxrl_rm.rollout.requests import Request, Sample, expand, validate
-from jaxrl_rm.sampling.sampler import (FINISH_LENGTH, FINISH_STOP, GenerationResult, _decode_head, _StaticGraph,
-                                       _stop_ids, _stop_slots, check_sampling)
+from jaxrl_rm.sampling.sampler import (BATCH_AXES, FINISH_LENGTH, FINISH_STOP, GenerationResult, _decode_head,
+                                       _StaticGraph, _stop_ids, _stop_slots, check_sampling)
 
 _MIN_SLOTS_PER_GROUP = 8
 
@@ -65,7 +74,8 @@ class EngineStats:
     paid for); occupancy = useful_tokens / slot_steps; syncs: host round-trips (decode calls);
     prefill_calls / prompts_prefilled; prompts_reused: requests whose prompt was already in a
     prompt slot (not prefilled again); compactions: moves to a smaller slot level in the tail;
-    wall_s: time of the run."""
+    wall_s: time of the run. Counts are summed over slot groups (on a mesh a device call serves
+    every group: a group that sat a call out adds no decode steps)."""
 
     useful_tokens: int = 0
     decode_steps: int = 0
@@ -98,10 +108,11 @@ class _Shared:
 class _Group:
     """One set of slots, its device state and its host bookkeeping (driven by one thread)."""
 
-    def __init__(self, engine: "SlotEngine", spec: step_mod.EngineSpec):
+    def __init__(self, engine: "SlotEngine", spec: step_mod.EngineSpec, *, own_state: bool = True):
         self.engine, self.spec = engine, spec
         s, p = spec.num_slots, spec.num_prompt_slots
-        self.state = step_mod.init_state(engine.model, spec)
+        # on a mesh the groups' device states are stacked and driven together (`_MeshDriver`)
+        self.state = step_mod.init_state(engine.model, spec) if own_state else None
         z = lambda dtype: np.zeros((s,), dtype)
         self.h = step_mod.SlotArrays(tok=z(np.int32), n=z(np.int32), active=z(bool), stopped=z(bool),
                                      prompt_of=z(np.int32), plen=np.ones((s,), np.int32), limit=z(np.int32),
@@ -143,20 +154,34 @@ class _Group:
                 self.prompt_refs[ps] += 1
         return fresh
 
-    def _prefill(self, fresh):
+    def _prefill_batches(self, fresh, rows_at_least=()) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Prompts to prefill -> per prefill call `(ids [B, Sp], lens [B], dest [B])`, B a prefill
+        bucket (at least `rows_at_least[k]` rows for call k, so groups driven together share a
+        shape); filler rows have dest = P (dropped). Counts the calls in `self.stats`."""
         spec, eng = self.spec, self.engine
-        for i in range(0, len(fresh), spec.prefill_rows):
+        calls = []
+        for k, i in enumerate(range(0, len(fresh), spec.prefill_rows)):
             part = fresh[i:i + spec.prefill_rows]
-            rows = next(b for b in eng.prefill_buckets if b >= len(part))
+            self.stats.prefill_calls += 1
+            self.stats.prompts_prefilled += len(part)
+            calls.append(len(part))
+        out = []
+        for k in range(max(len(calls), len(rows_at_least))):
+            need = max(calls[k] if k < len(calls) else 0, rows_at_least[k] if k < len(rows_at_least) else 0)
+            rows = next(b for b in eng.prefill_buckets if b >= need)
             ids = np.full((rows, spec.prompt_len), spec.pad_id, np.int32)
             lens = np.ones((rows,), np.int32)
             dest = np.full((rows,), spec.num_prompt_slots, np.int32)  # filler: dropped
-            for j, (ps, prompt) in enumerate(part):
+            for j, (ps, prompt) in enumerate(fresh[k * spec.prefill_rows:(k + 1) * spec.prefill_rows]):
                 ids[j, :prompt.size] = prompt
                 lens[j], dest[j] = prompt.size, ps
-            self.state = step_mod.prefill_jit(eng._graph, eng._weights, self.state, ids, lens, dest, spec=spec)
-            self.stats.prefill_calls += 1
-            self.stats.prompts_prefilled += len(part)
+            out.append((ids, lens, dest))
+        return out
+
+    def _prefill(self, fresh):
+        eng = self.engine
+        for ids, lens, dest in self._prefill_batches(fresh):
+            self.state = step_mod.prefill_jit(eng._graph, eng._weights, self.state, ids, lens, dest, spec=self.spec)
 
     def _assign(self, shared: _Shared):
         h = self.h
@@ -172,11 +197,19 @@ class _Group:
             h.prompt_of[s], h.plen[s] = ps, shared.prompts[smp.request].size
             h.limit[s], h.seed[s], h.row[s] = smp.limit, smp.seed, smp.row
 
-    def _collect(self, shared: _Shared):
-        done = [s for s, smp in enumerate(self.slot_sample) if smp is not None and not self.h.active[s]]
+    def _finished(self) -> list[int]:
+        """Slots whose sample ended in the last decode call."""
+        return [s for s, smp in enumerate(self.slot_sample) if smp is not None and not self.h.active[s]]
+
+    def _collect(self, shared: _Shared, outputs=None):
+        """Copy the finished slots' samples out and free the slots. outputs: host `(tokens, logp,
+        base)` `[S, Sc]` of this group (default: read from its own device state)."""
+        done = self._finished()
         if not done:
             return
-        toks, logp, base = (np.array(a) for a in (self.state.out_tok, self.state.out_logp, self.state.out_base))
+        if outputs is None:
+            outputs = (self.state.out_tok, self.state.out_logp, self.state.out_base)
+        toks, logp, base = (np.asarray(a) for a in outputs)
         for s in done:
             smp, n = self.slot_sample[s], int(self.h.n[s])
             shared.tokens[smp.index, :n] = toks[s, :n]
@@ -194,26 +227,50 @@ class _Group:
                     del self.prompt_key[self.key_of[ps]]
                     self.key_of[ps] = None
 
+    def _busy(self) -> int:
+        return sum(1 for smp in self.slot_sample if smp is not None)
+
+    def _compact_target(self, busy: int) -> step_mod.EngineSpec | None:
+        """The smallest slot level holding `busy` samples, if smaller than the current one."""
+        target = min((sp for sp in self.engine.levels if sp.num_slots >= busy), key=lambda sp: sp.num_slots)
+        return target if target.num_slots < self.spec.num_slots else None
+
+    def _compact_index(self, target: step_mod.EngineSpec) -> np.ndarray:
+        """`[S']` slots kept by a move to `target`: the running ones first, then idle ones."""
+        busy = [s for s, smp in enumerate(self.slot_sample) if smp is not None]
+        idle = [s for s, smp in enumerate(self.slot_sample) if smp is None]
+        return np.asarray(busy + idle[:target.num_slots - len(busy)], np.int32)
+
     def _compact(self, shared: _Shared):
         """Once nothing waits (no more insertions this run), move the running samples into the
         smallest slot level that holds them (`SlotEngine.levels`): the tail of a long-tailed run
         then pays for fewer slots per step."""
-        if self.waiting or shared.queue:
+        if self.waiting or shared.queue or not self._busy():
             return
-        busy = [s for s, smp in enumerate(self.slot_sample) if smp is not None]
-        if not busy:
+        target = self._compact_target(self._busy())
+        if target is None:
             return
-        target = min((sp for sp in self.engine.levels if sp.num_slots >= len(busy)), key=lambda sp: sp.num_slots)
-        if target.num_slots >= self.spec.num_slots:
-            return
-        idle = [s for s, smp in enumerate(self.slot_sample) if smp is None]
-        idx = np.asarray(busy + idle[:target.num_slots - len(busy)], np.int32)
+        idx = self._compact_index(target)
         self.state = step_mod.compact_jit(self.state, idx)
+        self._moved(idx, target)
+
+    def _moved(self, idx: np.ndarray, target: step_mod.EngineSpec):
+        """Host bookkeeping of a compaction to `target` keeping slots `idx`."""
         self.h = step_mod.SlotArrays(*(a[idx] for a in self.h))
         self.slot_sample = [self.slot_sample[i] for i in idx]
         self.slot_prompt = self.slot_prompt[idx]
         self.spec = target
         self.stats.compactions += 1
+
+    def _want(self, shared: _Shared) -> int:
+        """Free slots at which the next decode call returns: a few more than now while samples
+        wait (so they are inserted soon), else only when every slot is done (0: nothing runs)."""
+        active = int(self.h.active.sum())
+        if active == 0:
+            return 0
+        free = self.spec.num_slots - active
+        backlog = len(self.waiting) + (self.engine.min_refill if shared.queue else 0)
+        return free + min(self.engine.min_refill, backlog) if backlog else self.spec.num_slots + 1
 
     def run(self, shared: _Shared):
         eng = self.engine
@@ -227,9 +284,7 @@ class _Group:
                 if self.waiting:
                     raise RuntimeError("slot engine made no progress (no free slot for a waiting sample)")
                 return
-            free = spec.num_slots - active
-            backlog = len(self.waiting) + (eng.min_refill if shared.queue else 0)
-            want = free + min(eng.min_refill, backlog) if backlog else spec.num_slots + 1
+            want = self._want(shared)
             self.state, out, steps = step_mod.decode_jit(
                 eng._graph, eng._weights, eng._head, self.state, step_mod.SlotArrays(*self.h), eng._stops,
                 eng._temperature, eng._top_p, np.int32(eng.steps_per_sync), np.int32(want), spec=spec)
@@ -241,6 +296,82 @@ class _Group:
             self._collect(shared)
             if eng.compact:
                 self._compact(shared)
+
+
+def _stack(arrays) -> np.ndarray:
+    return np.stack([np.asarray(a) for a in arrays])
+
+
+class _MeshDriver:
+    """The slot groups of a mesh run, one per data shard, driven together by one host thread: the
+    host bookkeeping is each `_Group`'s own (admission from the shared queue, slot assignment,
+    collection, compaction plans), the device state is one stacked `[n, ...]` `DeviceState` over
+    the data axes, and every device call (prefill, decode, compaction) is one SPMD program for all
+    groups (`rollout.step.*_groups_jit`). A group with nothing to do in a call rides along
+    unchanged (filler prefill rows, a decode exit condition that already holds)."""
+
+    def __init__(self, engine: "SlotEngine"):
+        self.engine = engine
+        self.groups = [_Group(engine, engine.spec, own_state=False) for _ in range(engine.groups)]
+        self.state = step_mod.init_groups(engine.model, engine.spec, engine.groups, engine.mesh)
+
+    def _prefill(self, shared: _Shared):
+        eng, groups = self.engine, self.groups
+        fresh = [g._admit(shared) for g in groups]
+        rows = eng.spec.prefill_rows
+        calls = max(-(-len(f) // rows) for f in fresh)
+        at_least = [max(len(f[k * rows:(k + 1) * rows]) for f in fresh) for k in range(calls)]
+        batches = [g._prefill_batches(f, at_least) for g, f in zip(groups, fresh)]
+        for k in range(calls):
+            ids, lens, dest = (_stack(b[k][i] for b in batches) for i in range(3))
+            self.state = step_mod.prefill_groups_jit(eng._graph, eng._weights, self.state, ids, lens, dest,
+                                                     spec=eng.spec, mesh=eng.mesh)
+
+    def run(self, shared: _Shared):
+        eng, groups = self.engine, self.groups
+        while True:
+            spec = groups[0].spec  # the groups move between slot levels together
+            if spec.num_slots == eng.spec.num_slots:  # insertions happen only before compaction
+                self._prefill(shared)
+                for g in groups:
+                    g._assign(shared)
+            if not any(g.h.active.any() for g in groups):
+                if any(g.waiting for g in groups):
+                    raise RuntimeError("slot engine made no progress (no free slot for a waiting sample)")
+                return
+            want = np.asarray([g._want(shared) for g in groups], np.int32)
+            slots = step_mod.SlotArrays(*(_stack(g.h[i] for g in groups) for i in range(len(groups[0].h))))
+            self.state, out, steps = step_mod.decode_groups_jit(
+                eng._graph, eng._weights, eng._head, self.state, slots, eng._stops, eng._temperature, eng._top_p,
+                np.int32(eng.steps_per_sync), want, spec=spec, mesh=eng.mesh)
+            out = [np.array(a) for a in out]
+            steps = np.array(steps)
+            for j, g in enumerate(groups):
+                g.h = step_mod.SlotArrays(*(a[j] for a in out))
+                g.stats.syncs += 1
+                g.stats.decode_steps += int(steps[j])
+                g.stats.slot_steps += int(steps[j]) * spec.num_slots
+            if any(g._finished() for g in groups):
+                outputs = [np.array(a) for a in (self.state.out_tok, self.state.out_logp, self.state.out_base)]
+                for j, g in enumerate(groups):
+                    g._collect(shared, tuple(a[j] for a in outputs))
+            if eng.compact:
+                self._compact(shared)
+
+    def _compact(self, shared: _Shared):
+        """`_Group._compact` for all groups at once: to the smallest level holding every group's
+        running samples."""
+        groups = self.groups
+        busy = max(g._busy() for g in groups)
+        if shared.queue or any(g.waiting for g in groups) or not busy:
+            return
+        target = groups[0]._compact_target(busy)
+        if target is None:
+            return
+        idx = np.stack([g._compact_index(target) for g in groups])
+        self.state = step_mod.compact_groups_jit(self.state, idx, mesh=self.engine.mesh)
+        for g, i in zip(groups, idx):
+            g._moved(i, target)
 
 
 class SlotEngine:
@@ -271,6 +402,10 @@ class SlotEngine:
         long tail of a run does not pay for idle slots.
     kv_cache_dtype: both caches' dtype, as in `sampling.generate` (None: the compute dtype;
         "int8": int8 values with a float32 scale per (token, KV head)).
+    mesh: a `jax.sharding.Mesh` ("data", "fsdp", "tensor" axes, `parallel.make_mesh`) of more than
+        one device: one slot group per data shard (`num_slots` and `num_prompt_slots` split among
+        them; `host_threads` ignored), see the module docstring. The model's weights are used as
+        they are placed (replicated, or sharded by `parallel.rules.param_shardings`).
 
     Programs (compiled on first use, or all at once by `warmup()`): prefill for 1, 2, 4, ...
     `prefill_rows` prompts, decode and compaction per slot level. Inserting requests never
@@ -282,7 +417,7 @@ class SlotEngine:
                  greedy: bool = False, stop_token_ids: Sequence[int] | int | None = (), pad_id: int | None = None,
                  steps_per_sync: int = 16, min_refill: int | None = None, prefill_rows: int = 4,
                  host_threads: int | None = None, reuse_prompts: bool = True, compact: bool = True,
-                 min_compact_slots: int = 4, kv_cache_dtype=None):
+                 min_compact_slots: int = 4, kv_cache_dtype=None, mesh=None):
         cfg = model.config
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
@@ -296,7 +431,16 @@ class SlotEngine:
         if steps_per_sync < 1 or prefill_rows < 1:
             raise ValueError("steps_per_sync and prefill_rows must be >= 1")
         self.model = model
-        if host_threads is None:
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        if self.mesh is not None:
+            if spans_processes(self.mesh):
+                raise ValueError("the slot engine's host loop runs in one process; this mesh spans "
+                                 f"{jax.process_count()} processes (use the static engine)")
+            host_threads = math.prod(self.mesh.shape.get(a, 1) for a in BATCH_AXES)  # a slot group per data shard
+            if num_slots < host_threads:
+                raise ValueError(f"num_slots={num_slots} < the mesh's {host_threads} data shards (one slot group "
+                                 "each)")
+        elif host_threads is None:
             w = model.embed[...]
             cpu = all(d.platform == "cpu" for d in w.sharding.device_set) and len(w.sharding.device_set) == 1
             host_threads = max(1, min(len(os.sched_getaffinity(0)), num_slots // _MIN_SLOTS_PER_GROUP)) if cpu else 1
@@ -332,7 +476,7 @@ class SlotEngine:
         self.levels = tuple(levels)
         self.stats = EngineStats()
         self._executor = (concurrent.futures.ThreadPoolExecutor(self.groups, thread_name_prefix="jaxrl_rm-rollout")
-                          if self.groups > 1 else None)
+                          if self.groups > 1 and self.mesh is None else None)
 
     @property
     def num_slots(self) -> int:
@@ -364,6 +508,9 @@ class SlotEngine:
         t0 = time.perf_counter()
         self._bind()
         try:
+            if self.mesh is not None:
+                self._warmup_mesh()
+                return time.perf_counter() - t0
             for i, spec in enumerate(self.levels):
                 state = step_mod.init_state(self.model, spec)
                 if i == 0:
@@ -383,6 +530,27 @@ class SlotEngine:
             self._weights = self._head = None
         return time.perf_counter() - t0
 
+    def _warmup_mesh(self):
+        n, mesh = self.groups, self.mesh
+        for i, spec in enumerate(self.levels):
+            state = step_mod.init_groups(self.model, spec, n, mesh)
+            if i == 0:
+                for rows in self.prefill_buckets:
+                    state = step_mod.prefill_groups_jit(
+                        self._graph, self._weights, state, np.zeros((n, rows, spec.prompt_len), np.int32),
+                        np.ones((n, rows), np.int32), np.full((n, rows), spec.num_prompt_slots, np.int32),
+                        spec=spec, mesh=mesh)
+            z = np.zeros((n, spec.num_slots), np.int32)
+            slots = step_mod.SlotArrays(z, z, z.astype(bool), z.astype(bool), z, z + 1, z, z, z)
+            state, _, steps = step_mod.decode_groups_jit(
+                self._graph, self._weights, self._head, state, slots, self._stops, self._temperature, self._top_p,
+                np.int32(0), np.ones((n,), np.int32), spec=spec, mesh=mesh)
+            jax.block_until_ready(steps)
+            for smaller in self.levels[i + 1:]:
+                idx = np.tile(np.arange(smaller.num_slots, dtype=np.int32), (n, 1))
+                jax.block_until_ready(step_mod.compact_groups_jit(
+                    step_mod.init_groups(self.model, spec, n, mesh), idx, mesh=mesh))
+
     def generate(self, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, seed: int = 0) -> GenerationResult:
         """`sampling.generate`-style call: sample j of prompt i is result row i*num_samples + j."""
         return self.run([Request(p, num_samples=num_samples) for p in prompts], seed=seed)
@@ -401,9 +569,12 @@ class SlotEngine:
         num_rows = sum(len(s) for s in samples)
         shared = _Shared(prompts, samples, num_rows, self.max_new_tokens, self.pad_id)
         self._bind()
-        groups = [_Group(self, self.spec) for _ in range(self.groups)]
+        driver = _MeshDriver(self) if self.mesh is not None else None
+        groups = driver.groups if driver is not None else [_Group(self, self.spec) for _ in range(self.groups)]
         try:
-            if self._executor is None:
+            if driver is not None:
+                driver.run(shared)
+            elif self._executor is None:
                 groups[0].run(shared)
             else:
                 for f in [self._executor.submit(g.run, shared) for g in groups]:

@@ -49,9 +49,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from jaxrl_rm.models.transformer import (_NEG_INF, apply_rope, kv_layer, kv_set, read_kv, rope_cos_sin,
                                          rope_inv_freq)
 from jaxrl_rm.sampling.distribution import sample_tokens, unfiltered_logprobs
+from jaxrl_rm.sampling.sampler import BATCH_AXES, _StaticGraph
 
 TRACE_COUNT = {"prefill": 0, "decode": 0, "compact": 0}  # incremented on every trace (tests check no recompiles)
 
@@ -278,24 +282,20 @@ def draw_uniforms(seed, row, step):
     return jax.vmap(one)(seed, row, step)
 
 
-def _decode_core(graphdef, state, head, dstate: DeviceState, slots: SlotArrays, stops, temperature, top_p,
-                 max_steps, want_free, *, spec: EngineSpec):
-    """Up to `max_steps` decode steps over all slots, on device.
+def _step_fn(graphdef, state, head, stops, temperature, top_p, *, spec: EngineSpec):
+    """`step(slots, dstate, go) -> (slots, dstate)`: one decode step over the slots of one group.
 
-    head: tuple of `[D, V_i]` LM-head column blocks or None (= `model.lm_head_weight()`);
-    stops `[num_stop_slots]` int32 (-1 unused); temperature, top_p f32 scalars; max_steps,
-    want_free int32 scalars. Exits early once no slot is active, or once at least `want_free`
-    slots are inactive (the host has requests waiting for them).
-    Returns (DeviceState, SlotArrays, steps run int32).
+    Slots with `active & go` draw a token; the others keep their state (`go` False freezes a whole
+    group: `_decode_groups`). Every slot still writes the key/value of its last token at completion
+    slot `n - 1`, which for a slot that did not move rewrites the same values - so freezing needs
+    no select over the cache.
     """
-    TRACE_COUNT["decode"] += 1
     model = nnx.merge(graphdef.graphdef, state)
     cfg = model.config
     inv_freq = rope_inv_freq(cfg)
     if head is None:
         head = (model.lm_head_weight(),)
     sp_, sc_ = spec.prompt_len, spec.gen_len
-    pmask = jnp.arange(sp_)[None, :] < slots.plen[:, None]  # fixed while the slots are
     ar = jnp.arange(spec.num_slots)
     embed = model.embed[...]
 
@@ -304,10 +304,10 @@ def _decode_core(graphdef, state, head, dstate: DeviceState, slots: SlotArrays, 
         parts = [jnp.dot(h, w.astype(model.dtype), preferred_element_type=jnp.float32) for w in head]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
-    def step(carry):
-        i, sl, ds = carry
+    def step(sl, ds, go):
         n = sl.n
         prompt_of = sl.prompt_of
+        pmask = jnp.arange(sp_)[None, :] < sl.plen[:, None]
         x = embed[sl.tok][:, None].astype(model.dtype)  # [S, 1, D]
         pos = jnp.maximum(sl.plen + n - 1, 0)[:, None].astype(jnp.int32)
         cos, sin = rope_cos_sin(pos, inv_freq)
@@ -323,25 +323,167 @@ def _decode_core(graphdef, state, head, dstate: DeviceState, slots: SlotArrays, 
                                   use_top_p=spec.use_top_p, greedy=spec.greedy)
         filtered = not spec.greedy and (spec.top_k > 0 or spec.use_top_p)
         base = unfiltered_logprobs(logits, tok, temperature=temperature) if filtered else logp
-        live = sl.active
+        live = sl.active & go
         col = jnp.where(live, n, sc_)  # out of range: dropped
         out_tok = ds.out_tok.at[ar, col].set(tok, mode="drop")
         out_logp = ds.out_logp.at[ar, col].set(logp, mode="drop")
         out_base = ds.out_base.at[ar, col].set(base, mode="drop")
         n_new = n + live.astype(jnp.int32)
         hit = live & jnp.isin(tok, stops)
-        active = live & ~hit & (n_new < sl.limit)
+        active = jnp.where(live, ~hit & (n_new < sl.limit), sl.active)
         sl = sl._replace(tok=jnp.where(live, tok, sl.tok), n=n_new, active=active, stopped=sl.stopped | hit)
         ds = ds._replace(completion_cache=ccache, out_tok=out_tok, out_logp=out_logp, out_base=out_base)
+        return sl, ds
+
+    return step
+
+
+def _keep_going(slots: SlotArrays, want_free):
+    """A group decodes on while a slot is active and fewer than `want_free` slots are free."""
+    return jnp.any(slots.active) & (jnp.sum(~slots.active) < want_free)
+
+
+def _decode_core(graphdef, state, head, dstate: DeviceState, slots: SlotArrays, stops, temperature, top_p,
+                 max_steps, want_free, *, spec: EngineSpec):
+    """Up to `max_steps` decode steps over all slots, on device.
+
+    head: tuple of `[D, V_i]` LM-head column blocks or None (= `model.lm_head_weight()`);
+    stops `[num_stop_slots]` int32 (-1 unused); temperature, top_p f32 scalars; max_steps,
+    want_free int32 scalars. Exits early once no slot is active, or once at least `want_free`
+    slots are inactive (the host has requests waiting for them).
+    Returns (DeviceState, SlotArrays, steps run int32).
+    """
+    TRACE_COUNT["decode"] += 1
+    step = _step_fn(graphdef, state, head, stops, temperature, top_p, spec=spec)
+
+    def body(carry):
+        i, sl, ds = carry
+        sl, ds = step(sl, ds, jnp.bool_(True))
         return i + 1, sl, ds
 
     def cond(carry):
         i, sl, _ = carry
-        free = jnp.sum(~sl.active)
-        return (i < max_steps) & jnp.any(sl.active) & (free < want_free)
+        return (i < max_steps) & _keep_going(sl, want_free)
 
-    i, slots, dstate = jax.lax.while_loop(cond, step, (jnp.int32(0), slots, dstate))
+    i, slots, dstate = jax.lax.while_loop(cond, body, (jnp.int32(0), slots, dstate))
     return dstate, slots, i
 
 
 decode_jit = jax.jit(_decode_core, static_argnames=("graphdef", "spec"), donate_argnames=("dstate",))
+
+
+# --- slot groups over a mesh ----------------------------------------------------------------------
+# On a mesh, the engine stacks one slot group per data shard (`data x fsdp` devices) along a leading
+# group axis `[n, ...]` of every device-state leaf, placed over ("data", "fsdp"), and runs the
+# programs above under `jax.vmap`: group g's slots, prompt slots and caches live on its own shard,
+# its samples read only its own prompt slots, so GSPMD partitions the step without moving a cache
+# (the only cross-shard traffic is the decode loop's "any group still running" flag, and the
+# weights' own tensor/fsdp collectives). The KV-head axis of the caches follows the tensor axis
+# when it divides the KV heads, as in `sampling.generate`.
+def group_sharding(mesh, x, *, cache: bool = False) -> NamedSharding:
+    """Placement of a stacked group leaf `x` `[n, ...]`: groups over ("data", "fsdp"); for a cache
+    leaf (`[n, (L,) R, kv, S, Dh]`, or an int8 cache's scales) its KV heads over "tensor" when that
+    divides them."""
+    parts = [BATCH_AXES] + [None] * (x.ndim - 1)
+    tensor = mesh.shape.get("tensor", 1)
+    if cache and tensor > 1 and x.shape[-3] % tensor == 0:
+        parts[-3] = "tensor"
+    return NamedSharding(mesh, P(*parts))
+
+
+def _is_cache(path) -> bool:
+    return any(getattr(k, "name", None) in ("prompt_cache", "completion_cache") for k in path)
+
+
+def _place_groups(tree, mesh):
+    """Pin every leaf of stacked `DeviceState` / `SlotArrays` / steps (inside a program) to its
+    group sharding."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.lax.with_sharding_constraint(x, group_sharding(mesh, x, cache=_is_cache(path))), tree)
+
+
+def abstract_groups(model, spec: EngineSpec, groups: int, mesh) -> DeviceState:
+    """The stacked device state of `groups` slot groups as placed `jax.ShapeDtypeStruct`s (for
+    `init_groups`, and for compiling the group programs ahead of time; `model` may be abstract)."""
+    abstract = jax.eval_shape(lambda: jax.vmap(lambda _: init_state(model, spec))(jnp.arange(groups)))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=group_sharding(mesh, x, cache=_is_cache(path))),
+        abstract)
+
+
+def init_groups(model, spec: EngineSpec, groups: int, mesh) -> DeviceState:
+    """Zeroed device state of `groups` slot groups, stacked `[groups, ...]` and placed over the
+    mesh's data axes (each device allocates only its own groups' caches)."""
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_groups(model, spec, groups, mesh))
+    return jax.jit(lambda: jax.vmap(lambda _: init_state(model, spec))(jnp.arange(groups)),
+                   out_shardings=shardings)()
+
+
+def _prefill_groups(graphdef, state, dstate, ids, lens, dest, *, spec: EngineSpec, mesh):
+    """`_prefill_core` per group: ids `[n, B, Sp]`, lens / dest `[n, B]` (dest >= P: filler)."""
+    out = jax.vmap(lambda ds, i, ln, d: _prefill_core(graphdef, state, ds, i, ln, d, spec=spec))(
+        _place_groups(dstate, mesh), ids, lens, dest)
+    return _place_groups(out, mesh)
+
+
+prefill_groups_jit = jax.jit(_prefill_groups, static_argnames=("graphdef", "spec", "mesh"),
+                             donate_argnames=("dstate",))
+
+
+def _decode_groups(graphdef, state, head, dstate, slots, stops, temperature, top_p, max_steps, want_free, *,
+                   spec: EngineSpec, mesh):
+    """`_decode_core` for stacked groups: dstate / slots `[n, ...]`, want_free `[n]`. One loop for
+    all groups, each step vmapped over them; a group whose exit condition holds is frozen (its slots
+    draw nothing) while the others go on - not a `vmap` of the loop, whose batched exit would
+    select between the old and new state of every cache at every step. -> (dstate, slots, steps
+    `[n]`: the steps each group took)."""
+    TRACE_COUNT["decode"] += 1
+    step = jax.vmap(_step_fn(graphdef, state, head, stops, temperature, top_p, spec=spec))
+    going = jax.vmap(_keep_going)
+    dstate, slots, want_free = _place_groups((dstate, slots, want_free), mesh)
+
+    def body(carry):
+        i, sl, ds, steps = carry
+        go = going(sl, want_free)
+        sl, ds = step(sl, ds, go)
+        sl, ds = _place_groups((sl, ds), mesh)
+        return i + 1, sl, ds, steps + go.astype(jnp.int32)
+
+    def cond(carry):
+        i, sl, _, _ = carry
+        return (i < max_steps) & jnp.any(going(sl, want_free))
+
+    zero = jnp.zeros_like(want_free)
+    _, slots, dstate, steps = jax.lax.while_loop(cond, body, (jnp.int32(0), slots, dstate, zero))
+    return _place_groups((dstate, slots, steps), mesh)
+
+
+decode_groups_jit = jax.jit(_decode_groups, static_argnames=("graphdef", "spec", "mesh"),
+                            donate_argnames=("dstate",))
+
+
+def _compact_groups(dstate, idx, *, mesh):
+    """`_compact_core` per group: idx `[n, S']`."""
+    return _place_groups(jax.vmap(_compact_core)(_place_groups(dstate, mesh), idx), mesh)
+
+
+compact_groups_jit = jax.jit(_compact_groups, static_argnames=("mesh",), donate_argnames=("dstate",))
+
+
+def decode_groups_program(model, state, spec: EngineSpec, groups: int, mesh):
+    """`decode_groups_jit` and its arguments as placed `jax.ShapeDtypeStruct`s, for compiling the
+    mesh engine's decode ahead of time (as `sampling.sampler.generate_program` does for the static
+    sampler): `jitted.lower(*args, **kwargs).compile()` is what `SlotEngine(mesh=mesh)` runs with
+    `groups` slot groups of `spec`. model may be abstract (`nnx.eval_shape`); state: its weights as
+    placed `ShapeDtypeStruct`s (an `nnx.State`)."""
+    replicated = NamedSharding(mesh, P())
+    per_slot = lambda dtype: jax.ShapeDtypeStruct((groups, spec.num_slots), dtype,
+                                                  sharding=NamedSharding(mesh, P(BATCH_AXES, None)))
+    i32, flag = per_slot(jnp.int32), per_slot(jnp.bool_)
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
+    args = (_StaticGraph(nnx.split(model)[0], model.config), state, None, abstract_groups(model, spec, groups, mesh),
+            SlotArrays(i32, i32, flag, flag, i32, i32, i32, i32, i32),
+            jax.ShapeDtypeStruct((spec.num_stop_slots,), jnp.int32, sharding=replicated),
+            scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.int32),
+            jax.ShapeDtypeStruct((groups,), jnp.int32, sharding=NamedSharding(mesh, P(BATCH_AXES))))
+    return decode_groups_jit, args, {"spec": spec, "mesh": mesh}

@@ -27,6 +27,14 @@ G x prompts sample rows): the bytes of the prompt KV as stored - the engine's sh
 holds a copy of the prompt per sample row (`jnp.repeat` G times) - and XLA's compiled memory plan
 (arguments + outputs - aliased + temporaries) of each side's program at those shapes.
 
+Judge prompts with shared prefixes (`--judge-*`): `--judge-questions` questions x
+`--judge-responses` responses, each prompt a `--judge-template`-token template, then a
+`--judge-question`-token question + reference, then a `--judge-response`-token response, and a
+`--judge-new`-token verdict (RLLM's pointwise judge). The same requests through the engine with
+shared prefixes (`max_prefix_len`), the engine without, and the static sampler: wall time of the
+whole call (prefill included: it is what sharing saves), tokens prefilled, and whether the
+samples agree.
+
 Prints one JSON object as the last line.
 
     python benchmarks/rollout.py [--quick] [--model PATH] [--skip-hf]
@@ -114,12 +122,11 @@ def memory_compare(model, args) -> dict:
 
     graphdef, weights = nnx.split(model)
     graph = sampler_mod._StaticGraph(graphdef, cfg)
-    slots = step_mod.SlotArrays(*(np.zeros((g * rows_p,), dt) for dt in
-                                  (np.int32, np.int32, bool, bool, np.int32, np.int32, np.int32, np.int32, np.int32)))
+    slots = step_mod.empty_slots((g * rows_p,))
     dec = step_mod.decode_jit.lower(graph, weights, None, state, slots, engine._stops, engine._temperature,
                                     engine._top_p, np.int32(1), np.int32(1), spec=engine.spec).compile()
-    pre = step_mod.prefill_jit.lower(graph, weights, state, np.zeros((rows_p, plen), np.int32),
-                                     np.ones((rows_p,), np.int32), np.zeros((rows_p,), np.int32),
+    z = np.zeros((rows_p,), np.int32)
+    pre = step_mod.prefill_jit.lower(graph, weights, state, np.zeros((rows_p, plen), np.int32), z + 1, z, z, z,
                                      spec=engine.spec).compile()
     engine_plan = max(memory_plan(dec), memory_plan(pre))
     mesh = make_mesh(1, 1, 1)
@@ -131,6 +138,52 @@ def memory_compare(model, args) -> dict:
                 prompt_kv_ratio=repeated / stored, completion_kv_bytes=int(sizes["completion"]),
                 xla_plan_bytes_engine=engine_plan, xla_plan_bytes_static=static_plan,
                 xla_plan_ratio=static_plan / engine_plan)
+
+
+def judge_prefix_compare(model, args) -> dict:
+    """Judge-like prompts sharing template + question: slot engine with / without shared prefixes
+    vs the static sampler (whole-call wall time, prefill tokens, same samples)."""
+    import jax
+
+    from jaxrl_rm.rollout import SlotEngine
+    from jaxrl_rm.sampling import generate
+
+    rng = np.random.default_rng(args.seed + 1)
+    vocab = model.config.vocab_size
+    template = rng.integers(3, vocab, args.judge_template).tolist()
+    prompts = [template + q + rng.integers(3, vocab, args.judge_response).tolist()
+               for q in [rng.integers(3, vocab, args.judge_question).tolist() for _ in range(args.judge_questions)]
+               for _ in range(args.judge_responses)]
+    plen, new = len(prompts[0]), args.judge_new
+    out = dict(judge_prompts=len(prompts), judge_prompt_len=plen, judge_new_tokens=new,
+               judge_shared_tokens=args.judge_template + args.judge_question)
+    results = {}
+    for name, prefix in (("shared", plen - 1), ("plain", 0)):
+        engine = SlotEngine(model, num_slots=len(prompts), max_prompt_len=plen, max_new_tokens=new, temperature=1.0,
+                            steps_per_sync=args.steps_per_sync, max_prefix_len=prefix)
+        engine.warmup()
+        engine.generate(prompts, seed=0)  # warm-up
+        t0 = time.perf_counter()
+        res = engine.generate(prompts, seed=1)
+        jax.block_until_ready(res.tokens)
+        results[name] = np.asarray(res.tokens)
+        out[f"judge_{name}_s"] = time.perf_counter() - t0
+        out[f"judge_{name}_prefill_tokens"] = engine.stats.prefill_tokens
+    generate(model, prompts, max_new_tokens=new, seed=0)  # compile
+    t0 = time.perf_counter()
+    res = generate(model, prompts, max_new_tokens=new, temperature=1.0, seed=1)
+    jax.block_until_ready(res.tokens)
+    out["judge_static_s"] = time.perf_counter() - t0
+    out["judge_static_prefill_tokens"] = sum(len(p) for p in prompts)
+    out["judge_shared_vs_plain"] = out["judge_plain_s"] / out["judge_shared_s"]
+    out["judge_shared_vs_static"] = out["judge_static_s"] / out["judge_shared_s"]
+    out["judge_prefill_ratio"] = out["judge_plain_prefill_tokens"] / out["judge_shared_prefill_tokens"]
+    out["judge_same_samples"] = float(np.mean([(results["shared"] == results["plain"]).all(axis=1).mean(),
+                                               (results["shared"] == np.asarray(res.tokens)).all(axis=1).mean()]))
+    print(f"judge prefixes: shared {out['judge_shared_s']:.1f}s, plain {out['judge_plain_s']:.1f}s, static "
+          f"{out['judge_static_s']:.1f}s; prefill tokens {out['judge_shared_prefill_tokens']} vs "
+          f"{out['judge_plain_prefill_tokens']}", file=sys.stderr, flush=True)
+    return out
 
 
 def main():
@@ -156,10 +209,18 @@ def main():
     ap.add_argument("--hf-batches", type=int, default=1, help="static batches timed on the transformers side")
     ap.add_argument("--skip-static", action="store_true", help="time only the engine (and HF unless skipped)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--judge-questions", type=int, default=8)
+    ap.add_argument("--judge-responses", type=int, default=8)
+    ap.add_argument("--judge-template", type=int, default=192)
+    ap.add_argument("--judge-question", type=int, default=64)
+    ap.add_argument("--judge-response", type=int, default=64)
+    ap.add_argument("--judge-new", type=int, default=16)
+    ap.add_argument("--skip-judge", action="store_true", help="leave out the shared-prefix judge workload")
     args = ap.parse_args()
     if args.quick:
         args.requests, args.long, args.short_min, args.short_max = 64, 128, 12, 20
         args.slots, args.prompt_max = 16, 32
+        args.judge_questions, args.judge_responses, args.judge_template = 4, 4, 64
 
     import jax
 
@@ -251,6 +312,8 @@ def main():
     # --- memory ---------------------------------------------------------------------------------
     if args.quick:
         args.mem_prompt, args.mem_new = min(args.mem_prompt, 128), min(args.mem_new, 32)
+    if not args.skip_judge:
+        out.update(judge_prefix_compare(model, args))
     out["load_avg_end"] = os.getloadavg()[0]
     out.update(memory_compare(model, args))
     print(json.dumps(out))

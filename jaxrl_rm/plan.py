@@ -265,6 +265,7 @@ class Plan:
                     out[-1]["kv_cache_gib"] = st.kv["bytes"] / GIB
                     out[-1]["kv_rows_per_chip"] = st.kv["rows_per_chip"]
                     out[-1]["kv_dtype"] = st.kv["dtype"]
+                    out[-1]["kv_unit"] = st.kv.get("unit", "sample rows")
                     out[-1]["kv_max_rows_per_chip"] = max(int((self.hbm_bytes - other) // st.kv["row_bytes"]), 0)
         return out
 
@@ -296,7 +297,7 @@ class Plan:
         for row in self.rows():
             if "kv_cache_gib" in row:
                 lines.append(f"KV cache of {row['step']}: {fmt_bytes(row['kv_cache_gib'] * GIB)} per chip "
-                             f"({row['kv_rows_per_chip']} sample rows) in {row['kv_dtype']}; with the rest of the "
+                             f"({row['kv_rows_per_chip']} {row['kv_unit']}) in {row['kv_dtype']}; with the rest of the "
                              "step as planned, "
                              f"the chip's HBM holds the caches of {row['kv_max_rows_per_chip']} rows")
         return "\n".join(lines)
@@ -372,6 +373,38 @@ def _generate_step(phase, name, model, params, mesh, *, prompts, prompt_len, num
                                                slots=prompt_ids.shape[1] + spec.gen_len, dtype=kv_cache_dtype)
 
 
+def _slot_engine_step(phase, name, model, params, mesh, *, rows, num_samples, prompt_len, max_new_tokens,
+                      num_slots=0, top_k=0, top_p=1.0, kv_cache_dtype=None):
+    """The slot engine's decode program (`rollout.SlotEngine` with the run's mesh: a slot group
+    per data shard) for `rows` samples, with the slot counts `RolloutCollector` would choose. Its
+    KV line counts the sample slots on a chip; one more sample slot costs its completion cache plus
+    1/G of a prompt slot."""
+    from jaxrl_rm.models.transformer import kv_cache_dtype_name, kv_slot_bytes
+    from jaxrl_rm.rollout import step as step_mod
+    from jaxrl_rm.sampling.sampler import _stop_slots
+
+    groups = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    slots = max(num_slots or 1 << max(rows - 1, 0).bit_length(), groups)
+    prompt_slots = -(-max(1, slots // num_samples) // groups)
+    per_group = -(-slots // groups)
+    spec = step_mod.EngineSpec(
+        num_slots=per_group, num_prompt_slots=prompt_slots, prompt_len=prompt_len, gen_len=max_new_tokens,
+        prefill_rows=min(4, prompt_slots), top_k=top_k, use_top_p=top_p < 1.0, greedy=False,
+        num_stop_slots=_stop_slots(1), pad_id=0, kv_cache_dtype=kv_cache_dtype_name(kv_cache_dtype))
+    fn, args, kwargs = step_mod.decode_groups_program(model, params, spec, groups, mesh)
+    compile_step(phase, name, fn, *args, resident_args=per_chip_bytes(params), **kwargs)
+    if phase.steps and phase.steps[-1].name == name:
+        c = model.config
+        tensor = mesh.shape.get("tensor", 1)
+        heads = c.num_key_value_heads // tensor if c.num_key_value_heads % tensor == 0 else c.num_key_value_heads
+        slot_bytes = kv_slot_bytes(c, kv_cache_dtype, model.dtype, heads=heads)
+        per_chip = slot_bytes * (per_group * max_new_tokens + prompt_slots * prompt_len)
+        phase.steps[-1].kv = {"bytes": per_chip, "row_bytes": slot_bytes * (max_new_tokens + prompt_len / num_samples),
+                              "rows_per_chip": per_group, "slots": prompt_len + max_new_tokens,
+                              "unit": f"sample slots, {prompt_slots} prompt slots",
+                              "dtype": kv_cache_dtype_name(kv_cache_dtype) or jnp.dtype(model.dtype).name}
+
+
 def kv_cache_per_chip(model, mesh, *, rows: int, slots: int, dtype=None) -> dict:
     """The sampler's KV cache on one chip: `rows` sample rows (sharded over data x fsdp) of `slots`
     positions, K and V for every layer, heads split over `tensor` when they divide it, in `dtype`
@@ -405,9 +438,14 @@ def plan_grpo(cfg, mesh, *, name: str = "grpo", exports: dict | None = None) -> 
         phase.residents["reference params"] = per_chip_bytes(params)
     p, t = g.max_prompt_length, g.max_new_tokens
     n_rollout = g.prompts_per_step * g.num_samples
-    _generate_step(phase, "rollout", model, params, mesh, prompts=g.prompts_per_step, prompt_len=p,
-                   num_samples=g.num_samples, max_new_tokens=t, top_k=g.top_k, top_p=g.top_p, unfiltered=True,
-                   kv_cache_dtype=g.kv_cache_dtype)
+    if g.rollout_engine == "slots":
+        _slot_engine_step(phase, "rollout", model, params, mesh, rows=n_rollout, num_samples=g.num_samples,
+                          prompt_len=p, max_new_tokens=t, num_slots=g.rollout_slots, top_k=g.top_k, top_p=g.top_p,
+                          kv_cache_dtype=g.kv_cache_dtype)
+    else:
+        _generate_step(phase, "rollout", model, params, mesh, prompts=g.prompts_per_step, prompt_len=p,
+                       num_samples=g.num_samples, max_new_tokens=t, top_k=g.top_k, top_p=g.top_p, unfiltered=True,
+                       kv_cache_dtype=g.kv_cache_dtype)
 
     def rows(n):
         return {"input_ids": ((n, p + t), jnp.int32), "attention_mask": ((n, p + t), jnp.int32),

@@ -91,6 +91,24 @@ def test_rollout_reports_its_kv_cache_per_chip(tmp_path):
     assert "KV cache of grpo/rollout: 1.5 MiB per chip (32 sample rows)" in result.table()
 
 
+def test_slot_engine_rollout_is_planned_with_its_own_caches(tmp_path):
+    """`grpo.rollout_engine=slots`: the planner compiles the slot engine's decode (a slot group per
+    data shard) and counts its caches: 128 samples over 4 chips are 32 sample slots of 8 completion
+    positions and 128 / 8 / 4 = 4 shared prompt slots of 24 positions per chip, against 32 rows of
+    32 + 16 bucketed positions for the static sampler; one more sample slot costs 8 + 24 / 8
+    positions."""
+    result = _plan(str(ROOT / "configs/rlvr_tiny.yaml"), "v5e:2x2",
+                   [f"run_dir={tmp_path}", "grpo.rollout_engine=slots"], steps=["grpo/rollout"])
+    (row,) = result.rows()
+    slot_bytes = 2 * 2 * 2 * 32 * 4  # layers x (K, V) x heads x head_dim x float32
+    assert row["kv_cache_gib"] * GIB == slot_bytes * (32 * 8 + 4 * 24)
+    assert row["kv_rows_per_chip"] == 32 and row["kv_unit"] == "sample slots, 4 prompt slots"
+    assert row["kv_max_rows_per_chip"] == int((16 * GIB - (row["peak_gib"] * GIB - row["kv_cache_gib"] * GIB))
+                                              // (slot_bytes * (8 + 24 / 8)))
+    assert row["collectives"] == {"all-reduce": 1}, row["collectives"]  # the loop's flag; no cache moves
+    assert "(32 sample slots, 4 prompt slots) in float32" in result.table()
+
+
 def test_ensemble_reward_plans_each_member_under_its_own_name(tmp_path):
     """Two judges in one ensemble: two scoring programs and two resident weight entries, named
     `<ensemble>/m<i>` (lowered only: the planner's own tests compile)."""

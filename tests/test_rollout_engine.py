@@ -231,8 +231,7 @@ def test_decode_program_holds_one_layer_of_gathered_prompt_kv(tiny_models):
                         temperature=1.0, host_threads=1, compact=False)
     state = step_mod.init_state(model, engine.spec)
     graphdef, weights = nnx.split(model)
-    z = np.zeros((16,), np.int32)
-    slots = step_mod.SlotArrays(z, z, z.astype(bool), z.astype(bool), z, z + 1, z, z, z)
+    slots = step_mod.empty_slots((16,))
     compiled = step_mod.decode_jit.lower(_StaticGraph(graphdef, model.config), weights, None, state, slots,
                                          engine._stops, engine._temperature, engine._top_p, np.int32(1), np.int32(1),
                                          spec=engine.spec).compile()

@@ -2,7 +2,8 @@
 as one SPMD program per call. The samples are those of the one-device engine for the same seed
 (rows inserted mid-flight, per-request budgets, stop tokens, the tail compaction), each device
 holds only its own groups' caches (`[n, ...]` over ("data", "fsdp"), KV heads over "tensor"), and
-the rollout collector runs it under a GRPO-style mesh with tensor-sharded weights."""
+the rollout collector runs it under a GRPO-style mesh with tensor-sharded weights, shared prefixes
+included."""
 
 from multidevice import run_with_devices
 
@@ -105,6 +106,21 @@ def test_collector_runs_slot_groups_on_the_run_mesh():
         np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
         np.testing.assert_array_equal(np.asarray(a.lengths), np.asarray(b.lengths))
         np.testing.assert_allclose(np.where(a.mask, a.logprobs, 0), np.where(b.mask, b.logprobs, 0), atol=2e-5)
+
+    # shared prefixes on the mesh: 4 questions x 3 responses after one template, each group's
+    # prefix slots its own
+    template = rng.integers(1, 97, size=12).tolist()
+    judge_like = [template + q + rng.integers(1, 97, size=3).tolist()
+                  for q in [rng.integers(1, 97, size=6).tolist() for _ in range(4)] for _ in range(3)]
+    got = {}
+    for engine in ("static", "slots"):
+        c = RolloutCollector(engine=engine, max_prompt_len=24, max_new_tokens=8, temperature=1.0, pad_id=0,
+                             mesh=mesh, max_prefix_len=20)
+        got[engine] = (c.generate(model, judge_like, num_samples=2, seed=2), c.stats)
+    (a, sa), (b, sb) = got["static"], got["slots"]
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_allclose(np.where(a.mask, a.logprobs, 0), np.where(b.mask, b.logprobs, 0), atol=2e-5)
+    assert sb.prefill_tokens < sa.prefill_tokens, (sa, sb)
     print("OK")
     """)
     assert "OK" in out

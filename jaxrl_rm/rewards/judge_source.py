@@ -191,8 +191,13 @@ class TextJudge:
 
     model_fn: () -> `Transformer` (called once per batch of prompts, so a self-judge sees the
       current policy weights). Prompts are token-encoded, keep their last `max_prompt_length`
-      tokens (default: the model's context minus `max_new_tokens`), and go through `jaxrl_rm.sampling.generate` in chunks of `batch_size` prompts
-      (one jitted, bucketed call each). Stops at the tokenizer's eos.
+      tokens (default: the model's context minus `max_new_tokens`), and are sampled through
+      `jaxrl_rm.rollout.RolloutCollector` in chunks of `batch_size` prompts. Stops at the
+      tokenizer's eos.
+    rollout_engine: `static` (one bucketed batch per chunk) or `slots` (the continuous-batching
+      `SlotEngine`). With `slots`, judge prompts that share a prefix (template + question +
+      reference, followed by different responses) prefill it once per chunk and read one stored
+      copy: `max_prefix_len` caps the shared part (default: the prompt budget; 0 turns it off).
 
     `judge.generate(texts, num_samples=k, seed=s)` -> `[len(texts)][k]` decoded outputs (greedy:
     each distinct text is decoded once);
@@ -201,8 +206,15 @@ class TextJudge:
 
     def __init__(self, model_fn: Callable[[], Any], tokenizer, *, max_prompt_length: int | None = None,
                  max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 greedy: bool = False, batch_size: int = 64, mesh=None, seed: int = 0):
+                 greedy: bool = False, batch_size: int = 64, mesh=None, seed: int = 0,
+                 rollout_engine: str = "static", max_prefix_len: int | None = None):
+        from jaxrl_rm.rollout.collect import ENGINES
+
+        if rollout_engine not in ENGINES:
+            raise ValueError(f"judge rollout_engine must be one of {list(ENGINES)}, got {rollout_engine!r}")
         self.model_fn, self.tokenizer = model_fn, tokenizer
+        self.rollout_engine = rollout_engine
+        self.max_prefix_len = None if max_prefix_len is None else int(max_prefix_len)
         self.max_prompt_length = None if max_prompt_length is None else int(max_prompt_length)
         self.max_new_tokens = int(max_new_tokens)
         self.temperature, self.top_p, self.top_k, self.greedy = float(temperature), float(top_p), int(top_k), bool(greedy)
@@ -226,15 +238,19 @@ class TextJudge:
         seed = self.seed if seed is None else int(seed)
         model = self.model_fn()
         budget = self.prompt_budget(model)
-        collector = RolloutCollector(max_prompt_len=budget, max_new_tokens=self.max_new_tokens,
-                                     temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                                     stop_token_ids=self.eos, pad_id=self.pad, mesh=self.mesh)
+        prefix = budget if self.max_prefix_len is None else self.max_prefix_len
+        collector = RolloutCollector(engine=self.rollout_engine, max_prompt_len=budget,
+                                     max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                     top_p=self.top_p, top_k=self.top_k, stop_token_ids=self.eos, pad_id=self.pad,
+                                     mesh=self.mesh, max_prefix_len=prefix if self.rollout_engine == "slots" else 0)
+        self.last_rollout_stats = []
         out: list[list[str]] = []
         for start in range(0, len(texts), self.batch_size):
             chunk = [encode(self.tokenizer, t) for t in texts[start:start + self.batch_size]]
             res = collector.generate(model, chunk, num_samples=num_samples, seed=content_seed(seed, start),
                                      greedy=self.greedy)
             self.generate_calls += 1
+            self.last_rollout_stats.append(collector.stats)
             tokens, mask = np.asarray(res.tokens), np.asarray(res.mask)
             decoded = self.tokenizer.batch_decode([row[m] for row, m in zip(tokens, mask)], skip_special_tokens=True)
             out += [decoded[i * num_samples:(i + 1) * num_samples] for i in range(len(chunk))]
@@ -630,7 +646,8 @@ class ScoreMatchSource:
 _JUDGE_KEYS = ("name", "mode", "template", "template_options", "num_judgments", "subset_size", "subset_rounds",
                "shuffle", "use_reference", "tie_reward", "invalid_verdict", "invalid_reward", "pairwise_reward",
                "pivot_reward", "eval_num_judgments", "score_expectation", "guards", "chat_template", "seed")
-_GEN_KEYS = ("max_prompt_length", "max_new_tokens", "temperature", "top_p", "top_k", "greedy", "batch_size")
+_GEN_KEYS = ("max_prompt_length", "max_new_tokens", "temperature", "top_p", "top_k", "greedy", "batch_size",
+             "rollout_engine", "max_prefix_len")
 
 
 def _split_options(kind: str, options: dict) -> tuple[dict, dict]:
@@ -654,6 +671,8 @@ def make_judge_source(spec, ctx: dict) -> JudgeSource:
     model = load_frozen(spec.path, grpo.cfg.model if grpo is not None else None, mesh=ctx.get("mesh"))
     tokenizer = load_tokenizer(spec.path)
     opts.setdefault("seed", ctx.get("seed", 0))
+    if grpo is not None:  # the judge samples with the run's engine unless its options say otherwise
+        gen.setdefault("rollout_engine", grpo.cfg.grpo.rollout_engine)
     judge = TextJudge(lambda: model, tokenizer, mesh=ctx.get("mesh"), **gen)
     return JudgeSource(judge, tokenizer, **{"name": "judge", **opts})
 
@@ -673,6 +692,7 @@ def make_self_judge_source(spec, ctx: dict) -> JudgeSource:
     def model_fn():
         return nnx.merge(grpo.trainer.graphdef, grpo.current_params)
 
+    gen.setdefault("rollout_engine", grpo.cfg.grpo.rollout_engine)
     judge = TextJudge(model_fn, grpo.tokenizer, mesh=ctx.get("mesh"), **gen)
     return JudgeSource(judge, grpo.tokenizer, **{"name": "self_judge", **opts})
 

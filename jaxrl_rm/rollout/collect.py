@@ -35,12 +35,15 @@ ENGINES = ("static", "slots")
 
 @dataclasses.dataclass
 class RolloutStats:
-    """One `generate` call: useful (kept) completion tokens, wall seconds, tokens/s, occupancy."""
+    """One `generate` call: useful (kept) completion tokens, wall seconds, tokens/s, occupancy, and
+    prompt tokens prefilled (static: every prompt's; slots: a prompt reused or a shared prefix is
+    prefilled once)."""
 
     engine: str = "static"
     useful_tokens: int = 0
     wall_s: float = 0.0
     occupancy: float = 0.0
+    prefill_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -61,15 +64,17 @@ class RolloutCollector:
     engine: `static` | `slots`. num_slots (slots): sample slots decoded together (0: one per
     row of the first call, rounded up to a power of two). steps_per_sync (slots): decode steps
     per host round-trip. mesh: the static engine shards rows over its ("data", "fsdp") axes; the
-    slot engine runs one slot group per data shard (`SlotEngine(mesh=)`). kv_cache_dtype: None / "compute" (the model's
-    compute dtype) or "int8" (int8 K/V with a per-(token, head) scale), either engine. Other
-    arguments as in `sampling.generate`.
+    slot engine runs one slot group per data shard (`SlotEngine(mesh=)`). kv_cache_dtype: None /
+    "compute" (the model's compute dtype) or "int8" (int8 K/V with a per-(token, head) scale),
+    either engine. max_prefix_len (slots): prompts of a call that share a prefix of at least 16
+    tokens read it from one shared prefix slot, prefilled once (`SlotEngine(max_prefix_len=)`;
+    0: off). Other arguments as in `sampling.generate`.
     """
 
     def __init__(self, *, engine: str = "static", max_prompt_len: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  stop_token_ids: Sequence[int] = (), pad_id: int = 0, mesh=None, num_slots: int = 0,
-                 steps_per_sync: int = 16, kv_cache_dtype=None):
+                 steps_per_sync: int = 16, kv_cache_dtype=None, max_prefix_len: int = 0):
         if engine not in ENGINES:
             raise ValueError(f"rollout engine must be one of {list(ENGINES)}, got {engine!r}")
         self.engine, self.mesh = engine, mesh
@@ -78,6 +83,7 @@ class RolloutCollector:
         self.stop_token_ids, self.pad_id = list(stop_token_ids), int(pad_id)
         self.num_slots, self.steps_per_sync = int(num_slots), int(steps_per_sync)
         self.kv_cache_dtype = kv_cache_dtype_name(kv_cache_dtype)
+        self.max_prefix_len = int(max_prefix_len)
         self._engines: dict[tuple[bool, int], object] = {}  # (greedy, G) -> SlotEngine, built on first use
         self.stats = RolloutStats(engine=engine)
 
@@ -97,6 +103,7 @@ class RolloutCollector:
             lengths = np.asarray(res.lengths)
             steps = int(lengths.max()) if lengths.size else 0
             occupancy = float(lengths.sum()) / max(lengths.size * steps, 1)
+            prefill_tokens = sum(len(p) for p in prompts)
         else:
             from jaxrl_rm.rollout.engine import SlotEngine
 
@@ -111,11 +118,13 @@ class RolloutCollector:
                     model, num_slots=slots, num_prompt_slots=max(1, slots // num_samples),
                     max_prompt_len=self.max_prompt_len, max_new_tokens=self.max_new_tokens, greedy=greedy,
                     stop_token_ids=self.stop_token_ids, pad_id=self.pad_id, steps_per_sync=self.steps_per_sync,
-                    kv_cache_dtype=self.kv_cache_dtype, mesh=self.mesh, **self.sampling)
+                    kv_cache_dtype=self.kv_cache_dtype, mesh=self.mesh, max_prefix_len=self.max_prefix_len,
+                    **self.sampling)
             engine.model = model  # the engine reads the weights at each run
             res = engine.generate(prompts, num_samples=num_samples, seed=int(seed))
             lengths = np.asarray(res.lengths)
-            occupancy = engine.stats.occupancy
+            occupancy, prefill_tokens = engine.stats.occupancy, engine.stats.prefill_tokens
         self.stats = RolloutStats(engine=self.engine, useful_tokens=int(lengths.sum()),
-                                  wall_s=time.perf_counter() - t0, occupancy=float(occupancy))
+                                  wall_s=time.perf_counter() - t0, occupancy=float(occupancy),
+                                  prefill_tokens=int(prefill_tokens))
         return res

@@ -24,6 +24,16 @@ output does not depend on the slot count, the host threads, the arrival order or
 shared a batch - and with the default row numbering it equals `generate`'s output for the same
 seed (up to float rounding of the logits, which can differ with batch shapes).
 
+Shared prefixes (`max_prefix_len > 0`): prompts of a run that share a long prefix with others
+(`requests.shared_prefix_lengths`: e.g. RLLM's judge prompts, one template + question + reference
+followed by different responses) have it prefilled once into a *prefix slot*; each such prompt's
+prefill then runs only the tokens after it, attending to the stored prefix, and its prompt slot
+receives prefix + rest contiguously - so decoding is unchanged and exact, and only the prefill
+work is shared (the tokens saved are `EngineStats.prefill_tokens`). A prefix slot is held while
+any prompt that extends it is in flight. Prefill calls pad their blocks to width buckets (the
+full width and halvings to an eighth), so short prompts and the rest after a prefix are not
+padded to `max_prompt_len`.
+
 Memory: a prompt's K/V is stored once (`[P, kv, Sp, Dh]` per layer) and read by its samples
 through an index; a sample slot holds only its completion (`[S, kv, Sc, Dh]`). With
 `kv_cache_dtype="int8"` both caches hold int8 K/V with a float32 scale per (token, KV head).
@@ -60,7 +70,7 @@ from flax import nnx
 from jaxrl_rm.models.transformer import kv_cache_dtype_name, kv_slot_bytes
 from jaxrl_rm.parallel.mesh import spans_processes
 from jaxrl_rm.rollout import step as step_mod
-from jaxrl_rm.rollout.requests import Request, Sample, expand, validate
+from jaxrl_rm.rollout.requests import Request, Sample, expand, shared_prefix_lengths, validate
 from jaxrl_rm.sampling.sampler import (BATCH_AXES, FINISH_LENGTH, FINISH_STOP, GenerationResult, _decode_head,
                                        _StaticGraph, _stop_ids, _stop_slots, check_sampling)
 
@@ -73,7 +83,9 @@ class EngineStats:
     device steps summed over slot groups; slot_steps: decode_steps x slots per group (the work
     paid for); occupancy = useful_tokens / slot_steps; syncs: host round-trips (decode calls);
     prefill_calls / prompts_prefilled; prompts_reused: requests whose prompt was already in a
-    prompt slot (not prefilled again); compactions: moves to a smaller slot level in the tail;
+    prompt slot (not prefilled again); prefixes_prefilled / prefixes_reused: shared prefixes put in a
+    prefix slot / prompts that found theirs already there; prefill_tokens: tokens prefilled
+    (prefixes and prompts); compactions: moves to a smaller slot level in the tail;
     wall_s: time of the run. Counts are summed over slot groups (on a mesh a device call serves
     every group: a group that sat a call out adds no decode steps)."""
 
@@ -85,6 +97,9 @@ class EngineStats:
     prefill_calls: int = 0
     prompts_prefilled: int = 0
     prompts_reused: int = 0
+    prefixes_prefilled: int = 0
+    prefixes_reused: int = 0
+    prefill_tokens: int = 0
     compactions: int = 0
     groups: int = 1
     wall_s: float = 0.0
@@ -93,9 +108,10 @@ class EngineStats:
 class _Shared:
     """State shared by the slot groups of one run: the request queue and the result buffers."""
 
-    def __init__(self, prompts, samples, num_rows, width, pad_id):
+    def __init__(self, prompts, samples, num_rows, width, pad_id, prefix_lens):
         self.prompts = prompts
         self.samples = samples
+        self.prefix_lens = prefix_lens  # per request: leading tokens read from a shared prefix slot (0: none)
         self.queue = collections.deque(range(len(prompts)))
         self.lock = threading.Lock()
         self.tokens = np.full((num_rows, width), pad_id, np.int32)
@@ -113,23 +129,28 @@ class _Group:
         s, p = spec.num_slots, spec.num_prompt_slots
         # on a mesh the groups' device states are stacked and driven together (`_MeshDriver`)
         self.state = step_mod.init_state(engine.model, spec) if own_state else None
-        z = lambda dtype: np.zeros((s,), dtype)
-        self.h = step_mod.SlotArrays(tok=z(np.int32), n=z(np.int32), active=z(bool), stopped=z(bool),
-                                     prompt_of=z(np.int32), plen=np.ones((s,), np.int32), limit=z(np.int32),
-                                     seed=z(np.int32), row=z(np.int32))
+        self.h = step_mod.SlotArrays(*(a.copy() for a in step_mod.empty_slots((s,))))
         self.slot_sample: list[Sample | None] = [None] * s
         self.slot_prompt = np.zeros((s,), np.int64)
         self.free_prompts = collections.deque(range(p))
         self.prompt_refs = np.zeros((p,), np.int64)  # samples of the prompt not yet finished
         self.prompt_key: dict[bytes, int] = {}
         self.key_of: list[bytes | None] = [None] * p
+        # shared prefixes: prefix slots, each held by the prompt slots that extend it
+        q = spec.num_prefix_slots
+        self.free_prefixes = collections.deque(range(q))
+        self.prefix_refs = np.zeros((q,), np.int64)
+        self.prefix_key: dict[bytes, int] = {}
+        self.prefix_key_of: list[bytes | None] = [None] * q
+        self.prompt_prefix = np.full((p,), -1, np.int64)  # prefix slot of each prompt slot (-1: none)
         self.waiting: collections.deque[tuple[Sample, int]] = collections.deque()
         self.stats = EngineStats()
 
     # --- scheduling ----------------------------------------------------------------------------
-    def _admit(self, shared: _Shared) -> list[tuple[int, np.ndarray]]:
-        """Take requests while samples are fewer than free slots; -> prompts to prefill."""
-        fresh = []
+    def _admit(self, shared: _Shared) -> tuple[list, list]:
+        """Take requests while samples are fewer than free slots; -> (prefixes, prompts) to
+        prefill, each a list of `(slot, token ids, prefix slot, prefix length)`."""
+        fresh, fresh_prefixes = [], []
         free = sum(1 for x in self.slot_sample if x is None)
         while len(self.waiting) < free:
             with shared.lock:
@@ -141,8 +162,23 @@ class _Group:
                 if ps is None:
                     if not self.free_prompts:
                         break
+                    prompt, k = shared.prompts[ri], int(shared.prefix_lens[ri])
+                    qs = -1
+                    if k:
+                        pkey = prompt[:k].tobytes()
+                        qs = self.prefix_key.get(pkey, -1)
+                        if qs < 0:
+                            if not self.free_prefixes:
+                                break
+                            qs = self.free_prefixes.popleft()
+                            fresh_prefixes.append((qs, prompt[:k], 0, 0))
+                            self.prefix_key[pkey], self.prefix_key_of[qs] = qs, pkey
+                        else:
+                            self.stats.prefixes_reused += 1
+                        self.prefix_refs[qs] += 1
                     ps = self.free_prompts.popleft()
-                    fresh.append((ps, shared.prompts[ri]))
+                    self.prompt_prefix[ps] = qs
+                    fresh.append((ps, prompt[k:], max(qs, 0), k))
                     if key is not None:
                         self.prompt_key[key] = ps
                         self.key_of[ps] = key
@@ -152,36 +188,52 @@ class _Group:
             for smp in shared.samples[ri]:
                 self.waiting.append((smp, ps))
                 self.prompt_refs[ps] += 1
-        return fresh
+        return fresh_prefixes, fresh
 
-    def _prefill_batches(self, fresh, rows_at_least=()) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Prompts to prefill -> per prefill call `(ids [B, Sp], lens [B], dest [B])`, B a prefill
-        bucket (at least `rows_at_least[k]` rows for call k, so groups driven together share a
-        shape); filler rows have dest = P (dropped). Counts the calls in `self.stats`."""
-        spec, eng = self.spec, self.engine
-        calls = []
-        for k, i in enumerate(range(0, len(fresh), spec.prefill_rows)):
-            part = fresh[i:i + spec.prefill_rows]
-            self.stats.prefill_calls += 1
-            self.stats.prompts_prefilled += len(part)
-            calls.append(len(part))
+    def _prefill_calls(self, fresh, *, into: str) -> list[tuple[int, int]]:
+        """Blocks to prefill -> per prefill call its (rows, width) buckets: calls of up to
+        `prefill_rows` blocks, longest first (so a call's blocks are of like length), padded to
+        the smallest row bucket and width bucket (`SlotEngine.prefill_widths`) that hold them."""
+        if not fresh:
+            return []
+        eng, per = self.engine, self.spec.prefill_rows
+        fresh.sort(key=lambda b: -b[1].size)
+        widths = eng.prefill_widths[into]
+        return [(next(r for r in eng.prefill_buckets if r >= len(part)),
+                 next(w for w in widths if w >= part[0][1].size))
+                for part in (fresh[i:i + per] for i in range(0, len(fresh), per))]
+
+    def _prefill_batches(self, fresh, shapes, *, into: str = "prompt") -> list[tuple[np.ndarray, ...]]:
+        """Blocks to prefill (`(slot, token ids, prefix slot, prefix length)`, `_admit`; sorted
+        by `_prefill_calls`) -> per call `(ids [B, W], lens, dest, pre_of, pre_len [B])` in the
+        (rows, width) of `shapes[k]` (groups driven together pass their largest, so that they share
+        a program); filler rows have dest = the slot count (dropped). Counts them in `self.stats`."""
+        spec, per = self.spec, self.spec.prefill_rows
+        fill = spec.num_prompt_slots if into == "prompt" else spec.num_prefix_slots
+        if into == "prompt":
+            self.stats.prefill_calls += -(-len(fresh) // per)
+            self.stats.prompts_prefilled += len(fresh)
+        else:
+            self.stats.prefixes_prefilled += len(fresh)
+        self.stats.prefill_tokens += sum(block.size for _, block, _, _ in fresh)
         out = []
-        for k in range(max(len(calls), len(rows_at_least))):
-            need = max(calls[k] if k < len(calls) else 0, rows_at_least[k] if k < len(rows_at_least) else 0)
-            rows = next(b for b in eng.prefill_buckets if b >= need)
-            ids = np.full((rows, spec.prompt_len), spec.pad_id, np.int32)
+        for k, (rows, width) in enumerate(shapes):
+            ids = np.full((rows, width), spec.pad_id, np.int32)
             lens = np.ones((rows,), np.int32)
-            dest = np.full((rows,), spec.num_prompt_slots, np.int32)  # filler: dropped
-            for j, (ps, prompt) in enumerate(fresh[k * spec.prefill_rows:(k + 1) * spec.prefill_rows]):
-                ids[j, :prompt.size] = prompt
-                lens[j], dest[j] = prompt.size, ps
-            out.append((ids, lens, dest))
+            dest = np.full((rows,), fill, np.int32)  # filler: dropped
+            pre_of, pre_len = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
+            for j, (slot, block, qs, k_pre) in enumerate(fresh[k * per:(k + 1) * per]):
+                ids[j, :block.size] = block
+                lens[j], dest[j], pre_of[j], pre_len[j] = block.size, slot, qs, k_pre
+            out.append((ids, lens, dest, pre_of, pre_len))
         return out
 
-    def _prefill(self, fresh):
+    def _prefill(self, admitted):
         eng = self.engine
-        for ids, lens, dest in self._prefill_batches(fresh):
-            self.state = step_mod.prefill_jit(eng._graph, eng._weights, self.state, ids, lens, dest, spec=self.spec)
+        for into, fresh in zip(("prefix", "prompt"), admitted):
+            for rows in self._prefill_batches(fresh, self._prefill_calls(fresh, into=into), into=into):
+                self.state = step_mod.prefill_jit(eng._graph, eng._weights, self.state, *rows, spec=self.spec,
+                                                  into=into)
 
     def _assign(self, shared: _Shared):
         h = self.h
@@ -226,6 +278,14 @@ class _Group:
                 if self.key_of[ps] is not None:
                     del self.prompt_key[self.key_of[ps]]
                     self.key_of[ps] = None
+                qs = int(self.prompt_prefix[ps])
+                if qs >= 0:
+                    self.prompt_prefix[ps] = -1
+                    self.prefix_refs[qs] -= 1
+                    if self.prefix_refs[qs] == 0:
+                        self.free_prefixes.append(qs)
+                        del self.prefix_key[self.prefix_key_of[qs]]
+                        self.prefix_key_of[qs] = None
 
     def _busy(self) -> int:
         return sum(1 for smp in self.slot_sample if smp is not None)
@@ -317,15 +377,17 @@ class _MeshDriver:
 
     def _prefill(self, shared: _Shared):
         eng, groups = self.engine, self.groups
-        fresh = [g._admit(shared) for g in groups]
-        rows = eng.spec.prefill_rows
-        calls = max(-(-len(f) // rows) for f in fresh)
-        at_least = [max(len(f[k * rows:(k + 1) * rows]) for f in fresh) for k in range(calls)]
-        batches = [g._prefill_batches(f, at_least) for g, f in zip(groups, fresh)]
-        for k in range(calls):
-            ids, lens, dest = (_stack(b[k][i] for b in batches) for i in range(3))
-            self.state = step_mod.prefill_groups_jit(eng._graph, eng._weights, self.state, ids, lens, dest,
-                                                     spec=eng.spec, mesh=eng.mesh)
+        admitted = [g._admit(shared) for g in groups]
+        for kind, into in enumerate(("prefix", "prompt")):
+            fresh = [a[kind] for a in admitted]
+            calls = [g._prefill_calls(f, into=into) for g, f in zip(groups, fresh)]
+            shapes = [tuple(max(c[k][i] for c in calls if k < len(c)) for i in range(2))
+                      for k in range(max(len(c) for c in calls))]
+            batches = [g._prefill_batches(f, shapes, into=into) for g, f in zip(groups, fresh)]
+            for k in range(len(shapes)):
+                rows = [_stack(b[k][i] for b in batches) for i in range(5)]
+                self.state = step_mod.prefill_groups_jit(eng._graph, eng._weights, self.state, *rows,
+                                                         spec=eng.spec, mesh=eng.mesh, into=into)
 
     def run(self, shared: _Shared):
         eng, groups = self.engine, self.groups
@@ -402,13 +464,17 @@ class SlotEngine:
         long tail of a run does not pay for idle slots.
     kv_cache_dtype: both caches' dtype, as in `sampling.generate` (None: the compute dtype;
         "int8": int8 values with a float32 scale per (token, KV head)).
+    max_prefix_len: share prefixes of up to this many tokens between the prompts of a run (0:
+        off; see the module docstring); num_prefix_slots: prefixes held at once (default
+        `num_prompt_slots`); min_shared_prefix: the shortest prefix worth a prefix slot.
     mesh: a `jax.sharding.Mesh` ("data", "fsdp", "tensor" axes, `parallel.make_mesh`) of more than
         one device: one slot group per data shard (`num_slots` and `num_prompt_slots` split among
         them; `host_threads` ignored), see the module docstring. The model's weights are used as
         they are placed (replicated, or sharded by `parallel.rules.param_shardings`).
 
     Programs (compiled on first use, or all at once by `warmup()`): prefill for 1, 2, 4, ...
-    `prefill_rows` prompts, decode and compaction per slot level. Inserting requests never
+    `prefill_rows` prompts at each width bucket (and of prefixes, when shared), decode and
+    compaction per slot level. Inserting requests never
     compiles anything new.
     """
 
@@ -417,7 +483,8 @@ class SlotEngine:
                  greedy: bool = False, stop_token_ids: Sequence[int] | int | None = (), pad_id: int | None = None,
                  steps_per_sync: int = 16, min_refill: int | None = None, prefill_rows: int = 4,
                  host_threads: int | None = None, reuse_prompts: bool = True, compact: bool = True,
-                 min_compact_slots: int = 4, kv_cache_dtype=None, mesh=None):
+                 min_compact_slots: int = 4, kv_cache_dtype=None, mesh=None, max_prefix_len: int = 0,
+                 num_prefix_slots: int | None = None, min_shared_prefix: int = 16):
         cfg = model.config
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
@@ -430,6 +497,9 @@ class SlotEngine:
         check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
         if steps_per_sync < 1 or prefill_rows < 1:
             raise ValueError("steps_per_sync and prefill_rows must be >= 1")
+        if max_prefix_len < 0 or min_shared_prefix < 1:
+            raise ValueError(f"max_prefix_len must be >= 0 and min_shared_prefix >= 1, got {max_prefix_len}, "
+                             f"{min_shared_prefix}")
         self.model = model
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
         if self.mesh is not None:
@@ -453,6 +523,8 @@ class SlotEngine:
         self.steps_per_sync = int(steps_per_sync)
         self.min_refill = int(min_refill) if min_refill is not None else max(1, per_group // 8)
         self.reuse_prompts = bool(reuse_prompts)
+        self.max_prefix_len = min(int(max_prefix_len), self.max_prompt_len - 1)
+        self.min_shared_prefix = int(min_shared_prefix)
         self.pad_id = int(pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0))
         stops = _stop_ids(stop_token_ids)
         stop_arr = np.full((_stop_slots(len(stops)),), -1, np.int32)
@@ -465,9 +537,20 @@ class SlotEngine:
             num_slots=per_group, num_prompt_slots=-(-prompt_slots // self.groups), prompt_len=self.max_prompt_len,
             gen_len=self.max_new_tokens, prefill_rows=min(int(prefill_rows), -(-prompt_slots // self.groups)),
             top_k=k, use_top_p=(not greedy and top_p < 1.0), greedy=bool(greedy),
-            num_stop_slots=len(stop_arr), pad_id=self.pad_id, kv_cache_dtype=kv_cache_dtype_name(kv_cache_dtype))
+            num_stop_slots=len(stop_arr), pad_id=self.pad_id, kv_cache_dtype=kv_cache_dtype_name(kv_cache_dtype),
+            prefix_len=max(self.max_prefix_len, 0),
+            num_prefix_slots=(-(-(prompt_slots if num_prefix_slots is None else int(num_prefix_slots)) // self.groups)
+                              if self.max_prefix_len > 0 else 0))
+        if self.max_prefix_len > 0 and self.spec.num_prefix_slots < 1:
+            raise ValueError(f"num_prefix_slots must be >= 1 with max_prefix_len > 0, got {num_prefix_slots}")
         self.prefill_buckets = tuple(sorted({min(1 << i, self.spec.prefill_rows)
                                              for i in range(self.spec.prefill_rows.bit_length() + 1)}))
+        # prefill block widths: the full width and halvings down to an eighth (multiples of 8), so a
+        # call of short prompts, or of what follows a shared prefix, is not padded to the longest
+        # prompt allowed; each (rows, width) bucket is one program
+        self.prefill_widths = {into: tuple(sorted({min(n, -(-n // (1 << i)) + 7 & ~7) for i in range(4)}))
+                               for into, n in (("prompt", self.spec.prompt_len), ("prefix", self.spec.prefix_len))
+                               if n}
         self.compact = bool(compact)
         levels, k = [self.spec], per_group
         while self.compact and -(-k // 2) >= max(1, int(min_compact_slots)) and k > 1:
@@ -488,11 +571,13 @@ class SlotEngine:
 
     def cache_bytes(self) -> dict[str, int]:
         """Bytes of the KV caches of all slot groups: `prompt` (shared, one row per prompt slot),
+        `prefix` (shared prefixes, one row per prefix slot; 0 without prefix sharing),
         `completion` (one row per sample slot), and `repeated_prompt` - what holding a copy of the
         prompt per sample slot would take (the static sampler's layout). An int8 cache counts its
         int8 values and its float32 scales (`models.transformer.kv_slot_bytes`)."""
         per_slot = kv_slot_bytes(self.model.config, self.spec.kv_cache_dtype, self.model.dtype)
         return dict(prompt=self.num_prompt_slots * self.max_prompt_len * per_slot,
+                    prefix=self.spec.num_prefix_slots * self.groups * self.spec.prefix_len * per_slot,
                     completion=self.num_slots * self.max_new_tokens * per_slot,
                     repeated_prompt=self.num_slots * self.max_prompt_len * per_slot)
 
@@ -514,12 +599,13 @@ class SlotEngine:
             for i, spec in enumerate(self.levels):
                 state = step_mod.init_state(self.model, spec)
                 if i == 0:
-                    for rows in self.prefill_buckets:
-                        state = step_mod.prefill_jit(
-                            self._graph, self._weights, state, np.zeros((rows, spec.prompt_len), np.int32),
-                            np.ones((rows,), np.int32), np.full((rows,), spec.num_prompt_slots, np.int32), spec=spec)
-                z = np.zeros((spec.num_slots,), np.int32)
-                slots = step_mod.SlotArrays(z, z, z.astype(bool), z.astype(bool), z, z + 1, z, z, z)
+                    for into, width, fill in self._prefill_shapes(spec):
+                        for rows in self.prefill_buckets:
+                            z = np.zeros((rows,), np.int32)
+                            state = step_mod.prefill_jit(self._graph, self._weights, state,
+                                                         np.zeros((rows, width), np.int32), z + 1, z + fill, z, z,
+                                                         spec=spec, into=into)
+                slots = step_mod.empty_slots((spec.num_slots,))
                 state, _, steps = step_mod.decode_jit(self._graph, self._weights, self._head, state, slots, self._stops,
                                                       self._temperature, self._top_p, np.int32(0), np.int32(1),
                                                       spec=spec)
@@ -530,18 +616,25 @@ class SlotEngine:
             self._weights = self._head = None
         return time.perf_counter() - t0
 
+    def _prefill_shapes(self, spec):
+        """(into, width, filler slot) of every prefill program: prompts, and prefixes if shared, at
+        each width bucket."""
+        fills = {"prompt": spec.num_prompt_slots, "prefix": spec.num_prefix_slots}
+        return [(into, w, fills[into]) for into in ("prefix", "prompt") if into in self.prefill_widths
+                for w in self.prefill_widths[into]]
+
     def _warmup_mesh(self):
         n, mesh = self.groups, self.mesh
         for i, spec in enumerate(self.levels):
             state = step_mod.init_groups(self.model, spec, n, mesh)
             if i == 0:
-                for rows in self.prefill_buckets:
-                    state = step_mod.prefill_groups_jit(
-                        self._graph, self._weights, state, np.zeros((n, rows, spec.prompt_len), np.int32),
-                        np.ones((n, rows), np.int32), np.full((n, rows), spec.num_prompt_slots, np.int32),
-                        spec=spec, mesh=mesh)
-            z = np.zeros((n, spec.num_slots), np.int32)
-            slots = step_mod.SlotArrays(z, z, z.astype(bool), z.astype(bool), z, z + 1, z, z, z)
+                for into, width, fill in self._prefill_shapes(spec):
+                    for rows in self.prefill_buckets:
+                        z = np.zeros((n, rows), np.int32)
+                        state = step_mod.prefill_groups_jit(self._graph, self._weights, state,
+                                                            np.zeros((n, rows, width), np.int32), z + 1, z + fill, z,
+                                                            z, spec=spec, mesh=mesh, into=into)
+            slots = step_mod.empty_slots((n, spec.num_slots))
             state, _, steps = step_mod.decode_groups_jit(
                 self._graph, self._weights, self._head, state, slots, self._stops, self._temperature, self._top_p,
                 np.int32(0), np.ones((n,), np.int32), spec=spec, mesh=mesh)
@@ -567,7 +660,9 @@ class SlotEngine:
                            max_new_tokens=self.max_new_tokens)
         samples = expand(requests, seed=int(seed), max_new_tokens=self.max_new_tokens)
         num_rows = sum(len(s) for s in samples)
-        shared = _Shared(prompts, samples, num_rows, self.max_new_tokens, self.pad_id)
+        prefix_lens = (shared_prefix_lengths(prompts, max_len=self.max_prefix_len, min_len=self.min_shared_prefix)
+                       if self.max_prefix_len > 0 else np.zeros((len(prompts),), np.int64))
+        shared = _Shared(prompts, samples, num_rows, self.max_new_tokens, self.pad_id, prefix_lens)
         self._bind()
         driver = _MeshDriver(self) if self.mesh is not None else None
         groups = driver.groups if driver is not None else [_Group(self, self.spec) for _ in range(self.groups)]
@@ -584,7 +679,7 @@ class SlotEngine:
         stats = EngineStats(groups=self.groups)
         for g in groups:
             for f in ("useful_tokens", "decode_steps", "slot_steps", "syncs", "prefill_calls", "prompts_prefilled",
-                      "prompts_reused", "compactions"):
+                      "prompts_reused", "prefixes_prefilled", "prefixes_reused", "prefill_tokens", "compactions"):
                 setattr(stats, f, getattr(stats, f) + getattr(g.stats, f))
         stats.occupancy = stats.useful_tokens / max(stats.slot_steps, 1)
         stats.wall_s = time.perf_counter() - t0

@@ -88,3 +88,48 @@ def expand(requests: Sequence[Request], *, seed: int, max_new_tokens: int) -> li
         index += r.num_samples
         next_row += r.num_samples
     return out
+
+
+def shared_prefix_lengths(prompts: Sequence[np.ndarray], *, max_len: int, min_len: int,
+                          window: int = 64) -> np.ndarray:
+    """Per prompt, how many of its leading tokens to read from a shared prefix slot (0: none).
+
+    The distinct prompts, sorted, are cut into runs of neighbours; a run shares its members'
+    longest common prefix, capped at `max_len` and at each member's length - 1 (the last token is
+    always prefilled with the prompt: its hidden state draws the first token). The cut maximises
+    the prefill tokens saved, (run size - 1) x prefix length summed over runs (dynamic programming
+    over runs of at most `window` prompts); a prefix shorter than `min_len` is not shared (it saves
+    less than its extra prefill costs). So judge prompts (one template, then a question and its
+    reference, then one of several responses) share template + question + reference per question
+    rather than the template alone, or a few first tokens of the responses. Identical prompts are
+    one distinct prompt (they reuse a prompt slot instead). -> `[N]` int64.
+    """
+    keys = {p.tobytes(): p for p in prompts}
+    ordered = sorted(keys.values(), key=lambda p: p.tolist())
+    n = len(ordered)
+
+    def common(a, b):
+        m = min(a.size, b.size)
+        diff = np.flatnonzero(a[:m] != b[:m])
+        return int(diff[0]) if diff.size else m
+
+    adjacent = [common(ordered[i], ordered[i + 1]) for i in range(n - 1)]
+    best = [0] * (n + 1)  # best[j]: tokens saved over the first j prompts
+    start = list(range(n + 1))  # start[j]: first prompt of the run that ends at prompt j - 1
+    shared = [0] * (n + 1)
+    for j in range(1, n + 1):
+        best[j], start[j], shared[j] = best[j - 1], j - 1, 0
+        c = min(ordered[j - 1].size - 1, max_len)
+        for i in range(j - 2, max(-1, j - 1 - window), -1):  # the run ordered[i:j]
+            c = min(c, adjacent[i], ordered[i].size - 1)
+            if c < min_len:
+                break
+            if best[i] + (j - i - 1) * c > best[j]:
+                best[j], start[j], shared[j] = best[i] + (j - i - 1) * c, i, c
+    length: dict[bytes, int] = {}
+    j = n
+    while j > 0:
+        for p in ordered[start[j]:j]:
+            length[p.tobytes()] = shared[j]
+        j = start[j]
+    return np.asarray([length[p.tobytes()] for p in prompts], np.int64)

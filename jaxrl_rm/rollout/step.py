@@ -47,6 +47,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jax.sharding import NamedSharding
@@ -75,6 +76,8 @@ class EngineSpec:
     num_stop_slots: int
     pad_id: int
     kv_cache_dtype: str | None = None  # both caches: None = compute dtype, "int8" = `QuantizedKV` leaves
+    prefix_len: int = 0        # Sq: prefix cache slots per shared prefix (0: no prefix sharing)
+    num_prefix_slots: int = 0  # Q prefix slots
 
 
 class SlotArrays(NamedTuple):
@@ -91,6 +94,13 @@ class SlotArrays(NamedTuple):
     row: jax.Array
 
 
+def empty_slots(shape=()) -> SlotArrays:
+    """Host `SlotArrays` of idle slots, each field `np.ndarray` of `shape` (e.g. `(S,)`)."""
+    z = np.zeros(shape, np.int32)
+    return SlotArrays(tok=z, n=z, active=z.astype(bool), stopped=z.astype(bool), prompt_of=z, plen=z + 1,
+                      limit=z, seed=z, row=z)
+
+
 class DeviceState(NamedTuple):
     """Everything that stays on device between syncs (donated to each call).
 
@@ -105,6 +115,7 @@ class DeviceState(NamedTuple):
     out_tok: jax.Array
     out_logp: jax.Array
     out_base: jax.Array
+    prefix_cache: list | tuple | None = None  # `[Q, kv, Sq, Dh]` per layer when prefixes are shared
 
 
 def init_state(model, spec: EngineSpec) -> DeviceState:
@@ -116,7 +127,9 @@ def init_state(model, spec: EngineSpec) -> DeviceState:
         completion_cache=model.init_cache(s, sc, spec.kv_cache_dtype),
         out_tok=jnp.full((s, sc), spec.pad_id, jnp.int32),
         out_logp=jnp.zeros((s, sc), jnp.float32),
-        out_base=jnp.zeros((s, sc), jnp.float32))
+        out_base=jnp.zeros((s, sc), jnp.float32),
+        prefix_cache=(model.init_cache(spec.num_prefix_slots, spec.prefix_len, spec.kv_cache_dtype)
+                      if spec.prefix_len else None))
 
 
 def _rows(x, idx):
@@ -125,30 +138,58 @@ def _rows(x, idx):
     return (slice(None),) * (x.ndim - 4) + (idx,)
 
 
-def _prefill_core(graphdef, state, dstate: DeviceState, ids, lens, dest, *, spec: EngineSpec):
-    """Prefill B prompts (B <= `spec.prefill_rows`) and write them into prompt slots `dest`.
+def _prefill_core(graphdef, state, dstate: DeviceState, ids, lens, dest, pre_of, pre_len, *, spec: EngineSpec,
+                  into: str = "prompt"):
+    """Prefill B token blocks (B <= `spec.prefill_rows`) and write them into slots `dest`.
 
-    ids `[B, Sp]` int32 right-padded; lens `[B]` int32 (>= 1); dest `[B]` int32 prompt slot of
-    each row (`>= P` drops the row: filler). Returns the new `DeviceState`.
+    into="prompt": prompts (or, after a shared prefix, the rest of them) into prompt slots, with
+    the final hidden state of each one's last token. ids `[B, W]` right-padded (W <= Sp, a width
+    bucket); lens `[B]` (>= 1); pre_of / pre_len `[B]`: the prefix slot each row extends and its
+    length (0: none) - the block attends to that prefix (read from the prefix cache), takes RoPE
+    positions after it, and the prompt slot receives prefix + block contiguously (so decoding
+    reads it like any prompt; only the prefill is shared).
+    into="prefix": shared prefixes into prefix slots (ids `[B, W]`, W <= Sq; pre_of / pre_len
+    unused).
+    dest `[B]`: `>=` the slot count drops the row (filler). Returns the new `DeviceState`.
     """
     TRACE_COUNT["prefill"] += 1
     model = nnx.merge(graphdef.graphdef, state)
-    b, sp = ids.shape
-    slots = jnp.arange(sp, dtype=jnp.int32)[None, :]
-    cache = model.init_cache(b, sp, spec.kv_cache_dtype)  # int8: quantized here, copied as stored
-    hidden, cache = model.decode(ids, cache, positions=jnp.broadcast_to(slots, (b, sp)), cache_index=0,
-                                 kv_mask=slots < lens[:, None])
+    b, width = ids.shape
+    block = jnp.arange(width, dtype=jnp.int32)[None, :]
+    cache = model.init_cache(b, width, spec.kv_cache_dtype)  # int8: quantized here, copied as stored
+    q = spec.prefix_len if into == "prompt" else 0
+    if q:
+        # the prefix rows this block extends, then room for the block: one contiguous cache whose
+        # causal slot order (prefix slots < block slots) is the token order
+        prefix = jax.tree.map(lambda c: c[_rows(c, pre_of)], dstate.prefix_cache)
+        cache = jax.tree.map(lambda a, f: jnp.concatenate([a, f.astype(a.dtype)], axis=-2), prefix, cache)
+        slots = jnp.arange(q + width, dtype=jnp.int32)[None, :]
+        kv_mask = (slots < pre_len[:, None]) | ((slots >= q) & (slots < q + lens[:, None]))
+        hidden, cache = model.decode(ids, cache, positions=pre_len[:, None] + block, cache_index=q, kv_mask=kv_mask)
+        # the prompt slot stores the whole prompt, prefix then the rest, contiguous from slot 0 (so
+        # decoding reads it as any other prompt): slot t <- t in the prefix, q + t - pre_len after it
+        n = min(spec.prompt_len, q + width)  # the longest prompt this call can hold
+        t = jnp.arange(n, dtype=jnp.int32)[None, :]
+        src = jnp.minimum(jnp.where(t < pre_len[:, None], t, q + t - pre_len[:, None]), q + width - 1)
+        cache = jax.tree.map(lambda c: jnp.take_along_axis(c, src.reshape((1,) * (c.ndim - 4) + (b, 1, n, 1)),
+                                                           axis=-2), cache)
+    else:
+        hidden, cache = model.decode(ids, cache, positions=jnp.broadcast_to(block, (b, width)), cache_index=0,
+                                     kv_mask=block < lens[:, None])
+
+    def put(dst, src):  # a block narrower than the slot fills its first columns
+        return dst.at[_rows(dst, dest) + (slice(None), slice(0, src.shape[-2]))].set(src.astype(dst.dtype),
+                                                                                     mode="drop")
+
+    if into == "prefix":
+        return dstate._replace(prefix_cache=jax.tree.map(put, dstate.prefix_cache, cache))
     last = hidden[jnp.arange(b), lens - 1]  # [B, D]
-
-    def put(dst, src):
-        return dst.at[_rows(dst, dest)].set(src.astype(dst.dtype), mode="drop")
-
     pcache = jax.tree.map(put, dstate.prompt_cache, cache)
     phidden = dstate.prompt_hidden.at[dest].set(last.astype(dstate.prompt_hidden.dtype), mode="drop")
     return dstate._replace(prompt_cache=pcache, prompt_hidden=phidden)
 
 
-prefill_jit = jax.jit(_prefill_core, static_argnames=("graphdef", "spec"), donate_argnames=("dstate",))
+prefill_jit = jax.jit(_prefill_core, static_argnames=("graphdef", "spec", "into"), donate_argnames=("dstate",))
 
 
 def _compact_core(dstate: DeviceState, idx):
@@ -392,7 +433,7 @@ def group_sharding(mesh, x, *, cache: bool = False) -> NamedSharding:
 
 
 def _is_cache(path) -> bool:
-    return any(getattr(k, "name", None) in ("prompt_cache", "completion_cache") for k in path)
+    return any(getattr(k, "name", None) in ("prompt_cache", "completion_cache", "prefix_cache") for k in path)
 
 
 def _place_groups(tree, mesh):
@@ -419,14 +460,15 @@ def init_groups(model, spec: EngineSpec, groups: int, mesh) -> DeviceState:
                    out_shardings=shardings)()
 
 
-def _prefill_groups(graphdef, state, dstate, ids, lens, dest, *, spec: EngineSpec, mesh):
-    """`_prefill_core` per group: ids `[n, B, Sp]`, lens / dest `[n, B]` (dest >= P: filler)."""
-    out = jax.vmap(lambda ds, i, ln, d: _prefill_core(graphdef, state, ds, i, ln, d, spec=spec))(
-        _place_groups(dstate, mesh), ids, lens, dest)
+def _prefill_groups(graphdef, state, dstate, ids, lens, dest, pre_of, pre_len, *, spec: EngineSpec, mesh,
+                    into: str = "prompt"):
+    """`_prefill_core` per group: ids `[n, B, width]`, lens / dest / pre_of / pre_len `[n, B]`."""
+    out = jax.vmap(lambda ds, *rows: _prefill_core(graphdef, state, ds, *rows, spec=spec, into=into))(
+        _place_groups(dstate, mesh), ids, lens, dest, pre_of, pre_len)
     return _place_groups(out, mesh)
 
 
-prefill_groups_jit = jax.jit(_prefill_groups, static_argnames=("graphdef", "spec", "mesh"),
+prefill_groups_jit = jax.jit(_prefill_groups, static_argnames=("graphdef", "spec", "mesh", "into"),
                              donate_argnames=("dstate",))
 
 

@@ -346,6 +346,25 @@ def test_gold_monitor_measures_model_rewards_against_the_verifier(tmp_path):
     assert m["reward/math/self_preference"] == m["reward/math/self_judge/gold_gap"]
     assert "reward/math/verifier/gold_gap" not in m  # rule rewards are the yardstick, not watched
     assert m["reward/math/self_judge/gold_auc"] == 0.5  # rewards every answer alike: all ties
+    assert m["reward/math/self_judge/gold_fpr"] == 1.0 and m["reward/math/self_judge/gold_fnr"] == 0.0
+    assert m["reward/math/self_judge/gold_order_agreement"] == 0.0  # a tie moves nothing toward gold
+    assert "reward/math/self_judge/gold_corr" not in m  # constant rewards: no correlation to report
+    assert m["reward/math/gold_mixed_groups"] == pytest.approx((gold.reshape(4, 4).any(1) & ~gold.reshape(4, 4).all(1)).mean())
+
+
+def test_gold_diagnostics_against_direct_counts():
+    from jaxrl_rm.train.grpo import gold_diagnostics
+
+    gold = np.array([[True, False, False, True], [True, True, True, True], [False, True, False, False]])
+    rewards = np.array([[1.0, 0.8, 0.0, 0.4], [0.9, 0.1, 0.7, 1.0], [0.9, 0.2, 0.0, 0.0]])
+    d = gold_diagnostics(rewards, gold)
+    assert d["fpr"] == pytest.approx(2 / 5)  # wrong ones: 0.8, 0.0, 0.9, 0.0, 0.0
+    assert d["fnr"] == pytest.approx(3 / 7)  # correct ones: 1.0, 0.4, 0.9, 0.1, 0.7, 1.0, 0.2
+    # group 1: correct mean 0.7 > wrong 0.4; group 3: correct 0.2 < wrong 0.3; group 2 has no wrong one
+    assert d["order_agreement"] == 0.5
+    expected = np.mean([np.corrcoef(rewards[0], gold[0])[0, 1], np.corrcoef(rewards[2], gold[2])[0, 1]])
+    assert d["corr"] == pytest.approx(expected)
+    assert gold_diagnostics(np.ones((1, 3)), np.ones((1, 3), bool)) == {"fnr": 0.0}
 
 
 def test_gold_auc_is_within_group_ranking_quality():

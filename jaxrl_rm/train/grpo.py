@@ -260,8 +260,15 @@ class GRPO:
         per model-based source, `<source>/gold_gap` (mean reward - gold accuracy: > 0 means the
         model rewards wrong answers), `<source>/gold_agreement` (reward > 0.5 iff correct) and
         `<source>/gold_auc` (within groups holding both: how often a correct rollout out-scores a
-        wrong one, ties 1/2 — the ordering GRPO's advantages act on; logged when such groups exist).
-        For `self_judge` the gap is URPO's self-preference: `reward/<task>/self_preference`."""
+        wrong one, ties 1/2 — the ordering GRPO's advantages act on; logged when such groups exist),
+        and what reaches the update (`gold_diagnostics`): `<source>/gold_fpr` / `gold_fnr` (the
+        source's false-positive / false-negative rate on the *current* policy's answers, reward >
+        0.5 read as "correct"), `<source>/gold_corr` (mean within-group correlation of reward and
+        correctness) and `<source>/gold_order_agreement` (share of groups holding both kinds whose
+        correct answers get the higher mean reward, i.e. a positive net advantage), next to
+        `reward/<task>/gold_mixed_groups` (share of groups holding both kinds: where a gold reward
+        would give a signal). For `self_judge` the gap is URPO's self-preference:
+        `reward/<task>/self_preference`."""
         model_based = [src.name for (src, _), spec in zip(self.sources[task.name], task.rewards)
                        if spec.type not in RULE_REWARDS]
         if task.kind != "verifiable" or not model_based or any(it.answer is None for it in rollouts.items):
@@ -271,7 +278,8 @@ class GRPO:
                                       [it.answer for it in rollouts.items for _ in range(gsz)])
         gold = (np.asarray(out.rewards, np.float32) > 0).reshape(b, gsz)
         prefix = f"reward/{task.name}"
-        metrics = {f"{prefix}/gold_accuracy": float(gold.mean())}
+        metrics = {f"{prefix}/gold_accuracy": float(gold.mean()),
+                   f"{prefix}/gold_mixed_groups": float((gold.any(axis=1) & ~gold.all(axis=1)).mean())}
         for name in model_based:
             gap = float(parts[name].mean() - gold.mean())
             metrics[f"{prefix}/{name}/gold_gap"] = gap
@@ -279,6 +287,7 @@ class GRPO:
             auc = gold_auc(parts[name], gold)
             if auc is not None:
                 metrics[f"{prefix}/{name}/gold_auc"] = auc
+            metrics.update({f"{prefix}/{name}/gold_{k}": v for k, v in gold_diagnostics(parts[name], gold).items()})
             if name == "self_judge":
                 metrics[f"{prefix}/self_preference"] = gap
         return metrics
@@ -538,6 +547,32 @@ def gold_auc(rewards: np.ndarray, gold: np.ndarray) -> float | None:
             wins += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
             pairs += diff.size
     return wins / pairs if pairs else None
+
+
+def gold_diagnostics(rewards: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+    """What a learned reward `[B, G]` passes to GRPO, against `gold` `[B, G]` bool (see
+    `GRPO.gold_monitor`): `fpr` (share of wrong rollouts rewarded > 0.5), `fnr` (share of correct
+    ones rewarded <= 0.5), `corr` (mean over groups where both vary of the within-group Pearson
+    correlation of reward and correctness), `order_agreement` (over groups holding both kinds,
+    the share whose correct rollouts get the higher mean reward: the net advantage pushes toward
+    the correct answers; a tie does not). A key is left out when no rollout / group qualifies."""
+    r, g = np.asarray(rewards, np.float64), np.asarray(gold, bool)
+    out = {}
+    if (~g).any():
+        out["fpr"] = float((r[~g] > 0.5).mean())
+    if g.any():
+        out["fnr"] = float((r[g] <= 0.5).mean())
+    corrs, agree = [], []
+    for rg, gg in zip(r, g):
+        if gg.any() and not gg.all():
+            agree.append(rg[gg].mean() > rg[~gg].mean())
+            if rg.std() > 0:
+                corrs.append(np.corrcoef(rg, gg.astype(np.float64))[0, 1])
+    if corrs:
+        out["corr"] = float(np.mean(corrs))
+    if agree:
+        out["order_agreement"] = float(np.mean(agree))
+    return out
 
 
 def warm_start(cfg):

@@ -309,11 +309,13 @@ def main():
         if not args.skip_static:  # the static sampler on the same batches, for reference
             out["static_tokens_per_s_on_hf_batches"] = hf_useful / sum(per_batch[:args.hf_batches])
 
+    # --- judge prompts with shared prefixes -----------------------------------------------------
+    if not args.skip_judge:
+        out.update(judge_prefix_compare(model, args))
+
     # --- memory ---------------------------------------------------------------------------------
     if args.quick:
         args.mem_prompt, args.mem_new = min(args.mem_prompt, 128), min(args.mem_new, 32)
-    if not args.skip_judge:
-        out.update(judge_prefix_compare(model, args))
     out["load_avg_end"] = os.getloadavg()[0]
     out.update(memory_compare(model, args))
     print(json.dumps(out))

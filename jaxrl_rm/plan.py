@@ -42,6 +42,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrl_rm.parallel import aot
+from jaxrl_rm.parallel.rules import batch_shards, kv_head_axis
 
 GIB = 2**30
 
@@ -383,7 +384,7 @@ def _slot_engine_step(phase, name, model, params, mesh, *, rows, num_samples, pr
     from jaxrl_rm.rollout import step as step_mod
     from jaxrl_rm.sampling.sampler import _stop_slots
 
-    groups = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    groups = batch_shards(mesh)
     slots = max(num_slots or 1 << max(rows - 1, 0).bit_length(), groups)
     prompt_slots = -(-max(1, slots // num_samples) // groups)
     per_group = -(-slots // groups)
@@ -394,15 +395,18 @@ def _slot_engine_step(phase, name, model, params, mesh, *, rows, num_samples, pr
     fn, args, kwargs = step_mod.decode_groups_program(model, params, spec, groups, mesh)
     compile_step(phase, name, fn, *args, resident_args=per_chip_bytes(params), **kwargs)
     if phase.steps and phase.steps[-1].name == name:
-        c = model.config
-        tensor = mesh.shape.get("tensor", 1)
-        heads = c.num_key_value_heads // tensor if c.num_key_value_heads % tensor == 0 else c.num_key_value_heads
-        slot_bytes = kv_slot_bytes(c, kv_cache_dtype, model.dtype, heads=heads)
+        slot_bytes = kv_slot_bytes(model.config, kv_cache_dtype, model.dtype, heads=_kv_heads_per_chip(model, mesh))
         per_chip = slot_bytes * (per_group * max_new_tokens + prompt_slots * prompt_len)
         phase.steps[-1].kv = {"bytes": per_chip, "row_bytes": slot_bytes * (max_new_tokens + prompt_len / num_samples),
                               "rows_per_chip": per_group, "slots": prompt_len + max_new_tokens,
                               "unit": f"sample slots, {prompt_slots} prompt slots",
                               "dtype": kv_cache_dtype_name(kv_cache_dtype) or jnp.dtype(model.dtype).name}
+
+
+def _kv_heads_per_chip(model, mesh) -> int:
+    """KV heads a chip holds: split over `tensor` when it divides them (`parallel.rules.kv_head_axis`)."""
+    kv = model.config.num_key_value_heads
+    return kv // mesh.shape["tensor"] if kv_head_axis(mesh, kv) else kv
 
 
 def kv_cache_per_chip(model, mesh, *, rows: int, slots: int, dtype=None) -> dict:
@@ -413,11 +417,8 @@ def kv_cache_per_chip(model, mesh, *, rows: int, slots: int, dtype=None) -> dict
     chip), rows_per_chip, slots, dtype (its name)}."""
     from jaxrl_rm.models.transformer import kv_cache_dtype_name, kv_slot_bytes
 
-    c = model.config
-    tensor = mesh.shape.get("tensor", 1)
-    heads = c.num_key_value_heads // tensor if c.num_key_value_heads % tensor == 0 else c.num_key_value_heads
-    row_bytes = kv_slot_bytes(c, dtype, model.dtype, heads=heads) * slots
-    per_chip = -(-rows // (mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)))
+    row_bytes = kv_slot_bytes(model.config, dtype, model.dtype, heads=_kv_heads_per_chip(model, mesh)) * slots
+    per_chip = -(-rows // batch_shards(mesh))
     name = kv_cache_dtype_name(dtype) or jnp.dtype(model.dtype).name
     return {"bytes": per_chip * row_bytes, "row_bytes": row_bytes, "rows_per_chip": per_chip, "slots": slots,
             "dtype": name}

@@ -119,6 +119,18 @@ def merge_row_blocks(tree):
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:]), tree)
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many shards a batch's rows are split into: the (data, fsdp) size of `mesh`."""
+    return int(np.prod([mesh.shape.get(a, 1) for a in LOGICAL_TO_MESH["batch"]]))
+
+
+def kv_head_axis(mesh: Mesh, num_kv_heads: int) -> str | None:
+    """The mesh axis a KV cache's head dimension is split over: "tensor" when it is > 1 and
+    divides `num_kv_heads`, else None (the heads are replicated)."""
+    tensor = mesh.shape.get("tensor", 1)
+    return "tensor" if tensor > 1 and num_kv_heads % tensor == 0 else None
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Batch arrays `[B, ...]`: leading dim over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, P(LOGICAL_TO_MESH["batch"], *([None] * (ndim - 1))))

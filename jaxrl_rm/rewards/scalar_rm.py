@@ -198,7 +198,9 @@ def length_bucket(n: int, cap: int, *, minimum: int = 16) -> int:
 def _batch_multiple(mesh) -> int:
     if mesh is None:
         return 1
-    return int(mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
+    from jaxrl_rm.parallel.rules import batch_shards
+
+    return batch_shards(mesh)
 
 
 class RewardScorer:

@@ -21,13 +21,13 @@ decode steps run (static: every row runs until the longest stops) or over slot-s
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from jaxrl_rm.models.transformer import kv_cache_dtype_name
+from jaxrl_rm.parallel.rules import batch_shards
 from jaxrl_rm.sampling import generate
 
 ENGINES = ("static", "slots")
@@ -111,7 +111,7 @@ class RolloutCollector:
             if engine is None:
                 slots = self.num_slots or 1 << max(len(prompts) * num_samples - 1, 0).bit_length()
                 if self.mesh is not None:  # at least one slot per data shard (a slot group each)
-                    slots = max(slots, math.prod(self.mesh.shape.get(a, 1) for a in ("data", "fsdp")))
+                    slots = max(slots, batch_shards(self.mesh))
                 # G samples per prompt: slots / G prompt slots keep every slot busy, 1/G of the cache
                 # that a copy of the prompt per sample would take
                 engine = self._engines[(greedy, num_samples)] = SlotEngine(

@@ -56,7 +56,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import math
 import os
 import threading
 import time
@@ -69,10 +68,11 @@ from flax import nnx
 
 from jaxrl_rm.models.transformer import kv_cache_dtype_name, kv_slot_bytes
 from jaxrl_rm.parallel.mesh import spans_processes
+from jaxrl_rm.parallel.rules import batch_shards
 from jaxrl_rm.rollout import step as step_mod
 from jaxrl_rm.rollout.requests import Request, Sample, expand, shared_prefix_lengths, validate
-from jaxrl_rm.sampling.sampler import (BATCH_AXES, FINISH_LENGTH, FINISH_STOP, GenerationResult, _decode_head,
-                                       _StaticGraph, _stop_ids, _stop_slots, check_sampling)
+from jaxrl_rm.sampling.sampler import (FINISH_LENGTH, FINISH_STOP, GenerationResult, _decode_head, _StaticGraph,
+                                       _stop_ids, _stop_slots, check_sampling)
 
 _MIN_SLOTS_PER_GROUP = 8
 
@@ -506,7 +506,7 @@ class SlotEngine:
             if spans_processes(self.mesh):
                 raise ValueError("the slot engine's host loop runs in one process; this mesh spans "
                                  f"{jax.process_count()} processes (use the static engine)")
-            host_threads = math.prod(self.mesh.shape.get(a, 1) for a in BATCH_AXES)  # a slot group per data shard
+            host_threads = batch_shards(self.mesh)  # a slot group per data shard
             if num_slots < host_threads:
                 raise ValueError(f"num_slots={num_slots} < the mesh's {host_threads} data shards (one slot group "
                                  "each)")
@@ -538,7 +538,7 @@ class SlotEngine:
             gen_len=self.max_new_tokens, prefill_rows=min(int(prefill_rows), -(-prompt_slots // self.groups)),
             top_k=k, use_top_p=(not greedy and top_p < 1.0), greedy=bool(greedy),
             num_stop_slots=len(stop_arr), pad_id=self.pad_id, kv_cache_dtype=kv_cache_dtype_name(kv_cache_dtype),
-            prefix_len=max(self.max_prefix_len, 0),
+            prefix_len=self.max_prefix_len,
             num_prefix_slots=(-(-(prompt_slots if num_prefix_slots is None else int(num_prefix_slots)) // self.groups)
                               if self.max_prefix_len > 0 else 0))
         if self.max_prefix_len > 0 and self.spec.num_prefix_slots < 1:

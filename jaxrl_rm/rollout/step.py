@@ -1,7 +1,8 @@
 """Device side of the slot engine: prompt prefill into a shared prompt cache, and a jitted
 multi-step decode over `S` sample slots with per-slot positions, lengths and random draws.
 
-Two caches (each in the model's `KVCache` layout, see `models.transformer.KVCache`):
+Two caches (each in the model's `KVCache` layout, see `models.transformer.KVCache`), and a third
+when prompts share prefixes:
 
 * prompt cache: `[P, kv, Sp, Dh]` per layer (scanned: `[L, P, kv, Sp, Dh]`) - one row per *prompt
   slot*, the prompt right-padded (token i at slot i, RoPE position i); plus `prompt_hidden
@@ -9,6 +10,9 @@ Two caches (each in the model's `KVCache` layout, see `models.transformer.KVCach
   drawn from it).
 * completion cache: `[S, kv, Sc, Dh]` per layer (scanned: `[L, S, kv, Sc, Dh]`) - one row per
   *sample slot*; generated token n of a slot sits at slot n, RoPE position `prompt_len + n`.
+* prefix cache (`EngineSpec.prefix_len > 0`): `[Q, kv, Sq, Dh]` per layer - one row per *prefix
+  slot*, a prefix several prompts share. Only prefill reads it: a prompt's prefill attends to its
+  prefix there and writes prefix + rest into its prompt slot, so decoding never sees it.
 
 A sample slot reads its prompt through `prompt_of[s]` (an index into the prompt slots), so the
 G samples of a prompt share one copy of its K/V: the prompt costs `Sp` cache slots once instead
@@ -55,6 +59,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrl_rm.models.transformer import (_NEG_INF, apply_rope, kv_layer, kv_set, read_kv, rope_cos_sin,
                                          rope_inv_freq)
+from jaxrl_rm.parallel.rules import kv_head_axis
 from jaxrl_rm.sampling.distribution import sample_tokens, unfiltered_logprobs
 from jaxrl_rm.sampling.sampler import BATCH_AXES, _StaticGraph
 
@@ -426,9 +431,8 @@ def group_sharding(mesh, x, *, cache: bool = False) -> NamedSharding:
     leaf (`[n, (L,) R, kv, S, Dh]`, or an int8 cache's scales) its KV heads over "tensor" when that
     divides them."""
     parts = [BATCH_AXES] + [None] * (x.ndim - 1)
-    tensor = mesh.shape.get("tensor", 1)
-    if cache and tensor > 1 and x.shape[-3] % tensor == 0:
-        parts[-3] = "tensor"
+    if cache:
+        parts[-3] = kv_head_axis(mesh, x.shape[-3])
     return NamedSharding(mesh, P(*parts))
 
 
@@ -443,10 +447,15 @@ def _place_groups(tree, mesh):
         lambda path, x: jax.lax.with_sharding_constraint(x, group_sharding(mesh, x, cache=_is_cache(path))), tree)
 
 
+def _stacked_init(model, spec: EngineSpec, groups: int) -> DeviceState:
+    """`init_state` of `groups` slot groups, stacked `[groups, ...]` (unplaced)."""
+    return jax.vmap(lambda _: init_state(model, spec))(jnp.arange(groups))
+
+
 def abstract_groups(model, spec: EngineSpec, groups: int, mesh) -> DeviceState:
     """The stacked device state of `groups` slot groups as placed `jax.ShapeDtypeStruct`s (for
     `init_groups`, and for compiling the group programs ahead of time; `model` may be abstract)."""
-    abstract = jax.eval_shape(lambda: jax.vmap(lambda _: init_state(model, spec))(jnp.arange(groups)))
+    abstract = jax.eval_shape(lambda: _stacked_init(model, spec, groups))
     return jax.tree_util.tree_map_with_path(
         lambda path, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=group_sharding(mesh, x, cache=_is_cache(path))),
         abstract)
@@ -456,8 +465,7 @@ def init_groups(model, spec: EngineSpec, groups: int, mesh) -> DeviceState:
     """Zeroed device state of `groups` slot groups, stacked `[groups, ...]` and placed over the
     mesh's data axes (each device allocates only its own groups' caches)."""
     shardings = jax.tree.map(lambda a: a.sharding, abstract_groups(model, spec, groups, mesh))
-    return jax.jit(lambda: jax.vmap(lambda _: init_state(model, spec))(jnp.arange(groups)),
-                   out_shardings=shardings)()
+    return jax.jit(lambda: _stacked_init(model, spec, groups), out_shardings=shardings)()
 
 
 def _prefill_groups(graphdef, state, dstate, ids, lens, dest, pre_of, pre_len, *, spec: EngineSpec, mesh,

@@ -39,7 +39,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -52,6 +51,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrl_rm.models.transformer import kv_cache_dtype_name
 from jaxrl_rm.parallel.mesh import replicate
+from jaxrl_rm.parallel.rules import batch_shards, kv_head_axis
 from jaxrl_rm.sampling.distribution import sample_tokens, unfiltered_logprobs
 
 FINISH_STOP = "stop"      # the row produced one of `stop_token_ids` (included in the completion)
@@ -221,8 +221,7 @@ def _constrain_cache(cache, spec: _Spec, num_kv_heads: int):
     values and scales share those axes)."""
     if spec.mesh is None:
         return cache
-    tensor = spec.mesh.shape.get("tensor", 1)
-    heads = "tensor" if tensor > 1 and num_kv_heads % tensor == 0 else None
+    heads = kv_head_axis(spec.mesh, num_kv_heads)
     return jax.tree.map(lambda c: jax.lax.with_sharding_constraint(
         c, NamedSharding(spec.mesh, P(*([None] * (c.ndim - 4)), BATCH_AXES, heads, None, None))), cache)
 
@@ -470,7 +469,7 @@ def generate_program(model, state, *, prompts: int, prompt_len: int, num_samples
     `generate`.
     """
     cfg = model.config
-    shards = math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+    shards = batch_shards(mesh)
     rows, p, n = bucket_rows(prompts, shards), bucket_length(prompt_len), bucket_length(max_new_tokens)
     spec = _make_spec(cfg, rows=rows, prompt_len=p, gen_len=n, num_samples=num_samples, top_k=top_k,
                       top_p=top_p, greedy=greedy, num_stop_slots=_stop_slots(num_stops), pad_id=0,
@@ -577,9 +576,7 @@ def generate(model, prompts, *, num_samples: int = 1, max_new_tokens: int, tempe
     if pad_id is None:
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
 
-    shards = 1
-    if mesh is not None:
-        shards = math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+    shards = 1 if mesh is None else batch_shards(mesh)
     n_prompts = len(rows)
     longest = max(r.size for r in rows)
     splits = _host_splits(model, n_prompts * num_samples, mesh) if host_threads is None else max(1, host_threads)

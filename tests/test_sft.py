@@ -42,6 +42,49 @@ def test_batch_stream_is_a_pure_function_of_step():
     assert [b.batch(s)["x"].tolist() for s in (4, 1)] == [a.batch(4)["x"].tolist(), a.batch(1)["x"].tolist()]
 
 
+def test_batch_stream_cuts_padding_to_the_global_batch_width():
+    """With `lengths`, a batch's `[B, W]` arrays are cut to the power-of-two bucket of its longest
+    row (only padding columns go), 1-D arrays pass whole, and the rows are the uncut stream's."""
+    from jaxrl_rm.data.pipeline import length_bucket, pad_examples
+
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(3, 15, 30), [60, 64]])
+    rows = pad_examples([(np.arange(1, n + 1), np.ones(n, bool)) for n in lengths], 64, 0)
+    rows["id"] = np.arange(len(lengths))
+    full, cut = BatchStream(rows, 4, seed=1), BatchStream(rows, 4, seed=1, lengths=rows["attention_mask"].sum(1))
+    widths = set()
+    for step in range(20):
+        a, b = full.batch(step), cut.batch(step)
+        width = length_bucket(int(lengths[a["id"]].max()), 64)
+        widths.add(width)
+        assert b["input_ids"].shape == (4, width) and b["loss_mask"].shape == (4, width)
+        assert (b["id"] == a["id"]).all() and (b["input_ids"] == a["input_ids"][:, :width]).all()
+        assert not a["attention_mask"][:, width:].any()  # only padding was cut
+    assert widths == {16, 64}  # short batches at 16 columns, a batch holding a long row at the full 64
+    assert length_bucket(3, 64) == 16 and length_bucket(17, 64) == 32 and length_bucket(40, 48) == 48
+
+
+def test_sft_loss_is_the_same_on_a_cut_batch():
+    """The cut is exact: the summed NLL and token count of a right-padded batch do not depend on
+    how many padding columns it carries."""
+    import jax.numpy as jnp
+
+    from jaxrl_rm.config import ModelSpec
+    from jaxrl_rm.data.pipeline import pad_examples
+    from jaxrl_rm.data.tokenizer import load_or_build_tokenizer
+    from jaxrl_rm.models.factory import build_model
+    from jaxrl_rm.train.sft import next_token_loss
+
+    tok = load_or_build_tokenizer("")
+    model = build_model(ModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1), tok, seed=0)
+    rows = pad_examples([(np.arange(5, 5 + n), np.arange(n) >= 2) for n in (5, 9, 12)], 48, 0)
+    full = next_token_loss(model, {k: jnp.asarray(v) for k, v in rows.items()})
+    cut = next_token_loss(model, {k: jnp.asarray(v[:, :16]) for k, v in rows.items()})
+    assert float(cut[1]) == float(full[1]) > 0
+    assert float(cut[0]) == pytest.approx(float(full[0]), rel=1e-5)
+
+
 def test_sft_cli_trains_and_writes_run_dir(tmp_path):
     """configs/sft_tiny.yaml through the CLI. What keeps it at about a minute is that the train
     step, the eval step and the sampler compile once each (no per-step recompilation), counted

@@ -140,15 +140,30 @@ def pack_examples(examples: Sequence[tuple[np.ndarray, np.ndarray]], length: int
 
 
 # --- batch streams ----------------------------------------------------------------------------
+def length_bucket(n: int, cap: int, *, minimum: int = 16) -> int:
+    """Padded width for a batch whose longest row is `n`: a power of two >= minimum, capped at
+    `cap` (a row longer than `cap` keeps its length). Few distinct widths -> few compiles."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return min(b, cap) if n <= cap else n
+
+
 class BatchStream:
     """Deterministic global batches over `rows` (a dict of equal-length `[N, ...]` arrays).
 
     `batch(step)` -> this process's slice of global batch `step`: rows
     `[p * B/P, (p+1) * B/P)` of it, where P = process count. Epoch e is permutation
     `rng(seed, e)` of the N rows; batches cross epoch boundaries seamlessly.
+
+    `lengths` (`[N]` int, optional): each row's used width when the rows are right-padded to a
+    common width W. Then every `[N, W, ...]` array of a batch is cut to `length_bucket` of the
+    longest row in the *global* batch (the same width on every process), so a batch of short rows
+    does not pay for W: exact for right padding, since the cut columns are padding.
     """
 
-    def __init__(self, rows: dict, batch_size: int, *, seed: int = 0, shuffle: bool = True):
+    def __init__(self, rows: dict, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 lengths: np.ndarray | None = None):
         self.rows = rows
         self.n = len(next(iter(rows.values())))
         if self.n == 0:
@@ -160,7 +175,12 @@ class BatchStream:
         self.local = batch_size // procs
         offset = jax.process_index() * self.local
         index = grain.MapDataset.range(1 << 62).map(self._row_index)
-        self._ds = index.batch(batch_size).map(lambda idx: idx[offset: offset + self.local])
+        self._global = index.batch(batch_size)
+        self._ds = self._global.map(lambda idx: idx[offset: offset + self.local])
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        if self.lengths is not None and self.lengths.shape != (self.n,):
+            raise ValueError(f"lengths has shape {self.lengths.shape}, expected ({self.n},)")
+        self.width = max((v.shape[1] for v in rows.values() if np.ndim(v) >= 2), default=0)
 
     @functools.lru_cache(maxsize=4)
     def _perm(self, epoch: int) -> np.ndarray:
@@ -175,9 +195,18 @@ class BatchStream:
         """Row indices (into `rows`) of this process's part of global batch `step`."""
         return np.asarray(self._ds[step])
 
+    def batch_width(self, step: int) -> int:
+        """The padded width of global batch `step` (the full width without `lengths`)."""
+        if self.lengths is None:
+            return self.width
+        longest = int(self.lengths[np.asarray(self._global[step])].max())
+        return length_bucket(longest, self.width)
+
     def batch(self, step: int) -> dict:
         idx = self.indices(step)
-        return {k: v[idx] for k, v in self.rows.items()}
+        width = self.batch_width(step)
+        return {k: (v[idx, :width] if np.ndim(v) >= 2 and v.shape[1] == self.width else v[idx])
+                for k, v in self.rows.items()}
 
     @property
     def steps_per_epoch(self) -> float:

@@ -665,7 +665,9 @@ def make_judge_source(spec, ctx: dict) -> JudgeSource:
 
     if not spec.path:
         raise ValueError("reward type judge: set `path` to an HF judge-model directory (weights + tokenizer)")
-    opts, gen = _split_options("judge", dict(spec.options))
+    options = dict(spec.options)
+    refresh = options.pop("refresh", None)  # online refresh (jaxrl_rm.rewards.judge_refresh)
+    opts, gen = _split_options("judge", options)
     # in the run's dtypes and layout, sharded like the policy (what `--plan` assumes)
     grpo = ctx.get("grpo")
     model = load_frozen(spec.path, grpo.cfg.model if grpo is not None else None, mesh=ctx.get("mesh"))
@@ -673,8 +675,19 @@ def make_judge_source(spec, ctx: dict) -> JudgeSource:
     opts.setdefault("seed", ctx.get("seed", 0))
     if grpo is not None:  # the judge samples with the run's engine unless its options say otherwise
         gen.setdefault("rollout_engine", grpo.cfg.grpo.rollout_engine)
-    judge = TextJudge(lambda: model, tokenizer, mesh=ctx.get("mesh"), **gen)
-    return JudgeSource(judge, tokenizer, **{"name": "judge", **opts})
+    refresher = None
+    judge = TextJudge(lambda: model if refresher is None else refresher.model(), tokenizer, mesh=ctx.get("mesh"), **gen)
+    source = JudgeSource(judge, tokenizer, **{"name": "judge", **opts})
+    if refresh is not None:
+        from jaxrl_rm.rewards.judge_refresh import JudgeRefresher, RefreshConfig
+
+        refresher = JudgeRefresher(
+            model, tokenizer, template=source.template,
+            cfg=RefreshConfig.parse(refresh, key=f"reward type judge ({spec.path}): options.refresh"),
+            max_length=judge.prompt_budget(model) + judge.max_new_tokens, chat_template=source.chat_template,
+            mesh=ctx.get("mesh"), seed=int(opts["seed"]))
+    source.refresher = refresher
+    return source
 
 
 def make_self_judge_source(spec, ctx: dict) -> JudgeSource:

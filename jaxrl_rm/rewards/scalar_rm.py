@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrl_rm.data.pipeline import encode, encode_pieces, render_prompt, tokenize_prompt_response
+from jaxrl_rm.data.pipeline import encode, encode_pieces, length_bucket, render_prompt, tokenize_prompt_response
 
 SPLIT_TOKEN = "<|split|>"
 REWARD_TOKEN = "<|reward|>"
@@ -185,14 +185,6 @@ def pad_sequences(seqs: Sequence[Sequence_], *, length: int, pad_id: int, paddin
         off = 0 if padding_side == "right" else length - len(x)
         ids[i, off: off + len(x)], mask[i, off: off + len(x)], index[i] = x, True, off + j
     return {"input_ids": ids, "attention_mask": mask, "score_index": index}
-
-
-def length_bucket(n: int, cap: int, *, minimum: int = 16) -> int:
-    """Padded length for a batch whose longest row is `n`: a power of two >= minimum, capped."""
-    b = minimum
-    while b < n:
-        b *= 2
-    return min(b, cap) if n <= cap else n
 
 
 def _batch_multiple(mesh) -> int:

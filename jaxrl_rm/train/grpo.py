@@ -163,6 +163,13 @@ class GRPO:
         self._source_ctx = {"tokenizer": self.tokenizer, "mesh": self.mesh, "grpo": self, "seed": cfg.seed}
         self.sources = {t.name: [(reward_sources.build_source(r, self._source_ctx), r.weight) for r in t.rewards]
                         for t in g.tasks}
+        # judges refreshed online (`options.refresh`): their weights and optimizer state ride in the
+        # GRPO state (checkpointed with it), their judgment buffers in the host state
+        self.refreshers = [(t, src) for t, weighted in self.sources.items() for src, _ in weighted
+                           if getattr(src, "refresher", None) is not None]
+        if self.refreshers:
+            self.state = {**self.state, "judge_refresh": [src.refresher.state for _, src in self.refreshers]}
+            self.abstract_state = abstract_like(self.state)
         # `options.eval_scorer` (e.g. the hidden quality of open-ended tasks): built, and checked, up front
         self.scorers = {t.name: self.scorer_for(t) for t in g.tasks if t.options.get("eval_scorer")}
         self.rollout = RolloutCollector(
@@ -217,8 +224,11 @@ class GRPO:
             truncated=(np.asarray(res.finish_reason) == "length").reshape(b, gsz))
         return rollouts, res, prompts
 
-    def rewards(self, rollouts: Rollouts) -> tuple[np.ndarray, dict, np.ndarray]:
+    def rewards(self, rollouts: Rollouts, *, step: int | None = None) -> tuple[np.ndarray, dict, np.ndarray]:
         """Score a step's rollouts -> (rewards `[B, G]`, metrics, filter values `[B, G]`).
+
+        step: the training step that sampled them (None outside training): refreshed judges then
+        keep them, teacher-labelled, for their next refresh.
 
         rewards: per task, Σ weight · source (the *score*), plus DAPO overlong shaping — what the
         update trains on. filter values: what DAPO dynamic sampling tests for zero variance, per
@@ -244,7 +254,12 @@ class GRPO:
             acc[rows] = (parts[verifiers[0]] > 0).astype(np.float32) if verifiers else r
             metrics.update({f"reward/{task}/{k}": v for k, v in m.items()})
             metrics[f"reward/{task}/mean"] = float(r.mean())
-            metrics.update(self.gold_monitor(self.tasks[task], sub, parts))
+            gold = self.gold_labels(self.tasks[task], sub)
+            metrics.update(self.gold_monitor(self.tasks[task], sub, parts, gold))
+            if step is not None:
+                for t, src in self.refreshers:
+                    if t == task and gold is not None:
+                        src.refresher.observe(step, sub, gold)
         rewards = scores
         if self.g.overlong_buffer > 0:
             shaping = overlong_penalty(rollouts.lengths, rollouts.truncated, max_new_tokens=self.T,
@@ -254,7 +269,19 @@ class GRPO:
         signal = {"acc": acc, "score": scores, "seq_final_reward": rewards}[self.g.dynamic_sampling_metric]
         return rewards, metrics, signal
 
-    def gold_monitor(self, task, rollouts: Rollouts, parts: dict[str, np.ndarray]) -> dict:
+    def gold_labels(self, task, rollouts: Rollouts) -> np.ndarray | None:
+        """Gold correctness `[B, G]` bool of a model-scored verifiable task's rollouts (its
+        `verifier_for`), or None where there is nothing to check (a rule-rewarded task, a task
+        that is not verifiable, items without answers)."""
+        model_based = [spec for spec in task.rewards if spec.type not in RULE_REWARDS]
+        if task.kind != "verifiable" or not model_based or any(it.answer is None for it in rollouts.items):
+            return None
+        b, gsz = rollouts.shape
+        out = self.verifier_for(task)([c for cs in rollouts.completions for c in cs],
+                                      [it.answer for it in rollouts.items for _ in range(gsz)])
+        return (np.asarray(out.rewards, np.float32) > 0).reshape(b, gsz)
+
+    def gold_monitor(self, task, rollouts: Rollouts, parts: dict[str, np.ndarray], gold: np.ndarray | None) -> dict:
         """Reward-hacking monitor for model-scored verifiable tasks: the same rollouts checked
         against the gold answers (`verifier_for(task)`). Logs `reward/<task>/gold_accuracy` and,
         per model-based source, `<source>/gold_gap` (mean reward - gold accuracy: > 0 means the
@@ -269,14 +296,10 @@ class GRPO:
         `reward/<task>/gold_mixed_groups` (share of groups holding both kinds: where a gold reward
         would give a signal). For `self_judge` the gap is URPO's self-preference:
         `reward/<task>/self_preference`."""
+        if gold is None:
+            return {}
         model_based = [src.name for (src, _), spec in zip(self.sources[task.name], task.rewards)
                        if spec.type not in RULE_REWARDS]
-        if task.kind != "verifiable" or not model_based or any(it.answer is None for it in rollouts.items):
-            return {}
-        b, gsz = rollouts.shape
-        out = self.verifier_for(task)([c for cs in rollouts.completions for c in cs],
-                                      [it.answer for it in rollouts.items for _ in range(gsz)])
-        gold = (np.asarray(out.rewards, np.float32) > 0).reshape(b, gsz)
         prefix = f"reward/{task.name}"
         metrics = {f"{prefix}/gold_accuracy": float(gold.mean()),
                    f"{prefix}/gold_mixed_groups": float((gold.any(axis=1) & ~gold.all(axis=1)).mean())}
@@ -307,7 +330,7 @@ class GRPO:
             rollouts, res, prompts = self.sample(params, items, seed=step_seed(self.cfg.seed, step, rnd),
                                                  num_samples=g.num_samples)
             rollout_stats.append(self.rollout.stats)
-            rewards, m, signal = self.rewards(rollouts)
+            rewards, m, signal = self.rewards(rollouts, step=step)
             if rnd == 0:
                 metrics.update(m)
             generated += B
@@ -386,6 +409,10 @@ class GRPO:
 
     def run_step(self, state, step: int):
         """One RL step -> (state, metrics, tokens processed)."""
+        if self.refreshers:  # the refreshed judges' state (restored from a checkpoint or not)
+            for (_, src), judge_state in zip(self.refreshers, state["judge_refresh"]):
+                src.refresher.state = judge_state
+            state = {k: v for k, v in state.items() if k != "judge_refresh"}
         t0 = time.perf_counter()
         parts, kept, metrics = self.collect(state["params"], step)
         t_sample = time.perf_counter() - t0
@@ -420,6 +447,11 @@ class GRPO:
         metrics["time/step_s"] = time.perf_counter() - t0
         metrics["batch_ids"] = [str(it.id) for part in parts for it in part[0].items]
         tokens = int(batch["attention_mask"].sum())
+        if self.refreshers:
+            for task, src in self.refreshers:
+                if src.refresher.due(step):
+                    metrics.update({f"reward/{task}/{src.name}/{k}": v for k, v in src.refresher.refresh(step).items()})
+            state = {**state, "judge_refresh": [src.refresher.state for _, src in self.refreshers]}
         return state, metrics, tokens
 
     # --- evaluation ---------------------------------------------------------------------------
@@ -520,10 +552,13 @@ class GRPO:
         return float(np.asarray(r)[:, 0].mean())
 
     def host_state(self) -> dict:
-        return {"mixer": self.mixer.state()}
+        return {"mixer": self.mixer.state(),
+                "judge_refresh": [src.refresher.host_state() for _, src in self.refreshers]}
 
     def restore_host_state(self, host: dict) -> None:
         self.mixer.load_state(host.get("mixer", {}))
+        for (_, src), saved in zip(self.refreshers, host.get("judge_refresh", [])):
+            src.refresher.restore_host_state(saved)
 
     def guard_report(self) -> dict:
         report: dict[str, int] = {}
@@ -621,5 +656,9 @@ def run_grpo(cfg) -> dict:
     write_summary(cfg, summary)
     if not result.preempted:
         export_hf(rl.trainer, result.state["params"], Path(cfg.run_dir) / "hf", rl.tokenizer)
+        for task, src in rl.refreshers:  # the judges as the refreshes left them
+            r = src.refresher
+            export_hf(r.trainer, r.state["params"], Path(cfg.run_dir) / "refreshed_judges" / f"{task}.{src.name}",
+                      r.tokenizer)
     rl.final_state = result.state
     return summary

@@ -260,7 +260,8 @@ def run_reward_model(cfg) -> dict:
     builder = make_builder(stage, tokenizer, cfg)
     chosen, rejected = pair_sequences(train_records, builder)
     rows = pair_rows(chosen, rejected, length=cfg.data.max_length, pad_id=pad_id)
-    stream = BatchStream(rows, cfg.train.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    used = np.maximum(rows["chosen_attention_mask"].sum(1), rows["rejected_attention_mask"].sum(1))
+    stream = BatchStream(rows, cfg.train.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle, lengths=used)
 
     scorer = RewardScorer(model, tokenizer, max_length=cfg.data.max_length, batch_size=cfg.rm.eval_batch_size,
                           mesh=mesh, keep_params=False)  # scores with the train state's params

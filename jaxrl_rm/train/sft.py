@@ -87,7 +87,8 @@ def run_sft(cfg) -> dict:
     eval_source = cfg.data.eval or (cfg.data.train if cfg.data.train.startswith("synthetic:") else "")
     eval_records = load_sft_records(eval_source, cfg, seed=cfg.seed, split="eval")[0] if eval_source else []
     train_rows = tokenized_rows(train_records, tokenizer, cfg)
-    stream = BatchStream(train_rows, cfg.train.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    stream = BatchStream(train_rows, cfg.train.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
+                         lengths=train_rows["attention_mask"].sum(1))
 
     trainer = Trainer(graphdef=nnx.split(model)[0], optimizer=make_optimizer(cfg.optim, cfg.train.steps),
                       mesh=mesh)

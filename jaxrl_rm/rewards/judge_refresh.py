@@ -1,0 +1,194 @@
+"""Online judge refresh: a `type: judge` reward's judge kept precise on the policy it rewards.
+
+A judge trained on the SFT policy's answers meets, after some RL steps, answers it never saw, and
+a judge that calls some of them right is what GRPO learns to write (docs/miniature_results.md,
+"Diagnosis"). With ``options.refresh`` on a judge reward, the run itself keeps the judge up to
+date: every rollout the judge scores is labelled by the task's teacher (its gold verifier,
+`GRPO.verifier_for`: exact match or math-verify against the gold answer) and kept in a buffer of
+the last ``buffer_steps`` steps; every ``every`` policy steps the judge takes ``steps`` SFT steps
+on those judgments written as the warm-up writes them (`train.judge.warmup_records`: the judge
+prompt -> ``<think>…</think><score>s</score>`` with the teacher's verdict and the chosen
+reasoning), with its own AdamW state. Only training prompts' rollouts enter the buffer, so the
+judge never trains on the policy's held-out prompts.
+
+Options (``grpo.tasks[].rewards[].options.refresh``, all optional):
+
+==================  =======  ==================================================================
+key                 default  meaning
+==================  =======  ==================================================================
+``every``           25       policy steps between refreshes (after the update of step k·every)
+``steps``           20       judge SFT steps per refresh
+``batch_size``      32       judgments per judge SFT step
+``learning_rate``   1e-4     constant AdamW learning rate (b2 0.99, grad clip 1)
+``buffer_steps``    every    how many recent steps' rollouts a refresh trains on
+``think``           compare  the reasoning written before the verdict: ``aligned`` (the
+                             `{aligned}` view's pair-by-pair check), ``compare``, ``reference``,
+                             ``response``, ``fixed`` (as ``judge.warmup_think``)
+``balance``         true     downsample the buffer to equal right / wrong counts
+``corrupt``         0.0      share of judgments whose answer is replaced by a rule-made one
+                             (``judge.warmup_corrupt``)
+==================  =======  ==================================================================
+
+The judge's weights and optimizer state live in the GRPO state (``state["judge_refresh"]``, so
+checkpoints hold them) and the buffer in the host state: a resumed run refreshes exactly as the
+uninterrupted one. Metrics, at each refresh: ``reward/<task>/<name>/refresh/{loss_first,
+loss_last,examples,positive}``; between refreshes the gold monitor's ``gold_fpr`` / ``gold_fnr``
+show how the judge does on the current answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxrl_rm.data.records import JudgmentExample
+
+THINK = ("aligned", "compare", "reference", "response", "fixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class RefreshConfig:
+    every: int = 25
+    steps: int = 20
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    buffer_steps: int = 0  # 0 = `every`
+    think: str = "compare"
+    balance: bool = True
+    corrupt: float = 0.0
+
+    @classmethod
+    def parse(cls, value: Any, key: str = "options.refresh") -> "RefreshConfig":
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping of {[f.name for f in dataclasses.fields(cls)]}, got {value!r}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ValueError(f"{key}: unknown key(s) {unknown}; valid: {names}")
+        cfg = cls(**value)
+        for name in ("every", "steps", "batch_size"):
+            if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+                raise ValueError(f"{key}.{name}: must be an integer >= 1, got {getattr(cfg, name)!r}")
+        if not isinstance(cfg.buffer_steps, int) or cfg.buffer_steps < 0:
+            raise ValueError(f"{key}.buffer_steps: must be an integer >= 0 (0 = every), got {cfg.buffer_steps!r}")
+        if not float(cfg.learning_rate) > 0:
+            raise ValueError(f"{key}.learning_rate: must be > 0, got {cfg.learning_rate!r}")
+        if cfg.think not in THINK:
+            raise ValueError(f"{key}.think: must be one of {list(THINK)}, got {cfg.think!r}")
+        if not 0.0 <= float(cfg.corrupt) <= 1.0:
+            raise ValueError(f"{key}.corrupt: must be in [0, 1], got {cfg.corrupt!r}")
+        return dataclasses.replace(cfg, learning_rate=float(cfg.learning_rate), corrupt=float(cfg.corrupt),
+                                   buffer_steps=cfg.buffer_steps or cfg.every)
+
+
+class JudgeRefresher:
+    """Owns a trainable judge: its state (params + AdamW), the buffer of teacher-labelled
+    judgments, and the SFT step that refreshes it.
+
+    model: the judge (`Transformer`); tokenizer: the judge's; template: the `JudgeTemplate` the
+    reward renders with; chat_template: whether prompts go through the tokenizer's chat
+    template (as the reward renders them); max_length: judge prompt + verdict tokens.
+    """
+
+    def __init__(self, model, tokenizer, *, template, cfg: RefreshConfig, max_length: int, chat_template: bool,
+                 mesh, seed: int = 0):
+        from jaxrl_rm.config import OptimConfig
+        from jaxrl_rm.train.sft import next_token_loss
+        from jaxrl_rm.train.state import Trainer, build_train_step, make_optimizer
+
+        if mesh is None:
+            from jaxrl_rm.parallel.mesh import make_mesh
+
+            mesh = make_mesh()
+        self.cfg, self.tokenizer, self.template = cfg, tokenizer, template
+        self.max_length, self.chat_template, self.mesh, self.seed = int(max_length), bool(chat_template), mesh, int(seed)
+        optim = OptimConfig(learning_rate=cfg.learning_rate, schedule="constant", warmup_steps=0, b2=0.99)
+        self.trainer = Trainer(nnx.split(model)[0], make_optimizer(optim, cfg.steps), mesh)
+        self.state = self.trainer.init_state(model, seed)
+        self._step = build_train_step(self.trainer, lambda m, b: next_token_loss(m, b, mesh=mesh))
+        self.buffer: list[tuple[int, JudgmentExample]] = []  # (policy step, judgment)
+        self.refreshes = 0
+
+    # ------------------------------------------------------------------ the judge the reward reads
+    def model(self):
+        return nnx.merge(self.trainer.graphdef, self.state["params"])
+
+    # ------------------------------------------------------------------ data
+    def observe(self, step: int, rollouts, labels: np.ndarray) -> None:
+        """Keep a step's scored rollouts with their teacher labels `[B, G]` bool; drop the
+        judgments older than `buffer_steps`."""
+        for i, item in enumerate(rollouts.items):
+            reference = item.reference if item.reference is not None else item.answer
+            for k, response in enumerate(rollouts.completions[i]):
+                if response.strip():
+                    self.buffer.append((int(step), JudgmentExample(
+                        prompt=item.prompt, response=response, label=bool(labels[i, k]), reference=reference,
+                        id=f"{item.id}:{k}:s{step}")))
+        oldest = int(step) - self.cfg.buffer_steps + 1
+        self.buffer = [(s, e) for s, e in self.buffer if s >= oldest]
+
+    def due(self, step: int) -> bool:
+        return (int(step) + 1) % self.cfg.every == 0
+
+    def examples(self, step: int) -> list[JudgmentExample]:
+        """The buffer's judgments a refresh trains on: deduplicated by prompt and answer, balanced
+        and corrupted as configured (seeded by the policy step)."""
+        from jaxrl_rm.rewards.judge_source import prompt_as_text
+        from jaxrl_rm.train.judge import balance_labels, with_corrupted_answers
+
+        seen, examples = set(), []
+        for _, e in self.buffer:
+            key = (prompt_as_text(e.prompt), e.response)
+            if key not in seen:
+                seen.add(key)
+                examples.append(e)
+        if self.cfg.balance:
+            if len({bool(e.label) for e in examples}) < 2:
+                return []  # one kind only: a refresh would teach the judge a constant verdict
+            examples = balance_labels(examples, seed=self.seed + step)
+        if self.cfg.corrupt > 0:
+            examples = with_corrupted_answers(examples, self.cfg.corrupt, p_correct=0.5, seed=self.seed + step)
+        return examples
+
+    # ------------------------------------------------------------------ the update
+    def refresh(self, step: int) -> dict[str, float]:
+        """`steps` SFT steps of the judge on the buffer -> metrics (`refresh/skipped` 1 when the
+        buffer holds nothing to train on: empty, or, with `balance`, one kind of answer only)."""
+        from jaxrl_rm.data.pipeline import BatchStream, length_bucket, pad_examples, tokenize_sft
+        from jaxrl_rm.parallel.rules import shard_batch
+        from jaxrl_rm.train.judge import warmup_records
+
+        examples = self.examples(step)
+        if not examples:
+            return {"refresh/skipped": 1.0}
+        records = warmup_records(examples, self.template, label_noise=0.0, think=self.cfg.think, seed=self.seed + step)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        tokens = [tokenize_sft(r, self.tokenizer, self.max_length, chat_template=self.chat_template) for r in records]
+        # a power-of-two width (or the budget): few distinct shapes across refreshes, few compiles
+        width = length_bucket(max(len(ids) for ids, _ in tokens), self.max_length)
+        rows = pad_examples(tokens, width, pad)
+        stream = BatchStream(rows, self.cfg.batch_size, seed=self.seed + 7919 * (step + 1),
+                             lengths=rows["attention_mask"].sum(1))
+        losses = []
+        for k in range(self.cfg.steps):
+            self.state, metrics = self._step(self.state, shard_batch(stream.batch(k), self.mesh))
+            losses.append(metrics["loss"])
+        losses = [float(x) for x in jax.device_get(losses)]
+        self.refreshes += 1
+        return {"refresh/loss_first": losses[0], "refresh/loss_last": losses[-1],
+                "refresh/examples": float(len(examples)),
+                "refresh/positive": float(np.mean([bool(e.label) for e in examples])),
+                "refresh/count": float(self.refreshes)}
+
+    # ------------------------------------------------------------------ checkpointing
+    def host_state(self) -> dict:
+        return {"refreshes": self.refreshes, "buffer": [[s, e.to_dict()] for s, e in self.buffer]}
+
+    def restore_host_state(self, host: dict) -> None:
+        self.refreshes = int(host.get("refreshes", 0))
+        self.buffer = [(int(s), JudgmentExample(**e)) for s, e in host.get("buffer", [])]
+

@@ -16,6 +16,10 @@ from jaxrl_rm.configlib import ConfigError, apply_override, check, from_dict, re
 __all__ = ["Config", "ConfigError", "load_config", "to_dict"]
 
 
+#: The reasoning a judge warm-up (and an online judge refresh) writes before the teacher's verdict.
+WarmupThink = Literal["compare", "aligned", "reference", "response", "fixed"]
+
+
 @dataclasses.dataclass
 class ModelSpec:
     #: Local HF directory (config.json + safetensors + tokenizer). Empty: random init from below.
@@ -540,7 +544,7 @@ class JudgeConfig:
     #: beside it: `want X, got Y`) | aligned (checks the `{aligned}` view pair by pair:
     #: `dd= cc= bxx`; needs a template showing `{aligned}`) | reference (works out the gold answer)
     #: | response (restates the judged answer) | fixed (a constant sentence).
-    warmup_think: Literal["compare", "aligned", "reference", "response", "fixed"] = "reference"
+    warmup_think: WarmupThink = "reference"
     #: Held-out judgments evaluated before / after RL (0: all).
     eval_size: int = 256
     #: Gold-vs-near-miss AUC before / after RL (`judge_near_miss_auc_before/_after`, exact-match

@@ -22,6 +22,26 @@ def test_refresh_options_are_validated_with_their_key():
             RefreshConfig.parse(bad)
 
 
+def test_refresh_examples_dedupe_balance_and_repeat_the_judges_mistakes():
+    """What a refresh trains on: each (prompt, answer) once, labels balanced, and with `mistakes: k`
+    k more copies of every judgment the judge got wrong when it scored it."""
+    from jaxrl_rm.data.records import JudgmentExample
+    from jaxrl_rm.rewards.judge_refresh import JudgeRefresher
+
+    r = JudgeRefresher.__new__(JudgeRefresher)  # the data side only: no model needed
+    r.cfg, r.seed = RefreshConfig.parse({"every": 2, "mistakes": 3}), 0
+    ex = lambda a, label: JudgmentExample(prompt="reverse: ab", response=a, label=label, reference="ba")
+    r.buffer = [(0, ex("ba", True), False), (0, ex("ba", True), False), (1, ex("ba", True), False),
+                (1, ex("bb", False), True), (1, ex("aa", False), False), (1, ex("xx", False), False)]
+    got = r.examples(1)
+    base, extra = got[:2], got[2:]
+    assert sorted(e.label for e in base) == [False, True]  # balanced: one right, one of the three wrong
+    assert [e.response for e in extra] == ["bb"] * 3  # the judge called "bb" right: trained on 3 more times
+    r.cfg = RefreshConfig.parse({"every": 2})
+    r.buffer = [(1, ex("bb", False), True)]
+    assert r.examples(1) == []  # one kind only: no refresh
+
+
 def _judge_dir(tmp_path):
     from jaxrl_rm.config import ModelSpec
     from jaxrl_rm.data.tokenizer import build_char_tokenizer
@@ -62,12 +82,16 @@ def test_refresh_trains_the_judge_on_the_current_training_rollouts(tmp_path):
     state, metrics, _ = rl.run_step(rl.state, 0)
     assert not any("refresh/" in k for k in metrics)  # step 1 of every 2: nothing yet
     kept = list(refresher.buffer)
-    assert kept and {s for s, _ in kept} == {0}
+    assert kept and {s for s, _, _ in kept} == {0}
     # teacher labels: the gold verifier on (answer, gold) - and only training prompts' rollouts
     eval_ids = {str(it.id) for it in rl.eval_items["rev"]}
-    labels = ExactMatchVerifier()([e.response for _, e in kept], [e.reference for _, e in kept]).rewards
-    assert [bool(e.label) for _, e in kept] == [r > 0 for r in labels]
-    assert not {e.id.split(":")[0] for _, e in kept} & eval_ids
+    labels = ExactMatchVerifier()([e.response for _, e, _ in kept], [e.reference for _, e, _ in kept]).rewards
+    assert [bool(e.label) for _, e, _ in kept] == [r > 0 for r in labels]
+    assert not {e.id.split(":")[0] for _, e, _ in kept} & eval_ids
+    # the judge's own errors are marked: 12 new tokens of a random character-level judge never hold
+    # a parseable score, so it pays 0 (invalid) everywhere and is wrong exactly on the right answers
+    assert metrics["reward/rev/judge/invalid_rate"] == 1.0
+    assert [wrong for _, _, wrong in kept] == [bool(e.label) for _, e, _ in kept]
     state, metrics, _ = rl.run_step(state, 1)
     assert metrics[f"reward/{task}/judge/refresh/count"] == 1.0
     assert metrics[f"reward/{task}/judge/refresh/examples"] >= 1

@@ -27,6 +27,10 @@ key                 default  meaning
 ``balance``         true     downsample the buffer to equal right / wrong counts
 ``corrupt``         0.0      share of judgments whose answer is replaced by a rule-made one
                              (``judge.warmup_corrupt``)
+``mistakes``        0        extra copies, per refresh, of each buffered judgment the judge got
+                             wrong when it scored it (its reward > 0.5 for a wrong answer, or
+                             <= 0.5 for a right one): the answers the policy is learning to
+                             exploit, trained on more than the rest
 ==================  =======  ==================================================================
 
 The judge's weights and optimizer state live in the GRPO state (``state["judge_refresh"]``, so
@@ -39,15 +43,17 @@ show how the judge does on the current answers.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
+from jaxrl_rm.config import WarmupThink
 from jaxrl_rm.data.records import JudgmentExample
 
-THINK = ("aligned", "compare", "reference", "response", "fixed")
+THINK = typing.get_args(WarmupThink)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +66,7 @@ class RefreshConfig:
     think: str = "compare"
     balance: bool = True
     corrupt: float = 0.0
+    mistakes: int = 0
 
     @classmethod
     def parse(cls, value: Any, key: str = "options.refresh") -> "RefreshConfig":
@@ -73,6 +80,8 @@ class RefreshConfig:
         for name in ("every", "steps", "batch_size"):
             if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
                 raise ValueError(f"{key}.{name}: must be an integer >= 1, got {getattr(cfg, name)!r}")
+        if not isinstance(cfg.mistakes, int) or cfg.mistakes < 0:
+            raise ValueError(f"{key}.mistakes: must be an integer >= 0, got {cfg.mistakes!r}")
         if not isinstance(cfg.buffer_steps, int) or cfg.buffer_steps < 0:
             raise ValueError(f"{key}.buffer_steps: must be an integer >= 0 (0 = every), got {cfg.buffer_steps!r}")
         if not float(cfg.learning_rate) > 0:
@@ -110,7 +119,7 @@ class JudgeRefresher:
         self.trainer = Trainer(nnx.split(model)[0], make_optimizer(optim, cfg.steps), mesh)
         self.state = self.trainer.init_state(model, seed)
         self._step = build_train_step(self.trainer, lambda m, b: next_token_loss(m, b, mesh=mesh))
-        self.buffer: list[tuple[int, JudgmentExample]] = []  # (policy step, judgment)
+        self.buffer: list[tuple[int, JudgmentExample, bool]] = []  # (policy step, judgment, judge was wrong)
         self.refreshes = 0
 
     # ------------------------------------------------------------------ the judge the reward reads
@@ -118,18 +127,19 @@ class JudgeRefresher:
         return nnx.merge(self.trainer.graphdef, self.state["params"])
 
     # ------------------------------------------------------------------ data
-    def observe(self, step: int, rollouts, labels: np.ndarray) -> None:
-        """Keep a step's scored rollouts with their teacher labels `[B, G]` bool; drop the
-        judgments older than `buffer_steps`."""
+    def observe(self, step: int, rollouts, labels: np.ndarray, rewards: np.ndarray) -> None:
+        """Keep a step's scored rollouts with their teacher labels `[B, G]` bool and whether the
+        judge's rewards `[B, G]` disagreed with them; drop judgments older than `buffer_steps`."""
         for i, item in enumerate(rollouts.items):
             reference = item.reference if item.reference is not None else item.answer
             for k, response in enumerate(rollouts.completions[i]):
                 if response.strip():
+                    label = bool(labels[i, k])
                     self.buffer.append((int(step), JudgmentExample(
-                        prompt=item.prompt, response=response, label=bool(labels[i, k]), reference=reference,
-                        id=f"{item.id}:{k}:s{step}")))
+                        prompt=item.prompt, response=response, label=label, reference=reference,
+                        id=f"{item.id}:{k}:s{step}"), bool(rewards[i, k] > 0.5) != label))
         oldest = int(step) - self.cfg.buffer_steps + 1
-        self.buffer = [(s, e) for s, e in self.buffer if s >= oldest]
+        self.buffer = [b for b in self.buffer if b[0] >= oldest]
 
     def due(self, step: int) -> bool:
         return (int(step) + 1) % self.cfg.every == 0
@@ -137,22 +147,29 @@ class JudgeRefresher:
     def examples(self, step: int) -> list[JudgmentExample]:
         """The buffer's judgments a refresh trains on: deduplicated by prompt and answer, balanced
         and corrupted as configured (seeded by the policy step)."""
-        from jaxrl_rm.rewards.judge_source import prompt_as_text
         from jaxrl_rm.train.judge import balance_labels, with_corrupted_answers
 
-        seen, examples = set(), []
-        for _, e in self.buffer:
-            key = (prompt_as_text(e.prompt), e.response)
-            if key not in seen:
-                seen.add(key)
-                examples.append(e)
+        unique = self._unique()
+        examples = [e for e, _ in unique]
         if self.cfg.balance:
             if len({bool(e.label) for e in examples}) < 2:
                 return []  # one kind only: a refresh would teach the judge a constant verdict
             examples = balance_labels(examples, seed=self.seed + step)
         if self.cfg.corrupt > 0:
             examples = with_corrupted_answers(examples, self.cfg.corrupt, p_correct=0.5, seed=self.seed + step)
-        return examples
+        return examples + [e for e, wrong in unique if wrong] * self.cfg.mistakes
+
+    def _unique(self) -> list[tuple[JudgmentExample, bool]]:
+        """The buffer deduplicated by (prompt, answer), in order: (first judgment, the judge was
+        wrong on any copy)."""
+        from jaxrl_rm.rewards.judge_source import prompt_as_text
+
+        unique: dict = {}
+        for _, e, wrong in self.buffer:
+            key = (prompt_as_text(e.prompt), e.response)
+            first, was_wrong = unique.get(key, (e, False))
+            unique[key] = (first, was_wrong or wrong)
+        return list(unique.values())
 
     # ------------------------------------------------------------------ the update
     def refresh(self, step: int) -> dict[str, float]:
@@ -181,14 +198,15 @@ class JudgeRefresher:
         self.refreshes += 1
         return {"refresh/loss_first": losses[0], "refresh/loss_last": losses[-1],
                 "refresh/examples": float(len(examples)),
+                "refresh/mistakes": float(sum(wrong for _, wrong in self._unique())),
                 "refresh/positive": float(np.mean([bool(e.label) for e in examples])),
                 "refresh/count": float(self.refreshes)}
 
     # ------------------------------------------------------------------ checkpointing
     def host_state(self) -> dict:
-        return {"refreshes": self.refreshes, "buffer": [[s, e.to_dict()] for s, e in self.buffer]}
+        return {"refreshes": self.refreshes, "buffer": [[s, e.to_dict(), w] for s, e, w in self.buffer]}
 
     def restore_host_state(self, host: dict) -> None:
         self.refreshes = int(host.get("refreshes", 0))
-        self.buffer = [(int(s), JudgmentExample(**e)) for s, e in host.get("buffer", [])]
+        self.buffer = [(int(s), JudgmentExample(**e), bool(w)) for s, e, w in host.get("buffer", [])]
 

@@ -259,7 +259,7 @@ class GRPO:
             if step is not None:
                 for t, src in self.refreshers:
                     if t == task and gold is not None:
-                        src.refresher.observe(step, sub, gold)
+                        src.refresher.observe(step, sub, gold, parts[src.name])
         rewards = scores
         if self.g.overlong_buffer > 0:
             shaping = overlong_penalty(rollouts.lengths, rollouts.truncated, max_new_tokens=self.T,

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxrl_rm.rewards.judge_refresh import RefreshConfig
+from jaxrl_rm.train.judge_refresh import RefreshConfig
 
 
 def test_refresh_options_are_validated_with_their_key():
@@ -26,7 +26,7 @@ def test_refresh_examples_dedupe_balance_and_repeat_the_judges_mistakes():
     """What a refresh trains on: each (prompt, answer) once, labels balanced, and with `mistakes: k`
     k more copies of every judgment the judge got wrong when it scored it."""
     from jaxrl_rm.data.records import JudgmentExample
-    from jaxrl_rm.rewards.judge_refresh import JudgeRefresher
+    from jaxrl_rm.train.judge_refresh import JudgeRefresher
 
     r = JudgeRefresher.__new__(JudgeRefresher)  # the data side only: no model needed
     r.cfg, r.seed = RefreshConfig.parse({"every": 2, "mistakes": 3}), 0
@@ -65,6 +65,17 @@ def _args(tmp_path, judge_dir, steps):
             f"{{type: judge, path: '{judge_dir}', options: {{mode: pointwise, template: pointwise_correctness_ref, "
             "greedy: true, max_prompt_length: 96, max_new_tokens: 12, "
             "refresh: {every: 2, steps: 3, batch_size: 4, think: compare, balance: false}}}]}]"]
+
+
+def test_a_bad_refresh_option_names_its_task_and_reward(tmp_path):
+    from jaxrl_rm.config import load_config
+    from jaxrl_rm.configlib import ConfigError
+    from jaxrl_rm.train.grpo import GRPO
+
+    args = _args(tmp_path, _judge_dir(tmp_path), 2) + [f"run_dir={tmp_path / 'run'}"]
+    args[-2] = args[-2].replace("refresh: {every: 2,", "refresh: {every: 0,")
+    with pytest.raises(ConfigError, match=re.escape("grpo.tasks[0].rewards[0].options.refresh.every")):
+        GRPO(load_config(None, args))
 
 
 def test_refresh_trains_the_judge_on_the_current_training_rollouts(tmp_path):

@@ -666,7 +666,7 @@ def make_judge_source(spec, ctx: dict) -> JudgeSource:
     if not spec.path:
         raise ValueError("reward type judge: set `path` to an HF judge-model directory (weights + tokenizer)")
     options = dict(spec.options)
-    refresh = options.pop("refresh", None)  # online refresh (jaxrl_rm.rewards.judge_refresh)
+    refresh = options.pop("refresh", None)  # online refresh: the GRPO trainer acts on it (train.judge_refresh)
     opts, gen = _split_options("judge", options)
     # in the run's dtypes and layout, sharded like the policy (what `--plan` assumes)
     grpo = ctx.get("grpo")
@@ -675,18 +675,9 @@ def make_judge_source(spec, ctx: dict) -> JudgeSource:
     opts.setdefault("seed", ctx.get("seed", 0))
     if grpo is not None:  # the judge samples with the run's engine unless its options say otherwise
         gen.setdefault("rollout_engine", grpo.cfg.grpo.rollout_engine)
-    refresher = None
-    judge = TextJudge(lambda: model if refresher is None else refresher.model(), tokenizer, mesh=ctx.get("mesh"), **gen)
+    judge = TextJudge(lambda: model, tokenizer, mesh=ctx.get("mesh"), **gen)
     source = JudgeSource(judge, tokenizer, **{"name": "judge", **opts})
-    if refresh is not None:
-        from jaxrl_rm.rewards.judge_refresh import JudgeRefresher, RefreshConfig
-
-        refresher = JudgeRefresher(
-            model, tokenizer, template=source.template,
-            cfg=RefreshConfig.parse(refresh, key=f"reward type judge ({spec.path}): options.refresh"),
-            max_length=judge.prompt_budget(model) + judge.max_new_tokens, chat_template=source.chat_template,
-            mesh=ctx.get("mesh"), seed=int(opts["seed"]))
-    source.refresher = refresher
+    source.refresh_options = refresh
     return source
 
 

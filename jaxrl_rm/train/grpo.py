@@ -39,6 +39,7 @@ from jaxrl_rm.rewards import sources as reward_sources
 from jaxrl_rm.rewards.shaping import overlong_penalty
 from jaxrl_rm.rewards.sources import EVAL_SCORERS, RULE_REWARDS, Rollouts
 from jaxrl_rm.rollout.collect import RolloutCollector, RolloutStats
+from jaxrl_rm.train.judge_refresh import JudgeRefresher
 from jaxrl_rm.train.logger import run_means
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
 from jaxrl_rm.train.state import (Trainer, abstract_like, build_train_step, export_hf, inject_faults,
@@ -165,8 +166,13 @@ class GRPO:
                         for t in g.tasks}
         # judges refreshed online (`options.refresh`): their weights and optimizer state ride in the
         # GRPO state (checkpointed with it), their judgment buffers in the host state
-        self.refreshers = [(t, src) for t, weighted in self.sources.items() for src, _ in weighted
-                           if getattr(src, "refresher", None) is not None]
+        self.refreshers = []
+        for i, task in enumerate(g.tasks):
+            for j, (src, _) in enumerate(self.sources[task.name]):
+                if getattr(src, "refresh_options", None) is not None:
+                    JudgeRefresher.attach(src, key=f"grpo.tasks[{i}].rewards[{j}].options.refresh", mesh=self.mesh,
+                                          seed=cfg.seed)
+                    self.refreshers.append((task.name, src))
         if self.refreshers:
             self.state = {**self.state, "judge_refresh": [src.refresher.state for _, src in self.refreshers]}
             self.abstract_state = abstract_like(self.state)

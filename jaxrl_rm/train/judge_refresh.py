@@ -51,6 +51,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_rm.config import WarmupThink
+from jaxrl_rm.configlib import ConfigError
 from jaxrl_rm.data.records import JudgmentExample
 
 THINK = typing.get_args(WarmupThink)
@@ -71,25 +72,25 @@ class RefreshConfig:
     @classmethod
     def parse(cls, value: Any, key: str = "options.refresh") -> "RefreshConfig":
         if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping of {[f.name for f in dataclasses.fields(cls)]}, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {[f.name for f in dataclasses.fields(cls)]}, got {value!r}")
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(value) - set(names))
         if unknown:
-            raise ValueError(f"{key}: unknown key(s) {unknown}; valid: {names}")
+            raise ConfigError(f"{key}: unknown key(s) {unknown}; valid: {names}")
         cfg = cls(**value)
         for name in ("every", "steps", "batch_size"):
             if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
-                raise ValueError(f"{key}.{name}: must be an integer >= 1, got {getattr(cfg, name)!r}")
+                raise ConfigError(f"{key}.{name}: must be an integer >= 1, got {getattr(cfg, name)!r}")
         if not isinstance(cfg.mistakes, int) or cfg.mistakes < 0:
-            raise ValueError(f"{key}.mistakes: must be an integer >= 0, got {cfg.mistakes!r}")
+            raise ConfigError(f"{key}.mistakes: must be an integer >= 0, got {cfg.mistakes!r}")
         if not isinstance(cfg.buffer_steps, int) or cfg.buffer_steps < 0:
-            raise ValueError(f"{key}.buffer_steps: must be an integer >= 0 (0 = every), got {cfg.buffer_steps!r}")
+            raise ConfigError(f"{key}.buffer_steps: must be an integer >= 0 (0 = every), got {cfg.buffer_steps!r}")
         if not float(cfg.learning_rate) > 0:
-            raise ValueError(f"{key}.learning_rate: must be > 0, got {cfg.learning_rate!r}")
+            raise ConfigError(f"{key}.learning_rate: must be > 0, got {cfg.learning_rate!r}")
         if cfg.think not in THINK:
-            raise ValueError(f"{key}.think: must be one of {list(THINK)}, got {cfg.think!r}")
+            raise ConfigError(f"{key}.think: must be one of {list(THINK)}, got {cfg.think!r}")
         if not 0.0 <= float(cfg.corrupt) <= 1.0:
-            raise ValueError(f"{key}.corrupt: must be in [0, 1], got {cfg.corrupt!r}")
+            raise ConfigError(f"{key}.corrupt: must be in [0, 1], got {cfg.corrupt!r}")
         return dataclasses.replace(cfg, learning_rate=float(cfg.learning_rate), corrupt=float(cfg.corrupt),
                                    buffer_steps=cfg.buffer_steps or cfg.every)
 
@@ -121,6 +122,21 @@ class JudgeRefresher:
         self._step = build_train_step(self.trainer, lambda m, b: next_token_loss(m, b, mesh=mesh))
         self.buffer: list[tuple[int, JudgmentExample, bool]] = []  # (policy step, judgment, judge was wrong)
         self.refreshes = 0
+
+    @classmethod
+    def attach(cls, source, *, key: str, mesh, seed: int) -> "JudgeRefresher":
+        """Make `source` (a `type: judge` `JudgeSource` whose options hold `refresh`) a refreshed
+        judge: a refresher starting from its model, which its reward then reads. `key` names the
+        options in errors (e.g. `grpo.tasks[0].rewards[1].options.refresh`)."""
+        judge = source.judge
+        model = judge.model_fn()
+        refresher = cls(model, source.tokenizer, template=source.template,
+                        cfg=RefreshConfig.parse(source.refresh_options, key=key),
+                        max_length=judge.prompt_budget(model) + judge.max_new_tokens,
+                        chat_template=source.chat_template, mesh=mesh, seed=seed)
+        judge.model_fn = refresher.model
+        source.refresher = refresher
+        return refresher
 
     # ------------------------------------------------------------------ the judge the reward reads
     def model(self):

@@ -173,10 +173,8 @@ class BatchStream:
         if batch_size % procs:
             raise ValueError(f"global batch size {batch_size} is not divisible by {procs} processes")
         self.local = batch_size // procs
-        offset = jax.process_index() * self.local
-        index = grain.MapDataset.range(1 << 62).map(self._row_index)
-        self._global = index.batch(batch_size)
-        self._ds = self._global.map(lambda idx: idx[offset: offset + self.local])
+        self._offset = jax.process_index() * self.local
+        self._global = grain.MapDataset.range(1 << 62).map(self._row_index).batch(batch_size)
         self.lengths = None if lengths is None else np.asarray(lengths)
         if self.lengths is not None and self.lengths.shape != (self.n,):
             raise ValueError(f"lengths has shape {self.lengths.shape}, expected ({self.n},)")
@@ -193,18 +191,18 @@ class BatchStream:
 
     def indices(self, step: int) -> np.ndarray:
         """Row indices (into `rows`) of this process's part of global batch `step`."""
-        return np.asarray(self._ds[step])
+        return np.asarray(self._global[step])[self._offset: self._offset + self.local]
 
-    def batch_width(self, step: int) -> int:
-        """The padded width of global batch `step` (the full width without `lengths`)."""
+    def _width(self, global_idx: np.ndarray) -> int:
+        """The padded width of a global batch (the full width without `lengths`)."""
         if self.lengths is None:
             return self.width
-        longest = int(self.lengths[np.asarray(self._global[step])].max())
-        return length_bucket(longest, self.width)
+        return length_bucket(int(self.lengths[global_idx].max()), self.width)
 
     def batch(self, step: int) -> dict:
-        idx = self.indices(step)
-        width = self.batch_width(step)
+        global_idx = np.asarray(self._global[step])
+        idx = global_idx[self._offset: self._offset + self.local]
+        width = self._width(global_idx)
         return {k: (v[idx, :width] if np.ndim(v) >= 2 and v.shape[1] == self.width else v[idx])
                 for k, v in self.rows.items()}
 

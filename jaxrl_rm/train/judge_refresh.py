@@ -110,10 +110,6 @@ class JudgeRefresher:
         from jaxrl_rm.train.sft import next_token_loss
         from jaxrl_rm.train.state import Trainer, build_train_step, make_optimizer
 
-        if mesh is None:
-            from jaxrl_rm.parallel.mesh import make_mesh
-
-            mesh = make_mesh()
         self.cfg, self.tokenizer, self.template = cfg, tokenizer, template
         self.max_length, self.chat_template, self.mesh, self.seed = int(max_length), bool(chat_template), mesh, int(seed)
         optim = OptimConfig(learning_rate=cfg.learning_rate, schedule="constant", warmup_steps=0, b2=0.99)
@@ -160,12 +156,13 @@ class JudgeRefresher:
     def due(self, step: int) -> bool:
         return (int(step) + 1) % self.cfg.every == 0
 
-    def examples(self, step: int) -> list[JudgmentExample]:
-        """The buffer's judgments a refresh trains on: deduplicated by prompt and answer, balanced
-        and corrupted as configured (seeded by the policy step)."""
+    def examples(self, step: int, unique: list[tuple[JudgmentExample, bool]] | None = None) -> list[JudgmentExample]:
+        """The buffer's judgments a refresh trains on: deduplicated by prompt and answer (`unique`:
+        `_unique()`, when the caller has it), balanced and corrupted as configured (seeded by the
+        policy step)."""
         from jaxrl_rm.train.judge import balance_labels, with_corrupted_answers
 
-        unique = self._unique()
+        unique = self._unique() if unique is None else unique
         examples = [e for e, _ in unique]
         if self.cfg.balance:
             if len({bool(e.label) for e in examples}) < 2:
@@ -195,7 +192,8 @@ class JudgeRefresher:
         from jaxrl_rm.parallel.rules import shard_batch
         from jaxrl_rm.train.judge import warmup_records
 
-        examples = self.examples(step)
+        unique = self._unique()
+        examples = self.examples(step, unique)
         if not examples:
             return {"refresh/skipped": 1.0}
         records = warmup_records(examples, self.template, label_noise=0.0, think=self.cfg.think, seed=self.seed + step)
@@ -214,7 +212,7 @@ class JudgeRefresher:
         self.refreshes += 1
         return {"refresh/loss_first": losses[0], "refresh/loss_last": losses[-1],
                 "refresh/examples": float(len(examples)),
-                "refresh/mistakes": float(sum(wrong for _, wrong in self._unique())),
+                "refresh/mistakes": float(sum(wrong for _, wrong in unique)),
                 "refresh/positive": float(np.mean([bool(e.label) for e in examples])),
                 "refresh/count": float(self.refreshes)}
 

@@ -39,6 +39,8 @@ def test_every_shipped_config_loads():
     (["train.micro_batches=3"], "train.micro_batches: must be > 0 and divide train.batch_size=32"),
     (["optim.learning_rate=-1"], "optim.learning_rate: must be > 0"),
     (["grpo.kl_clamp=-1"], "grpo.kl_clamp: must be >= 0 (0: off)"),
+    (["warmup.warmup_steps=-1"], "warmup.warmup_steps: must be >= 0"),
+    (["warmup.schedule=step"], "warmup.schedule: expected one of ['constant', 'cosine', 'linear']"),
     (["train"], "is not of the form key=value"),
     (["train.steps.x=1"], "train.steps: expected int, got {'x': 1}"),
 ])
@@ -72,3 +74,24 @@ def test_cli_exit_codes_and_help(tmp_path, capsys):
     bad = subprocess.run([sys.executable, "-m", "jaxrl_rm.main", "train.stepz=3"], capture_output=True,
                          text=True, cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "train.stepz" in bad.stderr
+
+
+def test_the_sft_warmup_runs_its_own_schedule(tmp_path, monkeypatch):
+    """`warmup.*` sets the warm-up SFT's lr, schedule and lr warm-up; the rest is the RL's `optim`."""
+    import jaxrl_rm.train.sft as sft
+    from jaxrl_rm.train.grpo import warm_start
+
+    seen = {}
+
+    def fake_run_sft(cfg):
+        seen["cfg"] = cfg
+        return {"preempted": False}
+
+    monkeypatch.setattr(sft, "run_sft", fake_run_sft)
+    cfg = load_config(REPO / "configs" / "rlvr_tiny.yaml", [f"run_dir={tmp_path}", "warmup.warmup_steps=7"])
+    out = warm_start(cfg)
+    sft_cfg = seen["cfg"]
+    assert (sft_cfg.task, sft_cfg.train.steps, sft_cfg.train.batch_size) == ("sft", 120, 32)
+    assert (sft_cfg.optim.learning_rate, sft_cfg.optim.schedule, sft_cfg.optim.warmup_steps) == (3e-3, "cosine", 7)
+    assert sft_cfg.optim.b2 == cfg.optim.b2 == 0.99 and cfg.optim.schedule == "constant"
+    assert out.model.path == str(tmp_path / "sft_warmup" / "hf")

@@ -638,7 +638,8 @@ def warm_start(cfg):
         sft_cfg = dataclasses.replace(
             cfg, task="sft", run_dir=str(stage_dir),
             train=dataclasses.replace(cfg.train, steps=w.steps, batch_size=w.batch_size, micro_batches=1),
-            optim=dataclasses.replace(cfg.optim, learning_rate=w.learning_rate),
+            optim=dataclasses.replace(cfg.optim, learning_rate=w.learning_rate, schedule=w.schedule,
+                                      warmup_steps=w.warmup_steps),
             data=dataclasses.replace(cfg.data, train=data or cfg.grpo.tasks[0].data, eval=""))
         if run_sft(sft_cfg).get("preempted"):
             return None

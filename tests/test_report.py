@@ -201,4 +201,9 @@ def test_run_means_average_training_rows_of_a_prefix(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     means = run_means(tmp_path, "reward/")
     assert means == pytest.approx({"run_mean/reward/t/j/gold_agreement": 0.6, "run_mean/reward/t/j/judge_calls": 32.0})
+    rows[1]["reward/t/j/gold_gap"], rows[2]["reward/t/j/gold_gap"] = 0.25, -0.05
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    means = run_means(tmp_path, "reward/")  # the gold gap's worst logged step too
+    assert means["run_mean/reward/t/j/gold_gap"] == pytest.approx(0.1)
+    assert means["run_max/reward/t/j/gold_gap"] == pytest.approx(0.25) and "run_max/reward/t/j/judge_calls" not in means
     assert run_means(tmp_path / "missing", "reward/") == {}

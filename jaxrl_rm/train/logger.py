@@ -193,10 +193,13 @@ def truncate_metrics_after(run_dir: str | Path, step: int) -> None:
     path.write_text("".join(r + "\n" for r in kept))
 
 
-def run_means(run_dir: str | Path, prefix: str) -> dict[str, float]:
+def run_means(run_dir: str | Path, prefix: str, *, max_of: tuple[str, ...] = ("gold_gap",)) -> dict[str, float]:
     """Mean over the logged training rows (step > 0) of every numeric metric whose name starts
     with `prefix`, as `run_mean/<name>`: a run's average monitor values (e.g. a judge's
-    `gold_agreement` and `judge_calls`) for summary.json. Empty when nothing was logged."""
+    `gold_agreement` and `judge_calls`) for summary.json. Metrics whose name ends with one of
+    `max_of` also get `run_max/<name>`, their worst logged step: a learned reward's gold gap
+    (`.../judge/gold_gap`) can average low while single steps are hacked. Empty when nothing was
+    logged."""
     path = run_path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return {}
@@ -207,7 +210,9 @@ def run_means(run_dir: str | Path, prefix: str) -> dict[str, float]:
         for k, v in row.items():
             if k.startswith(prefix) and isinstance(v, (int, float)) and not isinstance(v, bool):
                 sums.setdefault(k, []).append(float(v))
-    return {f"run_mean/{k}": float(np.mean(v)) for k, v in sums.items()}
+    out = {f"run_mean/{k}": float(np.mean(v)) for k, v in sums.items()}
+    out.update({f"run_max/{k}": float(np.max(v)) for k, v in sums.items() if k.endswith(max_of)})
+    return out
 
 
 class Progress:

@@ -958,7 +958,7 @@ comparing them is reading `metrics.jsonl` files — `jaxrl_rm.report.read_run` �
 
 **Use your own runs:** set `RUN_DIRS` below (or `JAXRL_RM_RUN_DIRS="rlvr=/abs/runs/quickstart/rlvr,rllm=/abs/runs/quickstart/rllm,urpo=/abs/runs/urpo_tiny"`;
 relative paths are relative to the kernel's working directory) and nothing is trained. Otherwise the notebook makes the runs itself, in the miniature world
-(string reversal with a 300k-parameter policy), with the settings of `configs/quickstart.yaml` and
+(string reversal with a 300k-parameter policy), with the settings of `configs/quickstart_j1.yaml` (the J1 judge recipe as the papers give it) and
 `configs/urpo_tiny.yaml` — on the order of half an hour on a laptop CPU, or a few minutes with
 `JAXRL_RM_NOTEBOOK_TINY=1` (six RL steps per run: the curves are then mostly noise, but every
 step of the pipeline runs).
@@ -988,7 +988,8 @@ nb.md(r"""
 `jaxrl_rm.main.main([...])` is `python -m jaxrl_rm.main ...` as a function. Each stage below is one
 command; a finished stage (its `summary.json` exists) is reused when the notebook is re-run, an
 interrupted one resumes from its checkpoint. The whole chain is also one command:
-`python -m jaxrl_rm.main --config configs/quickstart.yaml` (SFT → judge → RLVR vs RLLM) and
+`python -m jaxrl_rm.main --config configs/quickstart_j1.yaml` (SFT → J1 judge → RLVR vs RLLM; `configs/quickstart.yaml`
+is the aligned, refreshed judge that the policy does not hack) and
 `python -m jaxrl_rm.main --config configs/urpo_tiny.yaml`.
 
 1. **sft** — SFT of a tiny policy on string reversal (about 25 % held-out accuracy: room for RL);

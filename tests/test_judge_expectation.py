@@ -57,6 +57,27 @@ def test_continuation_logprobs_match_the_full_forward(tokenizer, request):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_a_long_judgment_keeps_the_prompt_generation_saw():
+    """The prompt budget cuts the judge's prompt, not prompt + judgment: a 10-token prompt under a
+    12-token budget followed by a 24-token judgment is scored in full; a 20-token prompt loses its
+    first 8 tokens, as generation's left truncation did (character tokenizer: one token a char)."""
+    from jaxrl_rm.data.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    model = tiny_model(len(tok))
+    judge = TextJudge(lambda: model, tok, max_prompt_length=12, max_new_tokens=32)
+    short, long_, judgment = "is it ok? ", "the longer prompt. ", "<think>aa= bb= cdx</think><score>"
+    assert [len(encode(tok, p)) for p in (short, long_)] == [10, 19]
+    conts = ["0</score>", "1</score>"]
+    got = judge.continuation_logprobs([short + judgment, long_ + judgment], conts, prompt_chars=[len(short), len(long_)])
+    want = [[direct_logprob(model, tok, short + judgment, c) for c in conts],
+            [direct_logprob(model, tok, long_[7:] + judgment, c) for c in conts]]
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
+    cut = judge.continuation_logprobs([short + judgment], conts)  # all prompt: its last 12 tokens only
+    np.testing.assert_allclose(cut[0], [direct_logprob(model, tok, (short + judgment)[-12:], c) for c in conts],
+                               rtol=1e-4, atol=1e-4)
+
+
 class FixedLogprobJudge:
     """Decodes fixed judgments; continuation log-probs from a table keyed by the judgment's number."""
 
@@ -66,7 +87,8 @@ class FixedLogprobJudge:
     def generate(self, texts, *, num_samples=1, seed=0):
         return [[self.outputs[t]] * num_samples for t in texts]
 
-    def continuation_logprobs(self, prefixes, continuations):
+    def continuation_logprobs(self, prefixes, continuations, *, prompt_chars=None):
+        assert prompt_chars == [len(p) - len(p.split("<think>")[-1]) - len("<think>") for p in prefixes]
         self.calls.append((list(prefixes), list(continuations)))
         return np.log(np.asarray([self.table[p.rsplit("\n", 1)[-1]] for p in prefixes], np.float32))
 

@@ -264,21 +264,28 @@ class TextJudge:
         `max_new_tokens`."""
         return self.max_prompt_length or max(model.config.max_position_embeddings - self.max_new_tokens, 1)
 
-    def continuation_logprobs(self, prefixes: Sequence[str], continuations: Sequence[str]) -> np.ndarray:
+    def continuation_logprobs(self, prefixes: Sequence[str], continuations: Sequence[str], *,
+                              prompt_chars: Sequence[int] | None = None) -> np.ndarray:
         """`[len(prefixes), len(continuations)]` float32: log P(c | prefix) under the judge, each
         `prefix + c` encoded as one string (`data.pipeline.encode_pieces`), at the judge's sampling
-        temperature (1 when greedy). Prefixes keep their tail within the prompt budget. One
-        teacher-forced forward per `batch_size` rows (right-padded to a bucketed length: a causal
-        model's real tokens never see the padding)."""
-        from jaxrl_rm.data.pipeline import encode_pieces
+        temperature (1 when greedy). One teacher-forced forward per `batch_size` rows (right-padded
+        to a bucketed length: a causal model's real tokens never see the padding).
+
+        prompt_chars: how many leading characters of each prefix were the judge's prompt, the rest
+          being what the judge then wrote. Generation kept the prompt's last `prompt_budget` tokens and everything
+          it wrote after them, so a prefix drops exactly the prompt tokens generation dropped, not
+          a tail of prompt + judgment (which cut the start of the prompt off once the two together
+          exceeded the budget). None: each prefix is all prompt (its tail within the budget)."""
+        from jaxrl_rm.data.pipeline import encode, encode_pieces
         from jaxrl_rm.sampling.sampler import bucket_length
 
         model = self.model_fn()
         budget = self.prompt_budget(model)
         rows, spans = [], []  # ids of each (prefix, continuation); where its continuation starts / ends
-        for prefix in prefixes:
+        for i, prefix in enumerate(prefixes):
             head, tails = encode_pieces(self.tokenizer, prefix, list(continuations))
-            head = head[-budget:] or [self.pad]
+            prompt = len(head) if prompt_chars is None else min(len(encode(self.tokenizer, prefix[:prompt_chars[i]])), len(head))
+            head = head[max(prompt - budget, 0):] or [self.pad]
             for tail in tails:
                 rows.append(head + tail)
                 spans.append((len(head), len(head) + len(tail)))
@@ -536,7 +543,7 @@ class JudgeSource:
         wrote after its number, e.g. `</score>`), in place of the one decoded score: a judge 60 % sure
         of "1" pays 0.6, not 1 or 0. One teacher-forced pass (`TextJudge.continuation_logprobs`)."""
         lo, hi = int(self.template.min_score), int(self.template.max_score)
-        keys, prefixes, closings = [], [], []
+        keys, prefixes, closings, prompt_chars = [], [], [], []
         for n, (r, outs, rs) in enumerate(zip(reqs, outputs, results)):
             for k, (text, res) in enumerate(zip(outs, rs)):
                 if not res.valid or res.span is None:
@@ -546,13 +553,15 @@ class JudgeSource:
                     continue
                 keys.append((n, k))
                 prefixes.append(r.text + text[:tag.start(1)])
+                prompt_chars.append(len(r.text))
                 closings.append(text[tag.end(1):res.span[1]])
         out: dict[tuple[int, int], float] = {}
         norm = np.asarray([normalise(float(v), self.template) for v in range(lo, hi + 1)])
         for closing in dict.fromkeys(closings):  # one candidate set per distinct closing (almost always one)
             rows = [i for i, c in enumerate(closings) if c == closing]
             logp = self.judge.continuation_logprobs([prefixes[i] for i in rows],
-                                                    [f"{v}{closing}" for v in range(lo, hi + 1)])
+                                                    [f"{v}{closing}" for v in range(lo, hi + 1)],
+                                                    prompt_chars=[prompt_chars[i] for i in rows])
             p = np.exp(logp - logp.max(1, keepdims=True))
             p /= p.sum(1, keepdims=True)
             for i, e in zip(rows, p @ norm):

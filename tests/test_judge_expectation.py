@@ -69,7 +69,8 @@ def test_a_long_judgment_keeps_the_prompt_generation_saw():
     short, long_, judgment = "is it ok? ", "the longer prompt. ", "<think>aa= bb= cdx</think><score>"
     assert [len(encode(tok, p)) for p in (short, long_)] == [10, 19]
     conts = ["0</score>", "1</score>"]
-    got = judge.continuation_logprobs([short + judgment, long_ + judgment], conts, prompt_chars=[len(short), len(long_)])
+    got = judge.continuation_logprobs([short + judgment, long_ + judgment], conts,
+                                      prompt_chars=[len(short), len(long_)])
     want = [[direct_logprob(model, tok, short + judgment, c) for c in conts],
             [direct_logprob(model, tok, long_[7:] + judgment, c) for c in conts]]
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)

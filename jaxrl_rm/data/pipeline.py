@@ -189,9 +189,14 @@ class BatchStream:
     def _row_index(self, i: int) -> int:
         return int(self._perm(i // self.n)[i % self.n])
 
+    def _global_and_local(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row indices of global batch `step`, and of this process's part of it."""
+        global_idx = np.asarray(self._global[step])
+        return global_idx, global_idx[self._offset: self._offset + self.local]
+
     def indices(self, step: int) -> np.ndarray:
         """Row indices (into `rows`) of this process's part of global batch `step`."""
-        return np.asarray(self._global[step])[self._offset: self._offset + self.local]
+        return self._global_and_local(step)[1]
 
     def _width(self, global_idx: np.ndarray) -> int:
         """The padded width of a global batch (the full width without `lengths`)."""
@@ -200,8 +205,7 @@ class BatchStream:
         return length_bucket(int(self.lengths[global_idx].max()), self.width)
 
     def batch(self, step: int) -> dict:
-        global_idx = np.asarray(self._global[step])
-        idx = global_idx[self._offset: self._offset + self.local]
+        global_idx, idx = self._global_and_local(step)
         width = self._width(global_idx)
         return {k: (v[idx, :width] if np.ndim(v) >= 2 and v.shape[1] == self.width else v[idx])
                 for k, v in self.rows.items()}

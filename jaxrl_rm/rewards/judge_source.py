@@ -272,10 +272,11 @@ class TextJudge:
         to a bucketed length: a causal model's real tokens never see the padding).
 
         prompt_chars: how many leading characters of each prefix were the judge's prompt, the rest
-          being what the judge then wrote. Generation kept the prompt's last `prompt_budget` tokens and everything
-          it wrote after them, so a prefix drops exactly the prompt tokens generation dropped, not
-          a tail of prompt + judgment (which cut the start of the prompt off once the two together
-          exceeded the budget). None: each prefix is all prompt (its tail within the budget)."""
+          being what the judge then wrote. Generation kept the prompt's last `prompt_budget` tokens
+          and everything it wrote after them, so a prefix drops exactly the prompt tokens generation
+          dropped, not a tail of prompt + judgment (which cut the start of the prompt off once the
+          two together exceeded the budget). None: each prefix is all prompt (its tail within the
+          budget)."""
         from jaxrl_rm.data.pipeline import encode, encode_pieces
         from jaxrl_rm.sampling.sampler import bucket_length
 
@@ -284,8 +285,8 @@ class TextJudge:
         rows, spans = [], []  # ids of each (prefix, continuation); where its continuation starts / ends
         for i, prefix in enumerate(prefixes):
             head, tails = encode_pieces(self.tokenizer, prefix, list(continuations))
-            prompt = len(head) if prompt_chars is None else min(len(encode(self.tokenizer, prefix[:prompt_chars[i]])), len(head))
-            head = head[max(prompt - budget, 0):] or [self.pad]
+            prompt = len(head) if prompt_chars is None else len(encode(self.tokenizer, prefix[:prompt_chars[i]]))
+            head = head[max(min(prompt, len(head)) - budget, 0):] or [self.pad]
             for tail in tails:
                 rows.append(head + tail)
                 spans.append((len(head), len(head) + len(tail)))

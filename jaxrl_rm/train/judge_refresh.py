@@ -71,9 +71,9 @@ class RefreshConfig:
 
     @classmethod
     def parse(cls, value: Any, key: str = "options.refresh") -> "RefreshConfig":
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {[f.name for f in dataclasses.fields(cls)]}, got {value!r}")
         names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {names}, got {value!r}")
         unknown = sorted(set(value) - set(names))
         if unknown:
             raise ConfigError(f"{key}: unknown key(s) {unknown}; valid: {names}")

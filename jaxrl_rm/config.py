@@ -624,9 +624,10 @@ class StageSpec:
 class ClaimSpec:
     """One row of a pipeline's claims table (`results.md`): a paper's claim checked by comparing
     two numbers of the pipeline's summary (keys `<stage>/<metric>`, each averaged over the keys
-    listed, e.g. one per seed). Reproduced when `ours` beats `baseline` in `direction` by more
-    than `margin`; a negative margin reads "matches or beats": ours may trail by up to |margin|.
-    A key that is missing (stage not run) leaves the row 'not run'."""
+    listed). Reproduced when `ours` beats `baseline` in `direction` by more than `margin`; a
+    negative margin reads "matches or beats": ours may trail by up to |margin|. A key that is
+    missing (stage not run) leaves the row 'not run'. In a pipeline run over several `seeds`
+    the row compares the means over seeds and shows each side's range and how many seeds agree."""
 
     claim: str = ""
     #: Where the claim comes from (paper, section).
@@ -638,8 +639,6 @@ class ClaimSpec:
     #: The paper's direction: ours higher (or lower) than the baseline.
     direction: Literal["higher", "lower"] = "higher"
     margin: float = 0.0
-    #: What the row averaged over (shown in the table), e.g. "seed 0" or "seeds 0, 1".
-    seeds: str = "seed 0"
 
     def validate(self, key="claims"):
         check(bool(self.claim), f"{key}.claim", "must describe the claim")
@@ -676,6 +675,12 @@ class Config:
     compare_metrics: list[str] = dataclasses.field(default_factory=lambda: ["reward_mean", "accuracy"])
     #: Claims checked against the pipeline's summary at the end (a table in results.md).
     claims: list[ClaimSpec] = dataclasses.field(default_factory=list)
+    #: Run a pipeline's stages once per seed, each seed in `<run_dir>/seed<k>` (`{run_dir}` in a
+    #: stage's overrides names that folder, and every stage runs with `seed=<k>`): the summary
+    #: holds the mean over seeds of every number (`<stage>/<metric>`) and the per-seed values
+    #: (`<stage>/<metric>/seeds`), and the claims table the means with their range. Empty: one
+    #: run, every stage at the pipeline's `seed`.
+    seeds: list[int] = dataclasses.field(default_factory=list)
     #: Reward-model training (tasks rm_bt, polar_pretrain, polar_finetune).
     rm: RMConfig = dataclasses.field(default_factory=RMConfig)
     #: POLAR pretraining-data synthesis (task polar_data).
@@ -691,6 +696,10 @@ class Config:
                 section.validate(f.name)
         for i, claim in enumerate(self.claims):
             claim.validate(f"claims[{i}]")
+        check(all(isinstance(k, int) and not isinstance(k, bool) for k in self.seeds)
+              and len(set(self.seeds)) == len(self.seeds), "seeds", f"must be distinct integers, got {self.seeds!r}")
+        check(not self.seeds or self.task == "pipeline", "seeds", "runs a pipeline once per seed; this task is "
+              f"{self.task!r} (set `seed` for one run)")
         return self
 
 

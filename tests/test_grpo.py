@@ -518,3 +518,17 @@ def test_old_logp_pass_in_chunks_equals_one_pass():
         np.testing.assert_allclose(np.asarray(got), np.asarray(whole), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="do not split"):
         completion_logprobs_in_chunks(model, batch, chunks=5, prompt_len=p, temperature=0.7)
+
+
+def test_answer_kinds_bucket_wrong_answers_by_edit_distance():
+    """What the policy writes, per step: right / 1 / 2-3 / 4+ edits from the gold answer, and
+    answers too long to measure; the edit distance on textbook pairs."""
+    from jaxrl_rm.train.grpo import answer_kinds, levenshtein
+
+    assert [levenshtein(a, b) for a, b in [("kitten", "sitting"), ("flaw", "lawn"), ("", "abc"), ("abc", "abc"),
+                                           ("dhah", "daaaa"), ("ab", "ba")]] == [3, 2, 3, 0, 3, 2]
+    completions = ["olleh", "olleb", " olle ", "xxxxxxx", "abcde", "o" * 80]
+    gold = np.array([True, False, False, False, False, False])
+    kinds = answer_kinds(completions, ["olleh"] * 5 + ["q"], gold)
+    assert kinds == {"right": 1 / 6, "edit1": 2 / 6, "edit2_3": 0.0, "edit4plus": 2 / 6, "long": 1 / 6}
+    assert sum(answer_kinds(["ab", "ba"], ["ab", "ab"], np.array([True, False])).values()) == 1.0

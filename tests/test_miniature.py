@@ -27,6 +27,8 @@ def reduced_copy(path, out_dir):
     """Copy a pipeline config with REDUCE appended to each stage (recursing into pipelines)."""
     cfg = yaml.safe_load(path.read_text())
     cfg["extends"] = str(REPO / "configs" / "base.yaml")
+    if "seeds" in cfg:  # one seed: the seeds path runs (seed0/ folders), at a third of the cost
+        cfg["seeds"] = [0]
     for stage in cfg["stages"]:
         stage_path = REPO / stage["config"]
         task = load_config(stage_path).task
@@ -89,6 +91,6 @@ def test_miniature_claims_driver_reduced(tmp_path):
         pinned.add(claim)
     assert pinned - {None} == set(PINNED)  # every pinned claim names a row
     assert "## Claims" in (tmp_path / "run" / "results.md").read_text()
-    assert (tmp_path / "run" / "rllm" / "rl_on" / "summary.json").exists()
+    assert (tmp_path / "run" / "rllm" / "seed0" / "rl_on" / "summary.json").exists()
     modes = json.loads((tmp_path / "run" / "urpo" / "modes" / "summary.json").read_text())
     assert all(f"run_mean/reward/reasoning/{m}/judge_calls" in modes for m in ("listwise", "pivot", "pairwise"))

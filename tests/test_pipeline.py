@@ -38,7 +38,7 @@ def test_claims_table_compares_summary_keys():
 
     summary = {"a/acc_gain": 0.2, "b/acc_gain": 0.1, "a1/acc_gain": 0.0, "b1/acc_gain": 0.3, "c/loss": 1.0}
     claims = [ClaimSpec(claim="A beats B", paper="P1", metric="gain", ours=["a/acc_gain", "a1/acc_gain"],
-                        baseline=["b/acc_gain", "b1/acc_gain"], seeds="seeds 0, 1"),
+                        baseline=["b/acc_gain", "b1/acc_gain"]),
               ClaimSpec(claim="A beats B", paper="P1", metric="gain", ours=["a/acc_gain"], baseline=["b/acc_gain"]),
               ClaimSpec(claim="lower loss", paper="P2", metric="loss", ours=["c/loss"], baseline=["d/loss"],
                         direction="lower"),
@@ -47,7 +47,7 @@ def test_claims_table_compares_summary_keys():
               ClaimSpec(claim="matches or beats", paper="P4", metric="gain", ours=["b/acc_gain"],
                         baseline=["a/acc_gain"], margin=-0.15)]
     rows = claims_table(claims, summary).splitlines()[2:]
-    assert "| 0.100 | 0.200 | higher | no | seeds 0, 1 |" in rows[0]  # averaged over the listed keys
+    assert "| 0.100 | 0.200 | higher | no | seed 0 |" in rows[0]  # averaged over the listed keys
     assert "| 0.200 | 0.100 | higher | yes | seed 0 |" in rows[1]
     assert "| - | - | lower | not run |" in rows[2]
     assert "| higher (by > 0.5) | no |" in rows[3]
@@ -67,3 +67,71 @@ def test_rerunning_a_finished_claims_pipeline_rewrites_results(tmp_path):
         assert main(args) == 0
     text = (run / "results.md").read_text()
     assert text.count("## Claims") == 1 and "| 0.600 | 0.400 | higher | yes |" in text
+
+
+def test_claims_over_seeds_show_means_ranges_and_agreement():
+    """Per-seed values (`<key>/seeds`) give each side's mean (min–max) and the verdict on the means
+    with the number of seeds that agree; a key without seeds counts the same in every seed."""
+    from jaxrl_rm.config import ClaimSpec
+    from jaxrl_rm.train.pipeline import claims_table
+
+    summary = {"a/acc": 0.5, "a/acc/seeds": {"0": 0.7, "1": 0.2, "2": 0.6},
+               "b/acc": 0.3, "b/acc/seeds": {"0": 0.3, "1": 0.3, "2": 0.3}, "c/acc": 0.1}
+    rows = claims_table([ClaimSpec(claim="a beats b", ours=["a/acc"], baseline=["b/acc"], margin=0.03),
+                         ClaimSpec(claim="a beats c", ours=["a/acc"], baseline=["c/acc"]),
+                         ClaimSpec(claim="c beats b", ours=["c/acc"], baseline=["b/acc"])], summary).splitlines()[2:]
+    assert "| 0.500 (0.200–0.700) | 0.300 (0.300–0.300) | higher (by > 0.03) | yes (2/3 seeds) | seeds 0, 1, 2 |" in rows[0]
+    assert "| 0.500 (0.200–0.700) | 0.100 (0.100–0.100) | higher | yes (3/3 seeds) |" in rows[1]
+    assert "| no (0/3 seeds) |" in rows[2]
+
+
+def test_pipeline_over_seeds(tmp_path):
+    """`seeds`: every stage runs once per seed in `seed<k>/` at that seed, `{run_dir}` names the
+    seed's folder, and the summary holds means and per-seed values; claims compare the means."""
+    import pytest
+
+    from jaxrl_rm.configlib import ConfigError
+    from jaxrl_rm.config import load_config
+
+    stages = [{"name": "a", "overrides": TINY},
+              {"name": "b", "overrides": TINY + ["model.path={run_dir}/a/hf"]}]
+    args = ["task=pipeline", f"run_dir={tmp_path}", f"stages={json.dumps(stages)}", "seeds=[3, 4]",
+            "compare=[a, b]", "claims=[{claim: b after a, ours: [b/accuracy_after], baseline: [a/accuracy_before]}]"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["seeds"] == [3, 4]
+    for k in (3, 4):
+        b_cfg = load_config(tmp_path / f"seed{k}" / "b" / "config.yaml")
+        assert b_cfg.seed == k and b_cfg.model.path == f"{tmp_path}/seed{k}/a/hf"
+        assert (tmp_path / f"seed{k}" / "comparison.png").exists()
+    per_seed = summary["b/eval_loss_after/seeds"]
+    assert set(per_seed) == {"3", "4"} and summary["b/eval_loss_after"] == pytest.approx(sum(per_seed.values()) / 2)
+    assert per_seed["3"] != per_seed["4"]  # the seed reached the stages
+    results = (tmp_path / "results.md").read_text()
+    assert "gain per seed" in results and "| seeds 3, 4 |" in summary["claims_table"]
+    # a stage's own seed override wins over the pipeline's
+    stage = load_config(None, args[:3] + ["seed=7"]).stages[0]
+    from jaxrl_rm.train.pipeline import stage_config
+
+    assert stage_config(load_config(None, ["task=pipeline", "seed=7"]), stage).seed == 7
+    assert stage_config(load_config(None, ["task=pipeline", "seed=7"]),
+                        dataclasses_replace(stage, overrides=["seed=1"])).seed == 1
+    with pytest.raises(ConfigError, match="seeds"):
+        load_config(None, ["task=pipeline", "seeds=[1, 1]"])
+    with pytest.raises(ConfigError, match="seeds"):
+        load_config(None, ["task=sft", "seeds=[1, 2]"])
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def test_claims_over_one_seed_read_like_one_run():
+    from jaxrl_rm.config import ClaimSpec
+    from jaxrl_rm.train.pipeline import claims_table
+
+    summary = {"a/acc": 0.5, "a/acc/seeds": {"4": 0.5}, "b/acc": 0.3, "b/acc/seeds": {"4": 0.3}}
+    row = claims_table([ClaimSpec(claim="a beats b", ours=["a/acc"], baseline=["b/acc"])], summary).splitlines()[2]
+    assert row.endswith("| 0.500 | 0.300 | higher | yes | seed 4 |")

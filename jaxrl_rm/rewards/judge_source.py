@@ -676,7 +676,7 @@ def make_judge_source(spec, ctx: dict) -> JudgeSource:
     if not spec.path:
         raise ValueError("reward type judge: set `path` to an HF judge-model directory (weights + tokenizer)")
     options = dict(spec.options)
-    refresh = options.pop("refresh", None)  # online refresh: the GRPO trainer acts on it (train.judge_refresh)
+    refresh = options.pop("refresh", None)  # online refresh: the GRPO trainer acts on it (train.refresh)
     opts, gen = _split_options("judge", options)
     # in the run's dtypes and layout, sharded like the policy (what `--plan` assumes)
     grpo = ctx.get("grpo")

@@ -313,9 +313,18 @@ def _load_rm(path, spec=None):
 
 
 # --- reward sources for RL (grpo.tasks[].rewards: type bt_rm | polar_rm) -------------------------
-class _ScalarRMSource:
-    def __init__(self, scorer, *, name: str, normalize: bool = False):
+class ScalarRMSource:
+    """Base of the `bt_rm` / `polar_rm` reward sources. `refresh_options`: the reward's
+    `options.refresh` (None: a frozen RM); the GRPO trainer then attaches a refresher
+    (`train.refresh.RMRefresher`) and sets `params_fn`, which returns the weights to score with."""
+
+    def __init__(self, scorer, *, name: str, normalize: bool = False, refresh_options: dict | None = None):
         self.scorer, self.name, self.normalize = scorer, name, normalize
+        self.refresh_options = refresh_options
+        self.params_fn = None
+
+    def params(self):
+        return None if self.params_fn is None else self.params_fn()
 
     def _finish(self, r: np.ndarray, b: int, g: int):
         r = r.reshape(b, g).astype(np.float32)
@@ -325,17 +334,17 @@ class _ScalarRMSource:
         return r, metrics
 
 
-class BTRewardSource(_ScalarRMSource):
+class BTRewardSource(ScalarRMSource):
     """Rewards `[B, G]` = BT RM score of each completion given its prompt."""
 
     def __call__(self, rollouts):
         b, g = rollouts.shape
         prompts = [item.prompt for item in rollouts.items for _ in range(g)]
         responses = [c for row in rollouts.completions for c in row]
-        return self._finish(self.scorer.score(prompts, responses), b, g)
+        return self._finish(self.scorer.score(prompts, responses, params=self.params()), b, g)
 
 
-class PolarRewardSource(_ScalarRMSource):
+class PolarRewardSource(ScalarRMSource):
     """Rewards `[B, G]` = r(prompt, item.reference, completion) from a POLAR RM (RFT)."""
 
     def __call__(self, rollouts):
@@ -347,7 +356,7 @@ class PolarRewardSource(_ScalarRMSource):
         prompts = [item.prompt for item in rollouts.items for _ in range(g)]
         refs = [item.reference for item in rollouts.items for _ in range(g)]
         cands = [c for row in rollouts.completions for c in row]
-        return self._finish(self.scorer.score(prompts, refs, cands), b, g)
+        return self._finish(self.scorer.score(prompts, refs, cands, params=self.params()), b, g)
 
 
 def _source_factory(kind: str):
@@ -357,12 +366,13 @@ def _source_factory(kind: str):
         opts = dict(spec.options)
         name = opts.pop("name", kind)
         normalize = bool(opts.pop("normalize", False))
+        refresh = opts.pop("refresh", None)  # online refresh: the GRPO trainer acts on it (train.refresh)
         opts.setdefault("mesh", ctx.get("mesh"))
         cls = PolarScorer if kind == "polar_rm" else BTScorer
         grpo = ctx.get("grpo")  # in the run's dtypes and layout, placed on its mesh by the scorer
         scorer = cls.from_pretrained(spec.path, spec=grpo.cfg.model if grpo is not None else None, **opts)
         src = PolarRewardSource if kind == "polar_rm" else BTRewardSource
-        return src(scorer, name=name, normalize=normalize)
+        return src(scorer, name=name, normalize=normalize, refresh_options=refresh)
 
     return make
 

@@ -39,7 +39,7 @@ from jaxrl_rm.rewards import sources as reward_sources
 from jaxrl_rm.rewards.shaping import overlong_penalty
 from jaxrl_rm.rewards.sources import EVAL_SCORERS, RULE_REWARDS, Rollouts
 from jaxrl_rm.rollout.collect import RolloutCollector, RolloutStats
-from jaxrl_rm.train.judge_refresh import JudgeRefresher
+from jaxrl_rm.train.refresh import attach_refresher
 from jaxrl_rm.train.logger import run_means
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
 from jaxrl_rm.train.state import (Trainer, abstract_like, build_train_step, export_hf, inject_faults,
@@ -164,17 +164,18 @@ class GRPO:
         self._source_ctx = {"tokenizer": self.tokenizer, "mesh": self.mesh, "grpo": self, "seed": cfg.seed}
         self.sources = {t.name: [(reward_sources.build_source(r, self._source_ctx), r.weight) for r in t.rewards]
                         for t in g.tasks}
-        # judges refreshed online (`options.refresh`): their weights and optimizer state ride in the
-        # GRPO state (checkpointed with it), their judgment buffers in the host state
+        # judges and scalar RMs refreshed online (`options.refresh`, train.refresh): their weights
+        # and optimizer state ride in the GRPO state (checkpointed with it), their buffers in the
+        # host state
         self.refreshers = []
         for i, task in enumerate(g.tasks):
             for j, (src, _) in enumerate(self.sources[task.name]):
                 if getattr(src, "refresh_options", None) is not None:
-                    JudgeRefresher.attach(src, key=f"grpo.tasks[{i}].rewards[{j}].options.refresh", mesh=self.mesh,
-                                          seed=cfg.seed)
+                    attach_refresher(src, key=f"grpo.tasks[{i}].rewards[{j}].options.refresh", mesh=self.mesh,
+                                     seed=cfg.seed)
                     self.refreshers.append((task.name, src))
         if self.refreshers:
-            self.state = {**self.state, "judge_refresh": [src.refresher.state for _, src in self.refreshers]}
+            self.state = {**self.state, "refresh": [src.refresher.state for _, src in self.refreshers]}
             self.abstract_state = abstract_like(self.state)
         # `options.eval_scorer` (e.g. the hidden quality of open-ended tasks): built, and checked, up front
         self.scorers = {t.name: self.scorer_for(t) for t in g.tasks if t.options.get("eval_scorer")}
@@ -300,8 +301,10 @@ class GRPO:
         correctness) and `<source>/gold_order_agreement` (share of groups holding both kinds whose
         correct answers get the higher mean reward, i.e. a positive net advantage), next to
         `reward/<task>/gold_mixed_groups` (share of groups holding both kinds: where a gold reward
-        would give a signal). For `self_judge` the gap is URPO's self-preference:
-        `reward/<task>/self_preference`."""
+        would give a signal), and what the policy writes (`answer_kinds`:
+        `reward/<task>/answers/{right,edit1,edit2_3,edit4plus,long}`, whose drift from the first
+        steps' shares shows the policy leaving the answers a reward model was trained on). For
+        `self_judge` the gap is URPO's self-preference: `reward/<task>/self_preference`."""
         if gold is None:
             return {}
         model_based = [src.name for (src, _), spec in zip(self.sources[task.name], task.rewards)
@@ -309,6 +312,10 @@ class GRPO:
         prefix = f"reward/{task.name}"
         metrics = {f"{prefix}/gold_accuracy": float(gold.mean()),
                    f"{prefix}/gold_mixed_groups": float((gold.any(axis=1) & ~gold.all(axis=1)).mean())}
+        b, gsz = rollouts.shape
+        kinds = answer_kinds([c for cs in rollouts.completions for c in cs],
+                             [it.answer for it in rollouts.items for _ in range(gsz)], gold.ravel())
+        metrics.update({f"{prefix}/answers/{k}": v for k, v in kinds.items()})
         for name in model_based:
             gap = float(parts[name].mean() - gold.mean())
             metrics[f"{prefix}/{name}/gold_gap"] = gap
@@ -415,10 +422,10 @@ class GRPO:
 
     def run_step(self, state, step: int):
         """One RL step -> (state, metrics, tokens processed)."""
-        if self.refreshers:  # the refreshed judges' state (restored from a checkpoint or not)
-            for (_, src), judge_state in zip(self.refreshers, state["judge_refresh"]):
-                src.refresher.state = judge_state
-            state = {k: v for k, v in state.items() if k != "judge_refresh"}
+        if self.refreshers:  # the refreshed models' state (restored from a checkpoint or not)
+            for (_, src), refreshed in zip(self.refreshers, state["refresh"]):
+                src.refresher.state = refreshed
+            state = {k: v for k, v in state.items() if k != "refresh"}
         t0 = time.perf_counter()
         parts, kept, metrics = self.collect(state["params"], step)
         t_sample = time.perf_counter() - t0
@@ -457,7 +464,7 @@ class GRPO:
             for task, src in self.refreshers:
                 if src.refresher.due(step):
                     metrics.update({f"reward/{task}/{src.name}/{k}": v for k, v in src.refresher.refresh(step).items()})
-            state = {**state, "judge_refresh": [src.refresher.state for _, src in self.refreshers]}
+            state = {**state, "refresh": [src.refresher.state for _, src in self.refreshers]}
         return state, metrics, tokens
 
     # --- evaluation ---------------------------------------------------------------------------
@@ -559,11 +566,11 @@ class GRPO:
 
     def host_state(self) -> dict:
         return {"mixer": self.mixer.state(),
-                "judge_refresh": [src.refresher.host_state() for _, src in self.refreshers]}
+                "refresh": [src.refresher.host_state() for _, src in self.refreshers]}
 
     def restore_host_state(self, host: dict) -> None:
         self.mixer.load_state(host.get("mixer", {}))
-        for (_, src), saved in zip(self.refreshers, host.get("judge_refresh", [])):
+        for (_, src), saved in zip(self.refreshers, host.get("refresh", [])):
             src.refresher.restore_host_state(saved)
 
     def guard_report(self) -> dict:
@@ -616,6 +623,37 @@ def gold_diagnostics(rewards: np.ndarray, gold: np.ndarray) -> dict[str, float]:
     return out
 
 
+def answer_kinds(completions: list[str], answers: list[str], gold: np.ndarray, *, max_chars: int = 64) -> dict:
+    """Shares of the rollouts by how far each is from its gold answer: `right` (gold label),
+    `edit1` / `edit2_3` / `edit4plus` (a wrong answer's Levenshtein distance to the gold answer,
+    both stripped), `long` (a wrong answer or gold answer over `max_chars` characters: not
+    measured). A reward model learns the kinds of answers it was trained on; these shares, logged
+    per step, show how far the policy's answers drift from those (docs/miniature_results.md)."""
+    counts = dict.fromkeys(("right", "edit1", "edit2_3", "edit4plus", "long"), 0)
+    for completion, answer, right in zip(completions, answers, np.asarray(gold, bool)):
+        a, b = completion.strip(), str(answer).strip()
+        if right:
+            counts["right"] += 1
+        elif max(len(a), len(b)) > max_chars:
+            counts["long"] += 1
+        else:
+            d = levenshtein(a, b)
+            counts["edit1" if d <= 1 else "edit2_3" if d <= 3 else "edit4plus"] += 1
+    n = max(len(completions), 1)
+    return {k: v / n for k, v in counts.items()}
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions) of two strings."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
 def warm_start(cfg):
     """Run the SFT warm-up stage when configured; returns cfg with `model.path` at its export
     (None when the stage was preempted: rerun the command to resume it)."""
@@ -663,9 +701,9 @@ def run_grpo(cfg) -> dict:
     write_summary(cfg, summary)
     if not result.preempted:
         export_hf(rl.trainer, result.state["params"], Path(cfg.run_dir) / "hf", rl.tokenizer)
-        for task, src in rl.refreshers:  # the judges as the refreshes left them
+        for task, src in rl.refreshers:  # the judges and RMs as the refreshes left them
             r = src.refresher
-            export_hf(r.trainer, r.state["params"], Path(cfg.run_dir) / "refreshed_judges" / f"{task}.{src.name}",
+            export_hf(r.trainer, r.state["params"], Path(cfg.run_dir) / "refreshed" / f"{task}.{src.name}",
                       r.tokenizer)
     rl.final_state = result.state
     return summary

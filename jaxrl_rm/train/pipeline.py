@@ -6,10 +6,17 @@ overrides, and `{run_dir}` in an override points at the pipeline's run directory
 load an earlier stage's export (`model.path={run_dir}/sft/hf`). A stage whose `summary.json`
 exists is done and is skipped on rerun; an interrupted stage resumes from its checkpoints.
 The pipeline's summary.json holds every stage's summary under `<stage>/<metric>`.
+
+Every stage runs at the pipeline's `seed` (unless its overrides set one), so `seed=1` on the
+command line reruns the whole chain at another seed. With `seeds: [0, 1, 2]` the chain runs once
+per seed, in `<run_dir>/seed<k>/`; the summary holds the mean over seeds of every number and the
+per-seed values (`<stage>/<metric>/seeds`: {seed: value}), and the claims table (results.md)
+compares the means, shows each side's range over seeds and how many seeds agree with the verdict.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,9 +25,11 @@ from jaxrl_rm.train.loop import prepare_run_dir, write_summary
 
 
 def stage_config(cfg, stage):
-    """The Config of one stage: its file + overrides, `run_dir` forced to `<run_dir>/<name>`."""
+    """The Config of one stage: its file + overrides at the pipeline's seed (a `seed=` override of
+    the stage wins), `run_dir` forced to `<run_dir>/<name>`."""
     overrides = [o.replace("{run_dir}", str(cfg.run_dir)) for o in stage.overrides]
-    return load_config(stage.config or None, overrides + [f"run_dir={Path(cfg.run_dir) / stage.name}"])
+    return load_config(stage.config or None,
+                       [f"seed={cfg.seed}", *overrides, f"run_dir={Path(cfg.run_dir) / stage.name}"])
 
 
 def run_pipeline(cfg) -> dict:
@@ -30,6 +39,8 @@ def run_pipeline(cfg) -> dict:
         from jaxrl_rm.configlib import ConfigError
 
         raise ConfigError("stages: a pipeline needs at least one stage")
+    if cfg.seeds:
+        return run_seeds(cfg)
     prepare_run_dir(cfg)
     summary: dict = {"task": "pipeline", "stages": [s.name for s in cfg.stages]}
     for stage in cfg.stages:
@@ -44,26 +55,68 @@ def run_pipeline(cfg) -> dict:
         if result.get("preempted"):
             summary["preempted"] = True
             break
+    results = "# Results\n"
     if cfg.compare and not summary.get("preempted"):
         summary["results_table"] = compare_stages(cfg, summary)
+        results += f"\n{summary['results_table']}\n\n![comparison](comparison.png)\n"
+    finish(cfg, summary, results)
+    return summary
+
+
+def run_seeds(cfg) -> dict:
+    """The pipeline once per seed in `<run_dir>/seed<k>` (each a whole pipeline: its own
+    results.md, plot and report), then the means over seeds, with per-seed values beside them."""
+    prepare_run_dir(cfg)
+    runs: dict[int, dict] = {}
+    for seed in cfg.seeds:
+        print(f"[jaxrl_rm] pipeline seed {seed} ({len(runs) + 1} of {len(cfg.seeds)})", flush=True)
+        runs[seed] = run_pipeline(dataclasses.replace(cfg, seed=seed, seeds=[],
+                                                      run_dir=str(Path(cfg.run_dir) / f"seed{seed}")))
+        if runs[seed].get("preempted"):
+            break
+    summary: dict = {"task": "pipeline", "stages": [s.name for s in cfg.stages], "seeds": list(runs)}
+    results = "# Results\n"
+    if any(r.get("preempted") for r in runs.values()):
+        summary["preempted"] = True
+    else:
+        summary.update(mean_over_seeds(runs))
+        if cfg.compare:
+            summary["results_table"] = compare_table(cfg.compare, summary)
+            results += (f"\nMeans over seeds {', '.join(map(str, runs))}; each seed's run, plot and report are "
+                        f"in `seed<k>/`.\n\n{summary['results_table']}\n")
+    finish(cfg, summary, results)
+    return summary
+
+
+def mean_over_seeds(runs: dict[int, dict]) -> dict:
+    """{key: mean, key/seeds: {seed: value}} for every key that is a number in every seed's summary."""
+    out = {}
+    first = next(iter(runs.values()))
+    for key, value in first.items():
+        values = {str(seed): r.get(key) for seed, r in runs.items()}
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
+            out[key] = sum(values.values()) / len(values)
+            out[f"{key}/seeds"] = values
+    return out
+
+
+def finish(cfg, summary: dict, results: str) -> None:
+    """Check the pipeline's claims (its own and its pipeline stages') against `summary`, write
+    results.md (`results` + the claims table; rewritten on rerun, never appended) when there is
+    anything to show, and summary.json."""
     claims = stage_claims(cfg) + list(cfg.claims)
     if claims and not summary.get("preempted"):
-        summary["claims_table"] = claims_table(claims, summary)
-        # results.md was just rewritten by compare_stages, or holds only this table: rerunning a
-        # finished pipeline rewrites it, never appends a second copy
-        results = Path(cfg.run_dir) / "results.md"
-        head = results.read_text() if cfg.compare else "# Results\n"
-        results.write_text(head + f"\n## Claims\n\n{summary['claims_table']}\n")
+        summary["claims_table"] = claims_table(claims, summary, seed=cfg.seed)
+        results += f"\n## Claims\n\n{summary['claims_table']}\n"
         print(summary["claims_table"], flush=True)
+    if results != "# Results\n":
+        (Path(cfg.run_dir) / "results.md").write_text(results)
     write_summary(cfg, summary)
-    return summary
 
 
 def stage_claims(cfg) -> list:
     """Claims of the stages that are pipelines themselves, their keys prefixed with the stage
     name (a driver of claim pipelines reports every claim without restating it)."""
-    import dataclasses
-
     out = []
     for stage in cfg.stages:
         sub = stage_config(cfg, stage)
@@ -75,32 +128,95 @@ def stage_claims(cfg) -> list:
     return out
 
 
-def claims_table(claims, summary: dict) -> str:
-    """Markdown table: claim, metric, ours, baseline, paper's direction, reproduced (yes / no /
-    not run), seeds. `ours` / `baseline` average the summary keys they list."""
+def per_seed(summary: dict, keys: list[str]) -> dict | None:
+    """{seed: mean of `keys`} — seeds from the keys' `<key>/seeds` tables (a key without one is the
+    same in every seed), `{None: mean}` when no key has one; None when a key is missing."""
+    tables = []
+    for k in keys:
+        seeded = summary.get(f"{k}/seeds")
+        if isinstance(seeded, dict):
+            tables.append(seeded)
+        elif summary.get(k) is not None:
+            tables.append({None: summary[k]})
+        else:
+            return None
+    seeded = [set(t) for t in tables if None not in t]
+    seeds = sorted(set.intersection(*seeded), key=int) if seeded else [None]
+    values = {s: [t.get(s, t.get(None)) for t in tables] for s in seeds}
+    if not seeds or any(v is None for vs in values.values() for v in vs):
+        return None
+    return {s: sum(float(v) for v in vs) / len(vs) for s, vs in values.items()}
 
-    def mean(keys):
-        vals = [summary.get(k) for k in keys]
-        return None if any(v is None for v in vals) else sum(float(v) for v in vals) / len(vals)
+
+def paired(ours: dict | None, base: dict | None) -> list[tuple]:
+    """[(seed, ours, baseline)] over the seeds both sides have; a side measured once (`{None: v}`,
+    no per-seed values) counts the same in every seed; [] when a side is missing."""
+    if not ours or not base:
+        return []
+    seeds = sorted({s for s in (*ours, *base) if s is not None}, key=int) or [None]
+    rows = [(s, ours.get(s, ours.get(None)), base.get(s, base.get(None))) for s in seeds]
+    return [r for r in rows if r[1] is not None and r[2] is not None]
+
+
+def claims_table(claims, summary: dict, seed: int = 0) -> str:
+    """Markdown table: claim, metric, ours, baseline, paper's direction, reproduced (yes / no /
+    not run), what it averaged over. `ours` / `baseline` average the summary keys they list; over
+    several seeds each cell is the mean (min–max) and the verdict, on the means, says in how many
+    seeds it holds. `seed`: the pipeline's, named when the values come from one run."""
+
+    def beats(ours, base, c):
+        return ours - base > c.margin if c.direction == "higher" else base - ours > c.margin
+
+    def cell(values):
+        mean = sum(values) / len(values)
+        return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.3f}–{max(values):.3f})"
 
     lines = ["| claim | metric | ours | baseline | paper's direction | reproduced | averaged over |",
              "|---|---|---|---|---|---|---|"]
     for c in claims:
-        ours, base = mean(c.ours), mean(c.baseline)
-        if ours is None or base is None:
-            verdict, o, b = "not run", "-", "-"
+        pairs = paired(per_seed(summary, c.ours), per_seed(summary, c.baseline))
+        if not pairs:
+            verdict, o, b, over = "not run", "-", "-", "-"
         else:
-            better = ours - base > c.margin if c.direction == "higher" else base - ours > c.margin
-            verdict, o, b = ("yes" if better else "no"), f"{ours:.3f}", f"{base:.3f}"
+            seeds, o_vals, b_vals = zip(*pairs)
+            verdict = "yes" if beats(sum(o_vals) / len(seeds), sum(b_vals) / len(seeds), c) else "no"
+            o, b = cell(o_vals), cell(b_vals)
+            if len(seeds) == 1:
+                over = f"seed {seed if seeds[0] is None else seeds[0]}"
+            else:
+                held = sum(beats(x, y, c) for x, y in zip(o_vals, b_vals))
+                verdict += f" ({held}/{len(seeds)} seeds)"
+                over = "seeds " + ", ".join(seeds)
         direction = c.direction + (f" (by > {c.margin:g})" if c.margin > 0 else
                                    f" or within {-c.margin:g}" if c.margin < 0 else "")
-        lines.append(f"| {c.claim} ({c.paper}) | {c.metric} | {o} | {b} | {direction} | {verdict} | {c.seeds} |")
+        lines.append(f"| {c.claim} ({c.paper}) | {c.metric} | {o} | {b} | {direction} | {verdict} | {over} |")
+    return "\n".join(lines)
+
+
+def compare_table(names: list[str], summary: dict) -> str:
+    """Markdown: before / after / gain of every accuracy-like metric (`<m>_gain` in the summary) of
+    each named stage; with per-seed values, each seed's gain beside the mean."""
+    metrics = sorted({k[len(n) + 1:-len("_gain")] for n in names for k in summary
+                      if k.startswith(f"{n}/") and k.endswith("_gain")})
+    seeds = summary.get("seeds")
+    lines = ["| stage | metric | before | after | gain |" + (" gain per seed |" if seeds else ""),
+             "|---|---|---|---|---|" + ("---|" if seeds else "")]
+    for name in names:
+        for m in metrics:
+            before, after = summary.get(f"{name}/{m}_before"), summary.get(f"{name}/{m}_after")
+            if before is None or after is None:
+                continue
+            row = f"| {name} | {m} | {before:.3f} | {after:.3f} | {after - before:+.3f} |"
+            if seeds:
+                gains = summary.get(f"{name}/{m}_gain/seeds", {})
+                row += " " + " / ".join(f"{gains[str(s)]:+.3f}" for s in seeds if str(s) in gains) + " |"
+            lines.append(row)
     return "\n".join(lines)
 
 
 def compare_stages(cfg, summary: dict) -> str:
-    """results.md (before/after/gain of each accuracy metric per compared stage), comparison.png
-    and a full report in `<run_dir>/report/`. Returns the markdown table (also printed)."""
+    """comparison.png and a full report in `<run_dir>/report/` of the compared stages; returns
+    (and prints) the table of before / after / gain per stage that results.md shows."""
     from jaxrl_rm.report import build_report, plot_panels, read_run
 
     unknown = [n for n in cfg.compare if n not in {s.name for s in cfg.stages}]
@@ -110,19 +226,9 @@ def compare_stages(cfg, summary: dict) -> str:
         raise ConfigError(f"compare: unknown stage(s) {unknown}; stages: {[s.name for s in cfg.stages]}")
     run_dir = Path(cfg.run_dir)
     dirs = [str(run_dir / name) for name in cfg.compare]
-    metrics = sorted({k[len(n) + 1:-len("_gain")] for n in cfg.compare for k in summary
-                      if k.startswith(f"{n}/") and k.endswith("_gain")})
-    lines = ["| stage | metric | before | after | gain |", "|---|---|---|---|---|"]
-    for name in cfg.compare:
-        for m in metrics:
-            before, after = summary.get(f"{name}/{m}_before"), summary.get(f"{name}/{m}_after")
-            if before is None or after is None:
-                continue
-            lines.append(f"| {name} | {m} | {before:.3f} | {after:.3f} | {after - before:+.3f} |")
-    table = "\n".join(lines)
+    table = compare_table(list(cfg.compare), summary)
     plot_panels([read_run(d, n) for d, n in zip(dirs, cfg.compare)], list(cfg.compare_metrics),
                 run_dir / "comparison.png", title=" vs ".join(cfg.compare))
     build_report(dirs, run_dir / "report", names=list(cfg.compare))
-    (run_dir / "results.md").write_text(f"# Results\n\n{table}\n\n![comparison](comparison.png)\n")
     print(table, flush=True)
     return table

@@ -312,7 +312,7 @@ class GRPO:
         prefix = f"reward/{task.name}"
         metrics = {f"{prefix}/gold_accuracy": float(gold.mean()),
                    f"{prefix}/gold_mixed_groups": float((gold.any(axis=1) & ~gold.all(axis=1)).mean())}
-        b, gsz = rollouts.shape
+        gsz = rollouts.shape[1]
         kinds = answer_kinds([c for cs in rollouts.completions for c in cs],
                              [it.answer for it in rollouts.items for _ in range(gsz)], gold.ravel())
         metrics.update({f"{prefix}/answers/{k}": v for k, v in kinds.items()})

@@ -128,34 +128,25 @@ def stage_claims(cfg) -> list:
     return out
 
 
-def per_seed(summary: dict, keys: list[str]) -> dict | None:
-    """{seed: mean of `keys`} — seeds from the keys' `<key>/seeds` tables (a key without one is the
-    same in every seed), `{None: mean}` when no key has one; None when a key is missing."""
-    tables = []
-    for k in keys:
-        seeded = summary.get(f"{k}/seeds")
-        if isinstance(seeded, dict):
-            tables.append(seeded)
-        elif summary.get(k) is not None:
-            tables.append({None: summary[k]})
-        else:
-            return None
-    seeded = [set(t) for t in tables if None not in t]
+def per_seed(summary: dict, ours: list[str], baseline: list[str]) -> list[tuple]:
+    """[(seed, mean of `ours`, mean of `baseline`)] over the seeds that every key with per-seed
+    values (`<key>/seeds`) has; a key without them counts the same in every seed, and when no key
+    has them the one row's seed is None. [] when a key is missing (its stage did not run)."""
+    sides = []
+    for keys in (ours, baseline):
+        side = []
+        for k in keys:
+            seeded = summary.get(f"{k}/seeds")
+            if isinstance(seeded, dict):
+                side.append(seeded)
+            elif summary.get(k) is not None:
+                side.append({None: summary[k]})
+            else:
+                return []
+        sides.append(side)
+    seeded = [set(t) for side in sides for t in side if None not in t]
     seeds = sorted(set.intersection(*seeded), key=int) if seeded else [None]
-    values = {s: [t.get(s, t.get(None)) for t in tables] for s in seeds}
-    if not seeds or any(v is None for vs in values.values() for v in vs):
-        return None
-    return {s: sum(float(v) for v in vs) / len(vs) for s, vs in values.items()}
-
-
-def paired(ours: dict | None, base: dict | None) -> list[tuple]:
-    """[(seed, ours, baseline)] over the seeds both sides have; a side measured once (`{None: v}`,
-    no per-seed values) counts the same in every seed; [] when a side is missing."""
-    if not ours or not base:
-        return []
-    seeds = sorted({s for s in (*ours, *base) if s is not None}, key=int) or [None]
-    rows = [(s, ours.get(s, ours.get(None)), base.get(s, base.get(None))) for s in seeds]
-    return [r for r in rows if r[1] is not None and r[2] is not None]
+    return [(s, *(sum(float(t.get(s, t.get(None))) for t in side) / len(side) for side in sides)) for s in seeds]
 
 
 def claims_table(claims, summary: dict, seed: int = 0) -> str:
@@ -174,7 +165,7 @@ def claims_table(claims, summary: dict, seed: int = 0) -> str:
     lines = ["| claim | metric | ours | baseline | paper's direction | reproduced | averaged over |",
              "|---|---|---|---|---|---|---|"]
     for c in claims:
-        pairs = paired(per_seed(summary, c.ours), per_seed(summary, c.baseline))
+        pairs = per_seed(summary, c.ours, c.baseline)
         if not pairs:
             verdict, o, b, over = "not run", "-", "-", "-"
         else:

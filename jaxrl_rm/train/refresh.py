@@ -135,21 +135,51 @@ def attach_refresher(source, *, key: str, mesh, seed: int):
                       f"{type(source).__name__}")
 
 
-def train_steps(refresher, rows: dict, *, lengths: np.ndarray, step: int):
-    """`refresher.cfg.steps` steps of `refresher._step` on batches of `rows` (shuffled, seeded by the
-    policy step; `lengths` `[N]` order the length buckets) -> (new state, losses as floats)."""
-    from jaxrl_rm.data.pipeline import BatchStream
-    from jaxrl_rm.parallel.rules import shard_batch
+class Refresher:
+    """What a judge's and an RM's refresher share: the model's own train state (AdamW, constant
+    lr, b2 0.99) and step, the schedule of refreshes, and the window of the buffer (a list whose
+    entries start with the policy step that made them)."""
 
-    stream = BatchStream(rows, refresher.cfg.batch_size, seed=refresher.seed + 7919 * (step + 1), lengths=lengths)
-    state, losses = refresher.state, []
-    for k in range(refresher.cfg.steps):
-        state, metrics = refresher._step(state, shard_batch(stream.batch(k), refresher.mesh))
-        losses.append(metrics["loss"])
-    return state, [float(x) for x in jax.device_get(losses)]
+    cfg: RefreshConfig
+    buffer: list
+
+    def _init_training(self, model, loss_fn, *, cfg: RefreshConfig, mesh, seed: int) -> None:
+        """The state (params of `model` + AdamW) and the jitted step of `loss_fn(model, batch)`."""
+        from jaxrl_rm.config import OptimConfig
+        from jaxrl_rm.train.state import Trainer, build_train_step, make_optimizer
+
+        self.cfg, self.mesh, self.seed = cfg, mesh, int(seed)
+        optim = OptimConfig(learning_rate=cfg.learning_rate, schedule="constant", warmup_steps=0, b2=0.99)
+        self.trainer = Trainer(nnx.split(model)[0], make_optimizer(optim, cfg.steps), mesh)
+        self.state = self.trainer.init_state(model, seed)
+        self._step = build_train_step(self.trainer, loss_fn)
+        self.refreshes = 0
+
+    def due(self, step: int) -> bool:
+        return (int(step) + 1) % self.cfg.every == 0
+
+    def _keep_recent(self, step: int) -> None:
+        """Drop the buffer's entries older than `buffer_steps` policy steps."""
+        oldest = int(step) - self.cfg.buffer_steps + 1
+        self.buffer = [b for b in self.buffer if b[0] >= oldest]
+
+    def _train(self, rows: dict, *, lengths: np.ndarray, step: int) -> list[float]:
+        """`cfg.steps` train steps on batches of `rows` (shuffled, seeded by the policy step;
+        `lengths` `[N]` order the length buckets): updates the state, counts the refresh, returns
+        the losses."""
+        from jaxrl_rm.data.pipeline import BatchStream
+        from jaxrl_rm.parallel.rules import shard_batch
+
+        stream = BatchStream(rows, self.cfg.batch_size, seed=self.seed + 7919 * (step + 1), lengths=lengths)
+        losses = []
+        for k in range(self.cfg.steps):
+            self.state, metrics = self._step(self.state, shard_batch(stream.batch(k), self.mesh))
+            losses.append(metrics["loss"])
+        self.refreshes += 1
+        return [float(x) for x in jax.device_get(losses)]
 
 
-class JudgeRefresher:
+class JudgeRefresher(Refresher):
     """Owns a trainable judge: its state (params + AdamW), the buffer of teacher-labelled
     judgments, and the SFT step that refreshes it.
 
@@ -160,18 +190,12 @@ class JudgeRefresher:
 
     def __init__(self, model, tokenizer, *, template, cfg: JudgeRefreshConfig, max_length: int, chat_template: bool,
                  mesh, seed: int = 0):
-        from jaxrl_rm.config import OptimConfig
         from jaxrl_rm.train.sft import next_token_loss
-        from jaxrl_rm.train.state import Trainer, build_train_step, make_optimizer
 
-        self.cfg, self.tokenizer, self.template = cfg, tokenizer, template
-        self.max_length, self.chat_template, self.mesh, self.seed = int(max_length), bool(chat_template), mesh, int(seed)
-        optim = OptimConfig(learning_rate=cfg.learning_rate, schedule="constant", warmup_steps=0, b2=0.99)
-        self.trainer = Trainer(nnx.split(model)[0], make_optimizer(optim, cfg.steps), mesh)
-        self.state = self.trainer.init_state(model, seed)
-        self._step = build_train_step(self.trainer, lambda m, b: next_token_loss(m, b, mesh=mesh))
+        self._init_training(model, lambda m, b: next_token_loss(m, b, mesh=mesh), cfg=cfg, mesh=mesh, seed=seed)
+        self.tokenizer, self.template = tokenizer, template
+        self.max_length, self.chat_template = int(max_length), bool(chat_template)
         self.buffer: list[tuple[int, JudgmentExample, bool]] = []  # (policy step, judgment, judge was wrong)
-        self.refreshes = 0
 
     @classmethod
     def attach(cls, source, *, key: str, mesh, seed: int) -> "JudgeRefresher":
@@ -203,11 +227,7 @@ class JudgeRefresher:
                     self.buffer.append((int(step), JudgmentExample(
                         prompt=item.prompt, response=response, label=label, reference=reference,
                         id=f"{item.id}:{k}:s{step}"), bool(rewards[i, k] > 0.5) != label))
-        oldest = int(step) - self.cfg.buffer_steps + 1
-        self.buffer = [b for b in self.buffer if b[0] >= oldest]
-
-    def due(self, step: int) -> bool:
-        return (int(step) + 1) % self.cfg.every == 0
+        self._keep_recent(step)
 
     def examples(self, step: int, unique: list[tuple[JudgmentExample, bool]] | None = None) -> list[JudgmentExample]:
         """The buffer's judgments a refresh trains on: deduplicated by prompt and answer (`unique`:
@@ -254,8 +274,7 @@ class JudgeRefresher:
         # a power-of-two width (or the budget): few distinct shapes across refreshes, few compiles
         width = length_bucket(max(len(ids) for ids, _ in tokens), self.max_length)
         rows = pad_examples(tokens, width, pad)
-        self.state, losses = train_steps(self, rows, lengths=rows["attention_mask"].sum(1), step=step)
-        self.refreshes += 1
+        losses = self._train(rows, lengths=rows["attention_mask"].sum(1), step=step)
         return {"refresh/loss_first": losses[0], "refresh/loss_last": losses[-1],
                 "refresh/examples": float(len(examples)),
                 "refresh/mistakes": float(sum(wrong for _, wrong in unique)),
@@ -271,8 +290,7 @@ class JudgeRefresher:
         self.buffer = [(int(s), JudgmentExample(**e), bool(w)) for s, e, w in host.get("buffer", [])]
 
 
-
-class RMRefresher:
+class RMRefresher(Refresher):
     """Owns a trainable scalar RM (a `bt_rm` / `polar_rm` reward's): its state (params + AdamW),
     the buffer of teacher-labelled answers, and the Bradley–Terry step that refreshes it.
 
@@ -280,23 +298,16 @@ class RMRefresher:
     own copy of the weights is dropped: the reward reads the refresher's state)."""
 
     def __init__(self, scorer, *, cfg: RefreshConfig, mesh, seed: int = 0):
-        from jaxrl_rm.config import OptimConfig
         from jaxrl_rm.rewards.scalar_rm import PolarScorer
         from jaxrl_rm.train.reward_model import pairwise_rm_loss
-        from jaxrl_rm.train.state import Trainer, build_train_step, make_optimizer
 
-        self.cfg, self.scorer, self.mesh, self.seed = cfg, scorer, mesh, int(seed)
-        self.polar = isinstance(scorer, PolarScorer)
-        self.tokenizer = scorer.tokenizer
-        model = nnx.merge(scorer.graphdef, scorer.params)
-        optim = OptimConfig(learning_rate=cfg.learning_rate, schedule="constant", warmup_steps=0, b2=0.99)
-        self.trainer = Trainer(scorer.graphdef, make_optimizer(optim, cfg.steps), mesh)
-        self.state = self.trainer.init_state(model, seed)
+        self._init_training(nnx.merge(scorer.graphdef, scorer.params), pairwise_rm_loss(), cfg=cfg, mesh=mesh,
+                            seed=seed)
         scorer.params = None  # one copy of the weights: the state's
-        self._step = build_train_step(self.trainer, pairwise_rm_loss())
+        self.scorer, self.tokenizer = scorer, scorer.tokenizer
+        self.polar = isinstance(scorer, PolarScorer)
         # (policy step, prompt, reference, answer, teacher label, the RM's reward)
         self.buffer: list[tuple[int, Any, str, str, bool, float]] = []
-        self.refreshes = 0
 
     @classmethod
     def attach(cls, source, *, key: str, mesh, seed: int) -> "RMRefresher":
@@ -316,11 +327,7 @@ class RMRefresher:
             for k, response in enumerate(rollouts.completions[i]):
                 self.buffer.append((int(step), item.prompt, reference, response, bool(labels[i, k]),
                                     float(rewards[i, k])))
-        oldest = int(step) - self.cfg.buffer_steps + 1
-        self.buffer = [b for b in self.buffer if b[0] >= oldest]
-
-    def due(self, step: int) -> bool:
-        return (int(step) + 1) % self.cfg.every == 0
+        self._keep_recent(step)
 
     def pairs(self) -> list[tuple[Any, bool]]:
         """[(record, the RM mis-ordered it)]: every (right ≻ wrong) pair of answers to the same
@@ -360,8 +367,7 @@ class RMRefresher:
         width = length_bucket(max(len(x) for x, _ in chosen + rejected), self.scorer.max_length)
         rows = pair_rows(chosen, rejected, length=width, pad_id=self.scorer.pad_id)
         used = np.maximum(rows["chosen_attention_mask"].sum(1), rows["rejected_attention_mask"].sum(1))
-        self.state, losses = train_steps(self, rows, lengths=used, step=step)
-        self.refreshes += 1
+        losses = self._train(rows, lengths=used, step=step)
         return {"refresh/loss_first": losses[0], "refresh/loss_last": losses[-1],
                 "refresh/examples": float(len(records)), "refresh/mistakes": float(sum(w for _, w in pairs)),
                 "refresh/count": float(self.refreshes)}

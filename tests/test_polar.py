@@ -315,3 +315,34 @@ def test_polar_accuracy_on_alpaca_eval_triples(shared_data, tok, polar_rm):
     # deterministic: the seeded random RM ranks 42 of the 96 triples right, none tied (min |margin| 4.8e-5)
     assert m["alpaca_accuracy"] == 42 / 96 and m["alpaca_tie_rate"] == 0
     assert np.isfinite(m["alpaca_loss"])
+
+
+def test_reverse_quads_pool_splits_and_closeness():
+    """POLAR pretraining on the reversal prompts (`synthetic:reverse_quads`): 64 rule-made
+    reversal policies, the last 8 held out. Training quads never use a held-out policy nor a
+    held-out word; every evaluation quad involves a held-out policy and only held-out words. Two
+    samples of one policy sit closer to each other than to another policy's (what the RM is
+    pretrained to see), and the data is a pure function of the seed."""
+    from jaxrl_rm.data.synthetic import (REVERSE_HELDOUT, REVERSE_POOL_SIZE, _held_out, reverse_policy_pool,
+                                         reverse_quads)
+    from jaxrl_rm.train.grpo import levenshtein
+
+    pool = reverse_policy_pool()
+    assert len(pool) == REVERSE_POOL_SIZE == 64 and REVERSE_HELDOUT == 8
+    held = {p.name for p in pool[-REVERSE_HELDOUT:]}
+    train = reverse_quads(1000, seed=0)
+    assert not ({q.policy_a for q in train} | {q.policy_b for q in train}) & held
+    assert all(q.policy_a != q.policy_b for q in train)
+    assert not any(_held_out(q.prompt[len("reverse:"):-1]) for q in train)
+    for q in reverse_quads(200, seed=0, split="eval"):
+        assert (q.policy_a in held) or (q.policy_b in held)
+        assert _held_out(q.prompt[len("reverse:"):-1])
+    same = np.mean([levenshtein(q.a1, q.a2) for q in train])
+    cross = np.mean([levenshtein(q.a1, q.b1) for q in train])
+    assert same < cross - 0.15, (same, cross)  # measured 1.42 vs 1.71
+    # an exact policy (no edits) writes the gold reversal every time
+    exact = next(p for p in pool if p.mean_edits == 0.0)
+    rng = np.random.default_rng(0)
+    assert {exact.sample("hgfe", rng) for _ in range(20)} == {"hgfe"}
+    assert reverse_quads(50, seed=3) == reverse_quads(50, seed=3)
+    assert reverse_quads(50, seed=3) != reverse_quads(50, seed=4)

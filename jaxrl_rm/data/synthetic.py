@@ -418,7 +418,97 @@ def reverse_triples(n: int, *, seed: int, split: str = "train") -> list[RankedTr
     return out
 
 
-RM_TASKS.update(reverse_pairs=("PreferencePair", reverse_pairs), reverse_triples=("RankedTriple", reverse_triples))
+#: The pool of rule-made reversal "models" that POLAR pretraining on reversal draws from
+#: (`reverse_policy_pool`); the last REVERSE_HELDOUT are never trained on.
+REVERSE_POOL_SEED, REVERSE_POOL_SIZE, REVERSE_HELDOUT = 20251207, 64, 8
+_EDIT_KINDS = ("substitute", "delete", "insert", "swap")
+
+
+@_dc.dataclass(frozen=True)
+class ReversalPolicy:
+    """A rule-made reversal "model" with a recognisable way of being wrong.
+
+    A sample is the gold reversal with `Poisson(mean_edits)` edits (at most 4), each of a kind
+    drawn with `kind_probs` (substitute / delete / insert / swap adjacent) at a position drawn
+    towards `bias` (the answer's `start`, `end`, or anywhere: `uniform`); a substitution or an
+    insertion writes the policy's own `confusion` letter for the one it replaces (its systematic
+    mistake) with probability 0.7, else a random letter. Two samples of one policy share how far
+    from gold they land and where and how they err; two policies usually differ in these, so the
+    POLAR pretraining task on this pool is "how close is this answer to that one" over the
+    answers the reversal RM will score.
+    """
+
+    name: str
+    mean_edits: float
+    kind_probs: tuple[float, float, float, float]
+    bias: str
+    confusion: str  # confusion[i] is written for alphabet[i]
+
+    def sample(self, answer: str, rng: np.random.Generator, alphabet: str = "abcdefgh") -> str:
+        s = list(answer)
+        for _ in range(min(int(rng.poisson(self.mean_edits)), 4)):
+            kind = _EDIT_KINDS[int(rng.choice(4, p=np.asarray(self.kind_probs)))]
+            u = rng.beta(1, 3) if self.bias == "start" else rng.beta(3, 1) if self.bias == "end" else rng.random()
+            i = min(int(u * len(s)), max(len(s) - 1, 0))
+
+            def letter(old: str | None) -> str:
+                if old in alphabet and rng.random() < 0.7:
+                    return self.confusion[alphabet.index(old)]
+                return alphabet[int(rng.integers(len(alphabet)))]
+
+            if kind == "substitute" and s:
+                s[i] = letter(s[i])
+            elif kind == "delete" and len(s) > 1:
+                del s[i]
+            elif kind == "insert":
+                s.insert(i, letter(s[i] if s else None))
+            elif kind == "swap" and len(s) > 1:
+                j = min(i, len(s) - 2)
+                s[j], s[j + 1] = s[j + 1], s[j]
+        return "".join(s) or answer
+
+
+def reverse_policy_pool(n: int = REVERSE_POOL_SIZE, *, seed: int = REVERSE_POOL_SEED,
+                        alphabet: str = "abcdefgh") -> list[ReversalPolicy]:
+    """`n` reversal policies (`ReversalPolicy`) drawn from a seed: mean edits uniform in [0, 3]
+    (a fifth of them exact, 0), Dirichlet(1) edit kinds, a position bias (start / end / uniform)
+    and a confusion map (each letter to another one)."""
+    pool = []
+    for k in range(n):
+        rng = np.random.default_rng([seed, k])
+        mean = 0.0 if rng.random() < 0.2 else float(rng.uniform(0.3, 3.0))
+        shift = rng.integers(1, len(alphabet), size=len(alphabet))
+        confusion = "".join(alphabet[(i + int(d)) % len(alphabet)] for i, d in enumerate(shift))
+        pool.append(ReversalPolicy(name=f"reverser{k}", mean_edits=mean,
+                                   kind_probs=tuple(float(x) for x in rng.dirichlet(np.ones(4))),
+                                   bias=str(rng.choice(["start", "end", "uniform"])), confusion=confusion))
+    return pool
+
+
+def reverse_quads(n: int, *, seed: int, split: str = "train") -> list[PolarQuad]:
+    """POLAR pretraining quads on the reversal prompts (`reverse_problems`, the `split`'s own
+    words): policies A != B from `reverse_policy_pool` (`pick_policy_pair`), a1, a2 ~ A, b1 ~ B.
+    split="train" uses the first REVERSE_POOL_SIZE - REVERSE_HELDOUT policies; split="eval" the
+    held-out words, and every quad involves a held-out policy (as A or B)."""
+    pool = reverse_policy_pool()
+    n_train = REVERSE_POOL_SIZE - REVERSE_HELDOUT
+    if split == "train":
+        policies, held = pool[:n_train], ()
+    else:
+        policies, held = pool, tuple(range(n_train, REVERSE_POOL_SIZE))
+    out = []
+    for i, p in enumerate(reverse_problems(n, seed=seed, split=split)):
+        a, b = pick_policy_pair(seed, i, len(policies), must_include=held)
+        rng = np.random.default_rng([seed, i, 47, split == "eval"])
+        pa, pb = policies[a], policies[b]
+        out.append(PolarQuad(prompt=p.prompt, a1=pa.sample(p.answer, rng), a2=pa.sample(p.answer, rng),
+                             b1=pb.sample(p.answer, rng), policy_a=pa.name, policy_b=pb.name,
+                             id=f"revquad-{split}-{seed}-{i}"))
+    return out
+
+
+RM_TASKS.update(reverse_pairs=("PreferencePair", reverse_pairs), reverse_triples=("RankedTriple", reverse_triples),
+                reverse_quads=("PolarQuad", reverse_quads))
 
 
 # --- Open-ended tasks: quality = a hidden "house style" -------------------------------------------

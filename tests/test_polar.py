@@ -339,9 +339,9 @@ def test_reverse_quads_pool_splits_and_closeness():
         assert _held_out(q.prompt[len("reverse:"):-1])
     same = np.mean([levenshtein(q.a1, q.a2) for q in train])
     cross = np.mean([levenshtein(q.a1, q.b1) for q in train])
-    assert same < cross - 0.15, (same, cross)  # measured 1.42 vs 1.71
+    assert same < cross - 1.0, (same, cross)  # measured 0.55 vs 3.76 edits
     # an exact policy (no edits) writes the gold reversal every time
-    exact = next(p for p in pool if p.mean_edits == 0.0)
+    exact = pool[0]
     rng = np.random.default_rng(0)
     assert {exact.sample("hgfe", rng) for _ in range(20)} == {"hgfe"}
     assert reverse_quads(50, seed=3) == reverse_quads(50, seed=3)

@@ -7,7 +7,8 @@ the real loaders (`jaxrl_rm.data.records`), so every pipeline runs unchanged on 
   pairs disjoint) -> `VerifiableProblem`;
   as SFT data the response is the answer.
 - `reverse`: `reverse:abcd=` with answer `dcba` (train/eval strings disjoint); `reverse_pairs` /
-  `reverse_triples` / `reverse_ranking` are its preference data.
+  `reverse_triples` / `reverse_ranking` are its preference data; `reverse_quads` its POLAR
+  pretraining data (`ReversalPolicy`, `reverse_policy_pool`: rule-made reversal "models").
 - style policies (`StylePolicy`, `style_policy_pool`): the POLAR world (`style_quads`,
   `style_triples`) and `style_pairs` / `style_open`, whose quality is the casing the prompt asks for.
 - open-ended task (`open_ended` RL prompts, `open_pairs`, `open_triples`, `open_ranking` /
@@ -421,67 +422,49 @@ def reverse_triples(n: int, *, seed: int, split: str = "train") -> list[RankedTr
 #: The pool of rule-made reversal "models" that POLAR pretraining on reversal draws from
 #: (`reverse_policy_pool`); the last REVERSE_HELDOUT are never trained on.
 REVERSE_POOL_SEED, REVERSE_POOL_SIZE, REVERSE_HELDOUT = 20251207, 64, 8
-_EDIT_KINDS = ("substitute", "delete", "insert", "swap")
+_REVERSE_RULES = ("none", "drop_first", "drop_last", "double_first", "double_last", "swap_ends")
 
 
 @_dc.dataclass(frozen=True)
 class ReversalPolicy:
     """A rule-made reversal "model" with a recognisable way of being wrong.
 
-    A sample is the gold reversal with `Poisson(mean_edits)` edits (at most 4), each of a kind
-    drawn with `kind_probs` (substitute / delete / insert / swap adjacent) at a position drawn
-    towards `bias` (the answer's `start`, `end`, or anywhere: `uniform`); a substitution or an
-    insertion writes the policy's own `confusion` letter for the one it replaces (its systematic
-    mistake) with probability 0.7, else a random letter. Two samples of one policy share how far
-    from gold they land and where and how they err; two policies usually differ in these, so the
-    POLAR pretraining task on this pool is "how close is this answer to that one" over the
-    answers the reversal RM will score.
+    A sample is the gold reversal with the policy's systematic mistakes - its letter `mapping`
+    (`mapping[i]` is written for `alphabet[i]`; about half the letters map to themselves) and its
+    positional `rule` (drop / double the first or last character, swap the two ends, or none) -
+    and then `Poisson(mean_edits)` random edits (`corrupt_answer`). Two samples of one policy
+    differ only by those random edits; another policy's sample usually differs in the mapped
+    letters and the rule as well. So POLAR pretraining on this pool teaches "how close is this
+    answer to that one, character by character", over the answers a reversal RM will score.
     """
 
     name: str
+    mapping: str
+    rule: str
     mean_edits: float
-    kind_probs: tuple[float, float, float, float]
-    bias: str
-    confusion: str  # confusion[i] is written for alphabet[i]
 
     def sample(self, answer: str, rng: np.random.Generator, alphabet: str = "abcdefgh") -> str:
-        s = list(answer)
-        for _ in range(min(int(rng.poisson(self.mean_edits)), 4)):
-            kind = _EDIT_KINDS[int(rng.choice(4, p=np.asarray(self.kind_probs)))]
-            u = rng.beta(1, 3) if self.bias == "start" else rng.beta(3, 1) if self.bias == "end" else rng.random()
-            i = min(int(u * len(s)), max(len(s) - 1, 0))
-
-            def letter(old: str | None) -> str:
-                if old in alphabet and rng.random() < 0.7:
-                    return self.confusion[alphabet.index(old)]
-                return alphabet[int(rng.integers(len(alphabet)))]
-
-            if kind == "substitute" and s:
-                s[i] = letter(s[i])
-            elif kind == "delete" and len(s) > 1:
-                del s[i]
-            elif kind == "insert":
-                s.insert(i, letter(s[i] if s else None))
-            elif kind == "swap" and len(s) > 1:
-                j = min(i, len(s) - 2)
-                s[j], s[j + 1] = s[j + 1], s[j]
-        return "".join(s) or answer
+        s = "".join(self.mapping[alphabet.index(c)] if c in alphabet else c for c in answer)
+        if len(s) > 1:
+            s = {"none": s, "drop_first": s[1:], "drop_last": s[:-1], "double_first": s[0] + s,
+                 "double_last": s + s[-1], "swap_ends": s[-1] + s[1:-1] + s[0]}[self.rule]
+        for _ in range(min(int(rng.poisson(self.mean_edits)), 3)):
+            s = corrupt_answer(s, rng, alphabet=alphabet)
+        return s
 
 
 def reverse_policy_pool(n: int = REVERSE_POOL_SIZE, *, seed: int = REVERSE_POOL_SEED,
                         alphabet: str = "abcdefgh") -> list[ReversalPolicy]:
-    """`n` reversal policies (`ReversalPolicy`) drawn from a seed: mean edits uniform in [0, 3]
-    (a fifth of them exact, 0), Dirichlet(1) edit kinds, a position bias (start / end / uniform)
-    and a confusion map (each letter to another one)."""
-    pool = []
-    for k in range(n):
+    """`n` reversal policies (`ReversalPolicy`) drawn from a seed: each letter kept with
+    probability 1/2, else mapped to another one; a positional rule (uniform over `_REVERSE_RULES`);
+    mean random edits uniform in [0, 0.5]. Policy 0 is exact (the gold answer every time)."""
+    pool = [ReversalPolicy(name="reverser0", mapping=alphabet, rule="none", mean_edits=0.0)]
+    for k in range(1, n):
         rng = np.random.default_rng([seed, k])
-        mean = 0.0 if rng.random() < 0.2 else float(rng.uniform(0.3, 3.0))
-        shift = rng.integers(1, len(alphabet), size=len(alphabet))
-        confusion = "".join(alphabet[(i + int(d)) % len(alphabet)] for i, d in enumerate(shift))
-        pool.append(ReversalPolicy(name=f"reverser{k}", mean_edits=mean,
-                                   kind_probs=tuple(float(x) for x in rng.dirichlet(np.ones(4))),
-                                   bias=str(rng.choice(["start", "end", "uniform"])), confusion=confusion))
+        mapping = "".join(c if rng.random() < 0.5 else alphabet[(i + int(rng.integers(1, len(alphabet)))) % len(alphabet)]
+                          for i, c in enumerate(alphabet))
+        pool.append(ReversalPolicy(name=f"reverser{k}", mapping=mapping, rule=str(rng.choice(_REVERSE_RULES)),
+                                   mean_edits=float(rng.uniform(0.0, 0.5))))
     return pool
 
 

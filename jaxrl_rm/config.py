@@ -525,6 +525,11 @@ class JudgeConfig:
     teacher: Literal["exact_match", "verifier"] = "exact_match"
     #: Downsample every label to the rarest label's count (per split).
     balance: bool = True
+    #: What `balance` evens out in the *training* judgments: label (as above) | prompt (each
+    #: prompt keeps as many right as wrong answers, prompts with one label are dropped, so a judge
+    #: cannot score by which prompts the policy gets wrong: J1's chosen / rejected pairs of one
+    #: prompt). The held-out judgments are balanced by label either way.
+    balance_by: Literal["label", "prompt"] = "label"
     #: Drop repeated (prompt, response) pairs.
     dedupe: bool = True
     #: Supplied judgment data (JSONL of {prompt, response, label[, reference]}): skips sampling and labelling.

@@ -12,7 +12,8 @@ from jaxrl_rm.data import synthetic
 from jaxrl_rm.data.loaders import load_records
 from jaxrl_rm.data.records import JudgmentExample
 from jaxrl_rm.rewards.judges import get_template
-from jaxrl_rm.train.judge import _FIXED_THINK, balance_labels, build_judgment_data, label_answers, warmup_records
+from jaxrl_rm.train.judge import (_FIXED_THINK, balance_labels, balance_per_prompt, build_judgment_data, label_answers,
+                                  warmup_records)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +43,27 @@ def test_teacher_labels_dedupe_and_balance():
     bal = balance_labels(unbalanced, seed=0)
     assert sum(e.label for e in bal) == sum(not e.label for e in bal) == 30
     assert bal == balance_labels(unbalanced, seed=0)
+
+
+def test_balance_per_prompt_leaves_the_prompt_nothing_to_predict():
+    """`judge.balance_by: prompt`: every kept prompt has as many right as wrong answers (the
+    smaller count of its two), prompts with one label are gone, and a constant per-prompt verdict
+    scores exactly 0.5 on what is left."""
+    def ex(prompt, response, label):
+        return JudgmentExample(prompt=prompt, response=response, label=label, reference="gold")
+
+    examples = ([ex("a", f"r{i}", True) for i in range(3)] + [ex("a", "w0", False)]      # 3 right, 1 wrong -> 1 + 1
+                + [ex("b", f"w{i}", False) for i in range(4)]                               # only wrong -> dropped
+                + [ex("c", "r0", True), ex("c", "w0", False), ex("c", "w1", False)]         # 1 right, 2 wrong -> 1 + 1
+                + [ex("d", f"r{i}", True) for i in range(2)] + [ex("d", f"w{i}", False) for i in range(2)])  # 2 + 2
+    kept = balance_per_prompt(examples, seed=0)
+    by_prompt = {}
+    for e in kept:
+        by_prompt.setdefault(e.prompt, []).append(e.label)
+    assert {k: (sum(v), len(v) - sum(v)) for k, v in by_prompt.items()} == {"a": (1, 1), "c": (1, 1), "d": (2, 2)}
+    assert set(kept) <= set(examples) and len(set(kept)) == len(kept)
+    assert kept == balance_per_prompt(examples, seed=0)
+    assert balance_per_prompt([ex("b", "w", False)], seed=0) == []
 
 
 @pytest.mark.parametrize("think", ["compare", "reference", "response", "fixed"])
@@ -118,6 +140,17 @@ def test_data_stage_with_an_off_policy_sampler(tmp_path):
     assert build_judgment_data(cfg, policy_path=None) == (tr, ev, stats)  # reused, not resampled
     every, _ = load_records(tmp_path / "judge_data" / "train_all.jsonl", JudgmentExample)  # judge.warmup_data=all
     assert len(every) == stats["train_unbalanced_examples"] >= len(train)
+
+    # judge.balance_by=prompt: each training prompt half right, half wrong; the held-out set as before
+    cfg_p = load_config(None, ["task=judge_j1", f"run_dir={tmp_path / 'per_prompt'}", "judge.train_sampler=corrupt",
+                               "judge.eval_sampler=corrupt", "judge.num_train_prompts=64", "judge.num_eval_prompts=32",
+                               "judge.balance_by=prompt"])
+    tr_p, ev_p, _ = build_judgment_data(cfg_p, policy_path=None)
+    per_prompt: dict = {}
+    for e in load_records(tr_p, JudgmentExample)[0]:
+        per_prompt.setdefault(e.prompt, []).append(e.label)
+    assert per_prompt and all(2 * sum(v) == len(v) for v in per_prompt.values())
+    assert load_records(ev_p, JudgmentExample)[0] == held
 
     # supplied teacher-labelled judgments: a tenth of the prompts is held out
     cfg2 = load_config(None, ["task=judge_j1", f"run_dir={tmp_path / 'supplied'}", f"judge.data={tr}"])

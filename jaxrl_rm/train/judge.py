@@ -7,7 +7,8 @@ The RLLM recipe for the LM-as-RM, in three resumable stages under ``run_dir``:
    on-policy; ``corrupt`` = a rule-based "other model" (gold answers with random edits); or an HF
    directory of another model — off-policy is the same pipeline with another sampler), label each
    with the teacher (``judge.teacher``: exact match or math-verify against the gold answer), drop
-   empty and duplicate answers, balance the labels, and write ``train.jsonl`` / ``eval.jsonl``
+   empty and duplicate answers, balance the labels (``judge.balance_by: prompt``: each training prompt
+   half right, half wrong answers), and write ``train.jsonl`` / ``eval.jsonl``
    (``JudgmentExample``: prompt, response, label, reference = gold). Held-out judgments come from
    held-out problems answered by ``judge.eval_sampler`` (default: the policy). Supplied judgment
    files (``judge.data`` / ``judge.eval_data``: teacher scores given) skip this stage. When
@@ -164,6 +165,25 @@ def balance_labels(examples, *, seed: int) -> list:
     return [kept[i] for i in rng.permutation(len(kept))]
 
 
+def balance_per_prompt(examples, *, seed: int) -> list:
+    """For each prompt, its right and its wrong answers downsampled (seeded) to the smaller count;
+    prompts with only one label are dropped; then shuffled. Every prompt's verdicts are then half
+    right, half wrong, so the prompt alone predicts nothing (J1 judges pairs of one prompt)."""
+    rng = np.random.default_rng([seed, 53])
+    by_prompt: dict = {}
+    for ex in examples:
+        by_prompt.setdefault(prompt_as_text(ex.prompt), {}).setdefault(bool(ex.label), []).append(ex)
+    kept = []
+    for groups in by_prompt.values():
+        if len(groups) < 2:
+            continue
+        m = min(len(v) for v in groups.values())
+        for key in (True, False):
+            v = groups[key]
+            kept += [v[i] for i in sorted(rng.choice(len(v), size=m, replace=False))]
+    return [kept[i] for i in rng.permutation(len(kept))]
+
+
 def _label_counts(examples) -> dict:
     pos = sum(1 for e in examples if bool(e.label))
     return {"examples": len(examples), "positive": pos, "negative": len(examples) - pos}
@@ -278,7 +298,9 @@ def build_judgment_data(cfg, *, policy_path: str | None, mesh=None) -> tuple[str
         if split == "train" and jax.process_index() == 0:  # the warm-up may read every judgment
             out_dir.mkdir(parents=True, exist_ok=True)
             write_jsonl(out_dir / "train_all.jsonl", examples)
-        if j.balance:
+        if j.balance and split == "train" and j.balance_by == "prompt":
+            examples = balance_per_prompt(examples, seed=content_seed(cfg.seed, split))
+        elif j.balance:
             examples = balance_labels(examples, seed=content_seed(cfg.seed, split))
         stats.update({f"{split}_{k}": v for k, v in _label_counts(examples).items()})
         if not examples or len({bool(e.label) for e in examples}) < 2 and j.balance:

@@ -149,6 +149,13 @@ def label_answers(problems, answers, *, teacher: str = "exact_match", dedupe: bo
     return examples, stats
 
 
+def _downsample_to_smallest(groups: list[list], rng: np.random.Generator) -> list:
+    """Each group downsampled (without replacement, order kept) to the smallest group's size,
+    drawn from `rng` in the groups' order; concatenated."""
+    m = min(len(v) for v in groups)
+    return [v[i] for v in groups for i in sorted(rng.choice(len(v), size=m, replace=False))]
+
+
 def balance_labels(examples, *, seed: int) -> list:
     """Every label value downsampled (seeded) to the rarest one's count, then shuffled."""
     rng = np.random.default_rng([seed, 37])
@@ -157,11 +164,7 @@ def balance_labels(examples, *, seed: int) -> list:
         groups.setdefault(ex.label, []).append(ex)
     if len(groups) < 2:
         return list(examples)
-    m = min(len(v) for v in groups.values())
-    kept = []
-    for key in sorted(groups, key=repr):
-        v = groups[key]
-        kept += [v[i] for i in sorted(rng.choice(len(v), size=m, replace=False))]
+    kept = _downsample_to_smallest([groups[k] for k in sorted(groups, key=repr)], rng)
     return [kept[i] for i in rng.permutation(len(kept))]
 
 
@@ -175,12 +178,8 @@ def balance_per_prompt(examples, *, seed: int) -> list:
         by_prompt.setdefault(prompt_as_text(ex.prompt), {}).setdefault(bool(ex.label), []).append(ex)
     kept = []
     for groups in by_prompt.values():
-        if len(groups) < 2:
-            continue
-        m = min(len(v) for v in groups.values())
-        for key in (True, False):
-            v = groups[key]
-            kept += [v[i] for i in sorted(rng.choice(len(v), size=m, replace=False))]
+        if len(groups) == 2:  # prompts with one label only are dropped
+            kept += _downsample_to_smallest([groups[True], groups[False]], rng)
     return [kept[i] for i in rng.permutation(len(kept))]
 
 

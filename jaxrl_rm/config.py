@@ -17,7 +17,7 @@ __all__ = ["Config", "ConfigError", "load_config", "to_dict"]
 
 
 #: The reasoning a judge warm-up (and an online judge refresh) writes before the teacher's verdict.
-WarmupThink = Literal["compare", "aligned", "reference", "response", "fixed"]
+WarmupThink = Literal["compare", "aligned", "path", "reference", "response", "fixed"]
 
 
 @dataclasses.dataclass
@@ -223,7 +223,7 @@ class TaskSpec:
     #: Options of the task's prompt format (ranking/judgment tasks: `template`, `template_options`,
     #: which render the prompt and parse the answer; ranking: `shuffle_responses`, default true: a
     #: fresh seeded order of the responses at every draw), and evaluation: `eval_verifier` (verifier |
-    #: exact_match) for held-out accuracy; `win_rate_judge` ({type: judge, path: <HF judge dir>,
+    #: exact_match | path_check) for held-out accuracy; `win_rate_judge` ({type: judge, path: <HF judge dir>,
     #: options: {...}}) for `win_rate/<task>`: the policy's greedy answer vs the item's reference,
     #: judged pairwise in both orders with greedy verdicts (ties count 1/2).
     options: dict = dataclasses.field(default_factory=dict)
@@ -521,8 +521,9 @@ class JudgeConfig:
     responses_per_prompt: int = 4
     temperature: float = 1.0
     max_new_tokens: int = 8
-    #: Teacher: exact_match | verifier (math-verify) against the gold answer.
-    teacher: Literal["exact_match", "verifier"] = "exact_match"
+    #: Teacher: exact_match | verifier (math-verify) against the gold answer | path_check (the
+    #: constraints a `synthetic:paths` prompt states; any valid walk is right).
+    teacher: Literal["exact_match", "verifier", "path_check"] = "exact_match"
     #: Downsample every label to the rarest label's count (per split).
     balance: bool = True
     #: What `balance` evens out in the *training* judgments: label (as above) | prompt (each
@@ -559,7 +560,8 @@ class JudgeConfig:
     warmup_label_noise: float = 1.0
     #: Reasoning in warm-up targets: compare (works out the gold answer and sets the judged answer
     #: beside it: `want X, got Y`) | aligned (checks the `{aligned}` view pair by pair:
-    #: `dd= cc= bxx`; needs a template showing `{aligned}`) | reference (works out the gold answer)
+    #: `dd= cc= bxx`; needs a template showing `{aligned}`) | path (checks a `synthetic:paths` answer
+    #: constraint by constraint: `ab+ bcx aa= cc= 33=`, `synthetic.path_written_check`) | reference (works out the gold answer)
     #: | response (restates the judged answer) | fixed (a constant sentence).
     warmup_think: WarmupThink = "reference"
     #: Held-out judgments evaluated before / after RL (0: all).
@@ -586,8 +588,8 @@ class JudgeConfig:
         check(self.warmup_batch_size > 0, f"{key}.warmup_batch_size", "must be > 0")
         check(0 <= self.warmup_label_noise <= 1, f"{key}.warmup_label_noise", "must be in [0, 1]")
         check(0 <= self.warmup_corrupt <= 1, f"{key}.warmup_corrupt", "must be in [0, 1]")
-        check(self.warmup_corrupt == 0 or self.teacher == "exact_match", f"{key}.warmup_corrupt",
-              "needs teacher exact_match (corrupted answers are labelled by exact match)")
+        check(self.warmup_corrupt == 0 or self.teacher in ("exact_match", "path_check"), f"{key}.warmup_corrupt",
+              "needs teacher exact_match or path_check (corrupted answers are labelled by exact match or the path check)")
         check(self.eval_size >= 0, f"{key}.eval_size", "must be >= 0")
         check(not self.eval_data or bool(self.data), f"{key}.eval_data", "needs judge.data (supplied training judgments) too")
         check(self.near_miss_prompts >= 0, f"{key}.near_miss_prompts", "must be >= 0")

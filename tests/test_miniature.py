@@ -85,7 +85,7 @@ def test_miniature_claims_driver_reduced(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     rows = summary["claims_table"].splitlines()[2:]
     print("\n" + summary["claims_table"])
-    assert len(rows) == 12
+    assert len(rows) == 14
     pinned = set()
     for row in rows:  # every claim pipeline filled its rows
         claim = next((c for c in PINNED if row.startswith(f"| {c}")), None)

@@ -6,6 +6,8 @@ the real loaders (`jaxrl_rm.data.records`), so every pipeline runs unchanged on 
 - `arithmetic`: `a+b=` with gold answer `a+b` (operand range configurable; train/eval operand
   pairs disjoint) -> `VerifiableProblem`;
   as SFT data the response is the answer.
+- `paths`: `path:a>e,4:a:bd b:e d:b e:c=`: a walk through a graph's edges (`path_problems`): answers
+  are easier to check than to produce; verified by `path_violations`, not exact match.
 - `reverse`: `reverse:abcd=` with answer `dcba` (train/eval strings disjoint); `reverse_pairs` /
   `reverse_triples` / `reverse_ranking` are its preference data; `reverse_quads` its POLAR
   pretraining data (`ReversalPolicy`, `reverse_policy_pool`: rule-made reversal "models").
@@ -66,7 +68,105 @@ def reverse_problems(n: int, *, seed: int = 0, alphabet: str = "abcdefgh", min_l
     return out
 
 
-TASKS = {"arithmetic": arithmetic_problems, "reverse": reverse_problems}
+PATH_PREFIX = "path:"
+
+
+def path_problems(n: int, *, seed: int = 0, letters: str = "abcdef", min_len: int = 3, max_len: int = 5,
+                  num_edges: int = 6, split: str = "train") -> list[VerifiableProblem]:
+    """`n` path-finding problems, a task whose answers are easier to check than to produce.
+
+    Prompt ``path:a>e,4:a:bd b:e d:b e:c=``: write a string of exactly 4 letters that starts with
+    ``a``, ends with ``e``, and whose every adjacent pair is an edge of the graph given by its
+    successor lists (``a:bd``: edges ``ab`` and ``ad``; letters without edges are left out), e.g.
+    ``adbe``. Producing one is planning (each letter must leave a way to reach ``e`` in the letters
+    left, past distractor edges); checking one is local (each pair's first letter's list holds the
+    second or not, :func:`path_violations`). Each problem plants one walk of `min_len`..`max_len`
+    letters (no letter followed by itself) and adds random distractor edges up to `num_edges`;
+    the planted walk is the gold answer, but any valid walk is right (the ``path_check`` verifier,
+    not exact match). Train/eval prompts disjoint (`_held_out`).
+    """
+    rng = np.random.default_rng([seed, 4])
+    out: list[VerifiableProblem] = []
+    while len(out) < n:
+        length = int(rng.integers(min_len, max_len + 1))
+        walk = [letters[int(rng.integers(len(letters)))]]
+        while len(walk) < length:
+            nxt = letters[int(rng.integers(len(letters) - 1))]
+            walk.append(nxt if nxt < walk[-1] else letters[letters.index(nxt) + 1])  # never walk[-1]
+        edges = {a + b for a, b in zip(walk, walk[1:])}
+        while len(edges) < num_edges:
+            a, b = (letters[int(i)] for i in rng.choice(len(letters), size=2, replace=False))
+            edges.add(a + b)
+        graph = " ".join(x + ":" + "".join(sorted(e[1] for e in edges if e[0] == x))
+                         for x in letters if any(e[0] == x for e in edges))
+        prompt = f"{PATH_PREFIX}{walk[0]}>{walk[-1]},{length}:{graph}="
+        if _held_out(prompt) != (split == "eval"):
+            continue
+        out.append(VerifiableProblem(prompt=prompt, answer="".join(walk), id=f"path-{split}-{seed}-{len(out)}"))
+    return out
+
+
+_PATH_RE = __import__("re").compile(r"path:([a-z])>([a-z]),(\d+):((?:[a-z]:[a-z]* ?)+)=")
+
+
+def parse_path_prompt(prompt: str) -> tuple[str, str, int, dict[str, str]] | None:
+    """(start, end, length, successors: {letter: the letters it has edges to}) of a
+    :func:`path_problems` prompt found in `prompt` (a chat-rendered or judge prompt may wrap it),
+    or None when there is none."""
+    m = _PATH_RE.search(prompt or "")
+    if m is None:
+        return None
+    succ = dict(part.split(":") for part in m.group(4).split())
+    return m.group(1), m.group(2), int(m.group(3)), succ
+
+
+def path_violations(prompt: str, answer: str) -> list[str] | None:
+    """The constraints of a path prompt that `answer` breaks (empty: a valid path), or None when
+    `prompt` holds no path problem. Whitespace around the answer is ignored."""
+    spec = parse_path_prompt(prompt)
+    if spec is None:
+        return None
+    start, end, length, succ = spec
+    a = answer.strip()
+    broken = [f"edge {x}{y}" for x, y in zip(a, a[1:]) if y not in succ.get(x, "")]
+    if not a or a[0] != start:
+        broken.append("start")
+    if not a or a[-1] != end:
+        broken.append("end")
+    if len(a) != length:
+        broken.append("length")
+    return broken
+
+
+def path_written_check(prompt: str, answer: str) -> str:
+    """A judge's written check of a path answer, one constraint at a time: each adjacent pair,
+    its first letter's successor list copied from the prompt, and ``+`` (the second letter is in
+    it) or ``x``; then start, end and length as ``<wanted><got>`` followed by ``=`` or ``x``:
+    ``ab:bd+ bc:ex aa= cc= 33=``. Copying a list is what a small judge can do (find ``b:`` and
+    copy what follows); the membership test is then local. Empty when `prompt` holds no path
+    problem."""
+    spec = parse_path_prompt(prompt)
+    if spec is None:
+        return ""
+    start, end, length, succ = spec
+    a = answer.strip()
+    pairs = [f"{x}{y}:{succ.get(x, '')}" + ("+" if y in succ.get(x, "") else "x") for x, y in zip(a, a[1:])]
+    ends = [(start, a[:1] or "_"), (end, a[-1:] or "_"), (str(length), str(len(a)))]
+    return " ".join(pairs + [w + g + ("=" if w == g else "x") for w, g in ends])
+
+
+TASKS = {"arithmetic": arithmetic_problems, "reverse": reverse_problems, "paths": path_problems}
+#: The rule verifier (`rewards.verifiers.VERIFIERS`) that decides a task's answers where exact
+#: match against the gold one would be wrong (SFT's held-out `accuracy`); others: exact_match.
+TASK_VERIFIERS = {"paths": "path_check"}
+
+
+def rule_label(prompt: str, answer: str, reference: str | None) -> bool:
+    """Whether `answer` is right by the rule of the task `prompt` belongs to: the path check for a
+    path problem (any valid walk), else exact match against `reference` (rule-made answers of the
+    judge warm-up and refresh, `train.judge.with_corrupted_answers`)."""
+    broken = path_violations(prompt, answer)
+    return not broken if broken is not None else answer == reference
 
 
 def sft_records(task: str, n: int, *, seed: int, split: str = "train") -> list[SFTRecord]:

@@ -54,14 +54,18 @@ class RewardSource(Protocol):
 
 # --- rule-based sources -----------------------------------------------------------------------
 class VerifierSource:
-    """Math (math-verify) or exact-match verifier against `item.answer`; guards on by default."""
+    """A rule verifier as a reward: `kind` is its reward type (`VERIFIER_REWARDS`: math-verify or
+    exact match against `item.answer`, guards on by default; `path_check`: the constraints the
+    prompt states)."""
 
-    def __init__(self, kind: str = "math", *, name: str | None = None, **options):
-        from jaxrl_rm.rewards.verifiers import ExactMatchVerifier, MathVerifier
+    #: The source's default name (its metrics' key) per reward type.
+    NAMES = {"verifier": "verifier_math", "exact_match": "verifier_exact", "path_check": "verifier_path"}
 
-        self.name = name or f"verifier_{kind}"
-        cls = {"math": MathVerifier, "exact": ExactMatchVerifier}[kind]
-        self.verifier = cls(**options)
+    def __init__(self, kind: str = "verifier", *, name: str | None = None, **options):
+        from jaxrl_rm.rewards.verifiers import make_verifier
+
+        self.name = name or self.NAMES[kind]
+        self.verifier = make_verifier(kind, **options)
 
     def __call__(self, rollouts: Rollouts):
         b, g = rollouts.shape
@@ -197,7 +201,10 @@ def _ensemble_source(spec, ctx: dict) -> EnsembleSource:
 # --- registry ---------------------------------------------------------------------------------
 Factory = Callable[..., RewardSource]
 #: Reward types computed by rules from gold data (no model): the others are what monitors watch.
-RULE_REWARDS = ("verifier", "exact_match", "ranking", "hidden_quality")
+#: Reward types that are rule verifiers (`rewards.verifiers.VERIFIERS`): they give a verifiable
+#: task's correctness.
+VERIFIER_REWARDS = tuple(VerifierSource.NAMES)
+RULE_REWARDS = (*VERIFIER_REWARDS, "ranking", "hidden_quality")
 
 
 def _ranking_source(spec, ctx: dict) -> RankingSource:
@@ -215,8 +222,7 @@ def _ranking_source(spec, ctx: dict) -> RankingSource:
 
 
 REGISTRY: dict[str, Factory] = {
-    "verifier": lambda spec, ctx: VerifierSource("math", **spec.options),
-    "exact_match": lambda spec, ctx: VerifierSource("exact", **spec.options),
+    **{kind: (lambda spec, ctx: VerifierSource(spec.type, **spec.options)) for kind in VERIFIER_REWARDS},
     "ranking": _ranking_source,
     "hidden_quality": lambda spec, ctx: HiddenQualitySource(**spec.options),
     "ensemble": _ensemble_source,

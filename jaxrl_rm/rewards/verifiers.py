@@ -768,3 +768,53 @@ def verify_math(responses: Sequence[Any], golds: Sequence[Any], prompts: Sequenc
 def exact_match(responses: Sequence[Any], golds: Sequence[Any], prompts: Sequence[Any] | None = None, **options: Any) -> VerifierOutput:
     """One-shot :class:`ExactMatchVerifier` call."""
     return ExactMatchVerifier(**options)(responses, golds, prompts)
+
+
+class PathVerifier(_VerifierBase):
+    """The miniature path task's checker (``synthetic:paths``): a response is right when it breaks
+    none of the constraints its prompt states (:func:`jaxrl_rm.data.synthetic.path_violations`:
+    start, end, length, every adjacent pair a listed edge). Any valid walk is right, not only the
+    planted gold one, so golds are ignored; a prompt without a path problem is ``no_gold``.
+
+    The whole response (stripped) is the answer. Only the empty-response guard runs by default: a
+    valid walk may repeat a unit (``abab``) and no other answer can pass the check.
+
+    >>> p = "path:a>c,3:a:b b:c c:a="
+    >>> PathVerifier()(["abc", "acc", " abc\\n"], [""] * 3, prompts=[p] * 3).rewards.tolist()
+    [1.0, 0.0, 1.0]
+    """
+
+    def __init__(self, *, guards: GuardConfig = GuardConfig(master_key=False, repetition=False, prompt_echo=False),
+                 correct_reward: float = 1.0, incorrect_reward: float = 0.0, invalid_reward: float = 0.0,
+                 counter: GuardCounter | None = None):
+        super().__init__(ANSWER_FORMATS, guards, correct_reward, incorrect_reward, invalid_reward, counter)
+
+    def __call__(self, responses: Sequence[Any], golds: Sequence[Any], prompts: Sequence[Any] | None = None) -> VerifierOutput:
+        from jaxrl_rm.data.synthetic import path_violations
+
+        if prompts is None:
+            raise ValueError("PathVerifier: needs the prompts (the constraints are stated there)")
+        guard_reasons = self._prepare(responses, golds, prompts)
+        results = []
+        for resp, prompt, reason in zip(responses, prompts, guard_reasons):
+            ans = str(resp).strip()
+            broken = path_violations(prompt if isinstance(prompt, str) else "", ans)
+            if reason is not None:
+                results.append(VerifyResult(False, False, reason, None))
+            elif broken is None:
+                results.append(VerifyResult(False, False, NO_GOLD, ans))
+            else:
+                results.append(VerifyResult(True, not broken, INCORRECT if broken else CORRECT, ans))
+        return self._finish(results)
+
+
+#: Rule verifiers by the name configs use (a reward `type`, `judge.teacher`, `eval_verifier`).
+VERIFIERS: dict[str, type[_VerifierBase]] = {"verifier": MathVerifier, "exact_match": ExactMatchVerifier,
+                                              "path_check": PathVerifier}
+
+
+def make_verifier(kind: str, **options: Any) -> _VerifierBase:
+    """The rule verifier `kind` (a key of :data:`VERIFIERS`) built with `options`."""
+    if kind not in VERIFIERS:
+        raise ValueError(f"unknown verifier {kind!r}; available: {sorted(VERIFIERS)}")
+    return VERIFIERS[kind](**options)

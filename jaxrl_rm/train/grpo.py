@@ -257,7 +257,7 @@ class GRPO:
             r, m = reward_sources.combine(self.sources[task], sub, parts)
             scores[rows] = r
             verifiers = [src.name for (src, weight), spec in zip(self.sources[task], self.tasks[task].rewards)
-                         if spec.type in ("verifier", "exact_match") and weight != 0]
+                         if spec.type in reward_sources.VERIFIER_REWARDS and weight != 0]
             acc[rows] = (parts[verifiers[0]] > 0).astype(np.float32) if verifiers else r
             metrics.update({f"reward/{task}/{k}": v for k, v in m.items()})
             metrics[f"reward/{task}/mean"] = float(r.mean())
@@ -470,22 +470,25 @@ class GRPO:
     # --- evaluation ---------------------------------------------------------------------------
     def verifier_for(self, task):
         """The verifier that measures a verifiable task's held-out accuracy: `options.eval_verifier`
-        (verifier | exact_match) when set, else the task's first rule-verifier reward (its options
-        included), else math-verify. Judge-rewarded tasks are still evaluated against gold.
+        (verifier | exact_match | path_check) when set, else the task's first rule-verifier reward
+        (its options included), else math-verify. Judge-rewarded tasks are still evaluated against gold.
         Built once per task: the gold monitor calls it every step, and a math verifier keeps its
         worker processes between calls."""
         if task.name in self._verifiers:
             return self._verifiers[task.name]
-        from jaxrl_rm.rewards.verifiers import ExactMatchVerifier, MathVerifier
+        from jaxrl_rm.rewards.verifiers import make_verifier
 
         kind = task.options.get("eval_verifier")
-        specs = [s for s in task.rewards if s.type in ("verifier", "exact_match")]
+        specs = [s for s in task.rewards if s.type in reward_sources.VERIFIER_REWARDS]
         if kind:
-            verifier = (MathVerifier if kind == "verifier" else ExactMatchVerifier)()
+            try:
+                verifier = make_verifier(kind)
+            except ValueError as e:
+                raise ValueError(f"grpo.tasks[{task.name}].options.eval_verifier: {e}") from e
         elif specs:
-            verifier = (MathVerifier if specs[0].type == "verifier" else ExactMatchVerifier)(**specs[0].options)
+            verifier = make_verifier(specs[0].type, **{k: v for k, v in specs[0].options.items() if k != "name"})
         else:
-            verifier = MathVerifier()
+            verifier = make_verifier("verifier")
         self._verifiers[task.name] = verifier
         return verifier
 

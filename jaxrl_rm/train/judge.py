@@ -53,6 +53,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_rm.config import RewardSpec, TaskSpec
+from jaxrl_rm.data import synthetic
 from jaxrl_rm.data.records import JudgmentExample, SFTRecord, VerifiableProblem
 from jaxrl_rm.rewards.judge_source import TextJudge, content_seed, label_score, prompt_as_text
 from jaxrl_rm.rewards.judges import JudgeTemplate, aligned_check, get_template
@@ -69,7 +70,6 @@ _FIXED_THINK = "I check the answer against the question."
 def load_problems(source: str, *, split: str, seed: int, n: int) -> list[VerifiableProblem]:
     """`n` problems from `synthetic:<task>` (split train / eval), a JSONL of {prompt, answer}, or
     `gsm8k:<path>` / `math:<path>` (`jaxrl_rm.data.loaders.load_verifiable`; files: their first n)."""
-    from jaxrl_rm.data import synthetic
 
     name = synthetic.parse_source(source)
     if name is not None:
@@ -107,7 +107,6 @@ def policy_responses(path: str, problems, *, n: int, temperature: float, max_new
 
 def sample_answers(sampler: str, problems, j, *, seed: int, policy_path: str, chat_template: bool, mesh) -> list[list[str]]:
     """Answers of `sampler` (policy | corrupt | an HF directory) to `problems`."""
-    from jaxrl_rm.data import synthetic
 
     if sampler == "corrupt":
         alphabet = "".join(sorted({c for p in problems for c in p.answer})) or "abcdefgh"
@@ -123,9 +122,9 @@ def sample_answers(sampler: str, problems, j, *, seed: int, policy_path: str, ch
 
 def label_answers(problems, answers, *, teacher: str = "exact_match", dedupe: bool = True):
     """Teacher-labelled `JudgmentExample`s (label = the verifier accepts the answer) and counts."""
-    from jaxrl_rm.rewards.verifiers import ExactMatchVerifier, MathVerifier
+    from jaxrl_rm.rewards.verifiers import make_verifier
 
-    verifier = ExactMatchVerifier() if teacher == "exact_match" else MathVerifier()
+    verifier = make_verifier(teacher)
     flat = [(p, k, a) for p, row in zip(problems, answers) for k, a in enumerate(row)]
     stats = {"sampled": len(flat), "empty": 0, "duplicates": 0}
     if not flat:
@@ -234,7 +233,6 @@ def ensure_policy(cfg) -> str | None:
         if jax.process_index() == 0:
             save_model(build_model(cfg.model, tok, seed=cfg.seed), export, tokenizer=tok)
         return str(export)
-    from jaxrl_rm.data import synthetic
     from jaxrl_rm.train.sft import run_sft
 
     is_file = synthetic.parse_source(j.problems) is None
@@ -329,7 +327,8 @@ def warmup_records(examples, template: str | JudgeTemplate = "pointwise_correctn
     ``s`` is the teacher label with probability ``1 - label_noise``, else uniformly random in the
     template's range (integers for integer templates, 0.1 steps otherwise). ``think="aligned"``
     writes the character-by-character check of the template's ``{aligned}`` view
-    (:func:`jaxrl_rm.rewards.judges.aligned_check`).
+    (:func:`jaxrl_rm.rewards.judges.aligned_check`), ``think="path"`` the constraint-by-constraint
+    check of a path answer (:func:`jaxrl_rm.data.synthetic.path_written_check`).
     """
     tpl = template if isinstance(template, JudgeTemplate) else get_template(template)
     rng = np.random.default_rng([seed, 31])
@@ -344,6 +343,8 @@ def warmup_records(examples, template: str | JudgeTemplate = "pointwise_correctn
             score = label_score(ex.label, tpl)
         if think == "aligned":
             reasoning = aligned_check(ex.reference or "", ex.response, tpl.aligned_width)
+        elif think == "path":
+            reasoning = synthetic.path_written_check(prompt_as_text(ex.prompt), ex.response)
         else:
             reasoning = {"compare": f"want {ex.reference}, got {ex.response}" if ex.reference else _FIXED_THINK,
                          "reference": ex.reference or _FIXED_THINK, "response": ex.response, "fixed": _FIXED_THINK}[think]
@@ -356,13 +357,13 @@ def warmup_records(examples, template: str | JudgeTemplate = "pointwise_correctn
 
 
 def with_corrupted_answers(examples, fraction: float, *, p_correct: float, seed: int) -> list:
-    """A seeded `fraction` of `examples` with the answer replaced, labelled by exact match: the
+    """A seeded `fraction` of `examples` with the answer replaced, labelled by exact match (a path
+    task's by its check, `synthetic.rule_label`): the
     gold answer with probability `p_correct`; otherwise, in equal shares, the gold with one random
     edit, a random string, or one character repeated (1-8 characters; the last two are the
     degenerate answers an RL policy tries on its judge). Warm-up data of the judge's *reasoning*:
     a policy's own mistakes follow patterns (which positions it gets wrong) that a small judge
     learns instead of checking the answer; these leave it nothing to learn but the check."""
-    from jaxrl_rm.data import synthetic
 
     alphabet = "".join(sorted({c for e in examples for c in (e.reference or "")})) or "abcdefgh"
     rng = np.random.default_rng([seed, 53])
@@ -378,7 +379,7 @@ def with_corrupted_answers(examples, fraction: float, *, p_correct: float, seed:
                 a = "".join(alphabet[int(i)] for i in rng.integers(len(alphabet), size=n))
             else:
                 a = alphabet[int(rng.integers(len(alphabet)))] * n
-            e = dataclasses.replace(e, response=a, label=a == e.reference)
+            e = dataclasses.replace(e, response=a, label=synthetic.rule_label(prompt_as_text(e.prompt), a, e.reference))
         out.append(e)
     return out
 

@@ -33,7 +33,7 @@ key                 default  meaning
                              as high as the right one): the answers the policy is learning to
                              exploit, trained on more than the rest
 ``think``           compare  judges only: the reasoning written before the verdict:
-                             ``aligned`` (the `{aligned}` view's pair-by-pair check),
+                             ``aligned`` (the `{aligned}` view's pair-by-pair check), ``path``,
                              ``compare``, ``reference``, ``response``, ``fixed`` (as
                              ``judge.warmup_think``)
 ``balance``         true     judges only: downsample the buffer to equal right / wrong counts

@@ -12,13 +12,14 @@ import functools
 import numpy as np
 from flax import nnx
 
+from jaxrl_rm.data import synthetic
 from jaxrl_rm.data.pipeline import BatchStream, pack_examples, pad_examples, tokenize_sft
 from jaxrl_rm.data.records import SFTRecord
 from jaxrl_rm.data.tokenizer import load_or_build_tokenizer
 from jaxrl_rm.kernels import token_logprobs
 from jaxrl_rm.eval.policy import verifiable_accuracy
 from jaxrl_rm.models.factory import build_model
-from jaxrl_rm.rewards.verifiers import ExactMatchVerifier
+from jaxrl_rm.rewards.verifiers import make_verifier
 from jaxrl_rm.parallel.mesh import mesh_from_config, process_sum
 from jaxrl_rm.parallel.rules import shard_batch
 from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_summary
@@ -48,7 +49,6 @@ def next_token_loss(model, batch, *, mesh=None):
 def load_sft_records(source: str, cfg, *, seed: int, split: str):
     """Records from a JSONL path, `synthetic:<task>`, or `gsm8k:<path>` / `math:<path>` (prompt ->
     gold final answer, as a verifiable task's data in the RL warm-up); returns (records, bad-row counts)."""
-    from jaxrl_rm.data import synthetic
 
     task = synthetic.parse_source(source)
     if task is not None:
@@ -112,6 +112,7 @@ def run_sft(cfg) -> dict:
         n_batches = min(cfg.train.eval_batches, max(1, int(np.ceil(eval_stream.steps_per_epoch))))
 
         accuracy_items = synthetic_eval_problems(cfg)
+        accuracy_verifier = make_verifier(synthetic.TASK_VERIFIERS.get(synthetic.parse_source(cfg.data.train), "exact_match"))
 
         def evaluate(state):
             total, count = 0.0, 0.0
@@ -121,7 +122,7 @@ def run_sft(cfg) -> dict:
             out = {"eval_loss": total / max(count, 1.0)}
             if accuracy_items:
                 out["accuracy"] = verifiable_accuracy(
-                    trainer.model(state), tokenizer, accuracy_items, ExactMatchVerifier(),
+                    trainer.model(state), tokenizer, accuracy_items, accuracy_verifier,
                     max_prompt_length=cfg.grpo.max_prompt_length, max_new_tokens=cfg.grpo.max_new_tokens,
                     chat_template=cfg.data.chat_template, mesh=mesh)
             return out
@@ -139,7 +140,6 @@ def run_sft(cfg) -> dict:
 
 def synthetic_eval_problems(cfg) -> list:
     """Held-out problems of a synthetic verifiable training task (for greedy `accuracy`), else []."""
-    from jaxrl_rm.data import synthetic
 
     task = synthetic.parse_source(cfg.data.train)
     if task is None or task not in synthetic.TASKS:

@@ -122,3 +122,26 @@ def test_path_configs_load():
         assert task.options["eval_verifier"] == "path_check" and task.rewards[0].type == "judge"
         assert task.rewards[0].options["refresh"]["think"] == "path"
     assert stages["judge_strong"].model.num_hidden_layers == 4 > stages["judge_weak"].model.num_hidden_layers
+
+
+def test_gold_monitor_labels_path_rollouts_with_their_prompts():
+    """A judge-rewarded path task's gold labels (the hacking monitor, the refresh's teacher) come
+    from the path check, which reads the constraints in each rollout's prompt."""
+    import types
+
+    from jaxrl_rm.config import RewardSpec, TaskSpec
+    from jaxrl_rm.data.records import PromptItem
+    from jaxrl_rm.rewards.sources import Rollouts
+    from jaxrl_rm.train.grpo import GRPO
+
+    task = TaskSpec(name="paths", kind="verifiable", data="synthetic:paths", options={"eval_verifier": "path_check"},
+                    rewards=[RewardSpec(type="judge", path="unused")])
+    fake = types.SimpleNamespace(verifier_for=lambda t: GRPO.verifier_for(fake, t), _verifiers={})
+    other = "path:b>a,2:b:a="
+    items = [PromptItem(task="paths", prompt=PROMPT, answer="abc", id="0"),
+             PromptItem(task="paths", prompt=other, answer="ba", id="1")]
+    z = np.zeros((2, 2, 1), np.int32)
+    rollouts = Rollouts(items=items, prompt_texts=[PROMPT, other], completions=[["adc", "acc"], ["ba", "bb"]],
+                        completion_ids=z, completion_mask=z, lengths=np.ones((2, 2), np.int32),
+                        truncated=np.zeros((2, 2), bool))
+    assert GRPO.gold_labels(fake, task, rollouts).tolist() == [[True, False], [True, False]]

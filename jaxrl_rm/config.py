@@ -567,7 +567,7 @@ class JudgeConfig:
     #: Held-out judgments evaluated before / after RL (0: all).
     eval_size: int = 256
     #: Gold-vs-near-miss AUC before / after RL (`judge_near_miss_auc_before/_after`, exact-match
-    #: teacher only; jaxrl_rm.eval.judge.evaluate_near_miss): the first `near_miss_prompts` distinct
+    #: or path teacher; jaxrl_rm.eval.judge.evaluate_near_miss): the first `near_miss_prompts` distinct
     #: held-out problems of the evaluated judgments (0: off), each judged on its gold answer and
     #: `near_misses_per_prompt` one-edit near misses (seeded by `seed`); 48 x (1 + 4) = 240 judge
     #: prompts, one batch.

@@ -145,3 +145,17 @@ def test_gold_monitor_labels_path_rollouts_with_their_prompts():
                         completion_ids=z, completion_mask=z, lengths=np.ones((2, 2), np.int32),
                         truncated=np.zeros((2, 2), bool))
     assert GRPO.gold_labels(fake, task, rollouts).tolist() == [[True, False], [True, False]]
+
+
+def test_near_misses_of_a_path_answer_are_wrong_walks():
+    """The judge's gold-vs-near-miss AUC on the path task: a one-edit miss that is still a valid
+    walk is drawn again, so every miss is wrong by the check (on reversal nothing is redrawn)."""
+    from jaxrl_rm.eval.judge import near_miss_answers
+
+    problems = synthetic.path_problems(40, seed=2, split="eval")
+    misses = near_miss_answers(problems, 4, seed=0)
+    assert all(synthetic.path_violations(p.prompt, m) for p, row in zip(problems, misses) for m in row)
+    # without the redraw some edits would have been right: the filter is doing work
+    rng = np.random.default_rng(0)
+    assert any(synthetic.path_violations(p.prompt, synthetic.corrupt_answer(p.answer, rng, alphabet="abcdef")) == []
+               for p in problems for _ in range(20))

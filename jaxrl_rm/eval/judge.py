@@ -136,15 +136,26 @@ def near_miss_answers(problems: Sequence[Any], num_misses: int = 4, *, seed: int
 
     Each is :func:`jaxrl_rm.data.synthetic.corrupt_answer` of the gold (substitute, delete, insert
     or swap one character; never the gold itself, so wrong under exact match), drawn independently
-    (two misses of a problem may coincide). ``alphabet``: characters substitutions and insertions
-    draw from (default: those of the gold answers). Deterministic in ``seed``.
+    (two misses of a problem may coincide). On a task where other answers than the gold are right
+    (a path problem: `synthetic.rule_label`), an edit that is still right is drawn again (up to 32
+    times). ``alphabet``: characters substitutions and insertions draw from (default: those of the
+    gold answers). Deterministic in ``seed``.
     """
     from jaxrl_rm.data import synthetic
 
     golds = [_gold(p) for p in problems]
+    prompts = [prompt_as_text(getattr(p, "prompt", "")) for p in problems]
     alphabet = alphabet or "".join(sorted({c for g in golds for c in g})) or "abcdefgh"
     rng = np.random.default_rng([seed, 59])
-    return [[synthetic.corrupt_answer(g, rng, alphabet=alphabet) for _ in range(num_misses)] for g in golds]
+
+    def miss(prompt: str, gold: str) -> str:
+        for _ in range(32):
+            a = synthetic.corrupt_answer(gold, rng, alphabet=alphabet)
+            if not synthetic.rule_label(prompt, a, gold):
+                break
+        return a
+
+    return [[miss(p, g) for _ in range(num_misses)] for p, g in zip(prompts, golds)]
 
 
 def near_miss_prompts(problems: Sequence[Any], misses: Sequence[Sequence[str]],

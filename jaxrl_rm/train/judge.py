@@ -452,13 +452,14 @@ def judge_task(cfg, train_path: str, eval_path: str) -> TaskSpec:
 def near_miss_set(cfg, examples) -> tuple[list, list[list[str]]]:
     """The held-out problems and near misses of the gold-vs-near-miss AUC (`judge.near_miss_prompts`):
     the first distinct (prompt, reference) pairs of the held-out judgments `examples` and
-    `judge.near_misses_per_prompt` one-edit misses of each reference (seeded by `seed`). None
-    (empty lists) when it is off, when the teacher is not exact match (an edited math answer may
-    still be right) or when the judgments carry no references."""
+    `judge.near_misses_per_prompt` one-edit misses of each reference (seeded by `seed`; on the
+    path task, edits that are still valid walks are drawn again). None (empty lists) when it is
+    off, when the teacher is math-verify (an edited math answer may still be right) or when the
+    judgments carry no references."""
     from jaxrl_rm.eval.judge import near_miss_answers
 
     j = cfg.judge
-    if j.near_miss_prompts <= 0 or j.teacher != "exact_match":
+    if j.near_miss_prompts <= 0 or j.teacher not in ("exact_match", "path_check"):
         return [], []
     distinct: dict = {}
     for e in examples:

@@ -76,6 +76,9 @@ def test_path_verifier_by_name_everywhere():
     from jaxrl_rm.rewards.sources import RULE_REWARDS, Rollouts, build_source
 
     assert "path_check" in RULE_REWARDS
+    from jaxrl_rm.rewards.sources import VerifierSource
+
+    assert set(VerifierSource.NAMES) == set(VERIFIERS)  # every verifier is a reward type, with a name
     src = build_source(RewardSpec(type="path_check"), {})
     item = PromptItem(task="paths", prompt=PROMPT, answer="abc", id="p0")
     z = np.zeros((1, 3, 1), np.int32)

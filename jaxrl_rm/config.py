@@ -18,6 +18,10 @@ __all__ = ["Config", "ConfigError", "load_config", "to_dict"]
 
 #: The reasoning a judge warm-up (and an online judge refresh) writes before the teacher's verdict.
 WarmupThink = Literal["compare", "aligned", "path", "reference", "response", "fixed"]
+#: Judge teachers whose rule-made answers (warm-up `warmup_corrupt`, near misses) can be labelled
+#: by rule (`synthetic.rule_label`: exact match, or the path check): a math-verify teacher's cannot
+#: (an edited math answer may still be right).
+RULE_LABELLED_TEACHERS = ("exact_match", "path_check")
 
 
 @dataclasses.dataclass
@@ -588,7 +592,7 @@ class JudgeConfig:
         check(self.warmup_batch_size > 0, f"{key}.warmup_batch_size", "must be > 0")
         check(0 <= self.warmup_label_noise <= 1, f"{key}.warmup_label_noise", "must be in [0, 1]")
         check(0 <= self.warmup_corrupt <= 1, f"{key}.warmup_corrupt", "must be in [0, 1]")
-        check(self.warmup_corrupt == 0 or self.teacher in ("exact_match", "path_check"), f"{key}.warmup_corrupt",
+        check(self.warmup_corrupt == 0 or self.teacher in RULE_LABELLED_TEACHERS, f"{key}.warmup_corrupt",
               "needs teacher exact_match or path_check (corrupted answers are labelled by exact match or the path check)")
         check(self.eval_size >= 0, f"{key}.eval_size", "must be >= 0")
         check(not self.eval_data or bool(self.data), f"{key}.eval_data", "needs judge.data (supplied training judgments) too")

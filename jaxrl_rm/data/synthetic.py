@@ -22,6 +22,8 @@ the real loaders (`jaxrl_rm.data.records`), so every pipeline runs unchanged on 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from jaxrl_rm.data.records import SFTRecord, VerifiableProblem
@@ -106,7 +108,7 @@ def path_problems(n: int, *, seed: int = 0, letters: str = "abcdef", min_len: in
     return out
 
 
-_PATH_RE = __import__("re").compile(r"path:([a-z])>([a-z]),(\d+):((?:[a-z]:[a-z]* ?)+)=")
+_PATH_RE = re.compile(re.escape(PATH_PREFIX) + r"([a-z])>([a-z]),(\d+):((?:[a-z]:[a-z]* ?)+)=")
 
 
 def parse_path_prompt(prompt: str) -> tuple[str, str, int, dict[str, str]] | None:
@@ -600,13 +602,12 @@ RM_TASKS.update(reverse_pairs=("PreferencePair", reverse_pairs), reverse_triples
 # `open_triples`, `open_rankings`, the references of `open_ended`) and evaluation (the
 # `hidden_quality` reward source, `options.eval_scorer`) call `hidden_quality`.
 import itertools as _it
-import re as _re
 
 #: Seed of the house style (a `StylePolicy` drawn like a pool policy, from its own seed).
 HOUSE_STYLE_SEED = 20250918
 #: `hidden_quality` reads at most this many characters of a response (bounded cost on any input).
 HIDDEN_MAX_CHARS = 4096
-_WORD_RE = _re.compile(r"[^\W\d_]+")  # runs of letters (any script); everything else separates words
+_WORD_RE = re.compile(r"[^\W\d_]+")  # runs of letters (any script); everything else separates words
 _CASES = {"lower": str.islower, "upper": str.isupper,
           "title": lambda w: w[:1].isupper() and (len(w) == 1 or w[1:].islower())}
 

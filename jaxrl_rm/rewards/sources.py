@@ -53,6 +53,17 @@ class RewardSource(Protocol):
 
 
 # --- rule-based sources -----------------------------------------------------------------------
+def verify_rollouts(verifier, rollouts: Rollouts):
+    """`verifier` on every completion of `rollouts` (row-major, `B * G`) against its item's gold
+    answer, with its item's prompt (the prompt-echo guard reads it; a path check reads its
+    constraints there). -> the verifier's `VerifierOutput`."""
+    g = rollouts.shape[1]
+    return verifier([c for row in rollouts.completions for c in row],
+                    [item.answer for item in rollouts.items for _ in range(g)],
+                    prompts=[item.prompt if isinstance(item.prompt, str) else "" for item in rollouts.items
+                             for _ in range(g)])
+
+
 class VerifierSource:
     """A rule verifier as a reward: `kind` is its reward type (`VERIFIER_REWARDS`: math-verify or
     exact match against `item.answer`, guards on by default; `path_check`: the constraints the
@@ -69,10 +80,7 @@ class VerifierSource:
 
     def __call__(self, rollouts: Rollouts):
         b, g = rollouts.shape
-        responses = [c for row in rollouts.completions for c in row]
-        golds = [item.answer for item in rollouts.items for _ in range(g)]
-        prompts = [item.prompt if isinstance(item.prompt, str) else "" for item in rollouts.items for _ in range(g)]
-        out = self.verifier(responses, golds, prompts=prompts)
+        out = verify_rollouts(self.verifier, rollouts)
         reasons = [r.reason for r in out.results]
         rewards = np.asarray(out.rewards, np.float32).reshape(b, g)
         metrics = {"correct": float(np.mean(rewards > 0))}

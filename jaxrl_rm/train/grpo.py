@@ -284,12 +284,7 @@ class GRPO:
         if task.kind != "verifiable" or not model_based or any(it.answer is None for it in rollouts.items):
             return None
         b, gsz = rollouts.shape
-        # with the prompts, as the reward's own verifier sees them: a path check reads its
-        # constraints there, and the prompt-echo guard compares against them
-        out = self.verifier_for(task)([c for cs in rollouts.completions for c in cs],
-                                      [it.answer for it in rollouts.items for _ in range(gsz)],
-                                      prompts=[it.prompt if isinstance(it.prompt, str) else "" for it in rollouts.items
-                                               for _ in range(gsz)])
+        out = reward_sources.verify_rollouts(self.verifier_for(task), rollouts)  # as a verifier reward sees them
         return (np.asarray(out.rewards, np.float32) > 0).reshape(b, gsz)
 
     def gold_monitor(self, task, rollouts: Rollouts, parts: dict[str, np.ndarray], gold: np.ndarray | None) -> dict:

@@ -52,7 +52,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxrl_rm.config import RewardSpec, TaskSpec
+from jaxrl_rm.config import RULE_LABELLED_TEACHERS, RewardSpec, TaskSpec
 from jaxrl_rm.data import synthetic
 from jaxrl_rm.data.records import JudgmentExample, SFTRecord, VerifiableProblem
 from jaxrl_rm.rewards.judge_source import TextJudge, content_seed, label_score, prompt_as_text
@@ -70,7 +70,6 @@ _FIXED_THINK = "I check the answer against the question."
 def load_problems(source: str, *, split: str, seed: int, n: int) -> list[VerifiableProblem]:
     """`n` problems from `synthetic:<task>` (split train / eval), a JSONL of {prompt, answer}, or
     `gsm8k:<path>` / `math:<path>` (`jaxrl_rm.data.loaders.load_verifiable`; files: their first n)."""
-
     name = synthetic.parse_source(source)
     if name is not None:
         if name not in synthetic.TASKS:
@@ -107,7 +106,6 @@ def policy_responses(path: str, problems, *, n: int, temperature: float, max_new
 
 def sample_answers(sampler: str, problems, j, *, seed: int, policy_path: str, chat_template: bool, mesh) -> list[list[str]]:
     """Answers of `sampler` (policy | corrupt | an HF directory) to `problems`."""
-
     if sampler == "corrupt":
         alphabet = "".join(sorted({c for p in problems for c in p.answer})) or "abcdefgh"
         return synthetic.corrupted_responses(problems, j.responses_per_prompt, seed=seed,
@@ -364,7 +362,6 @@ def with_corrupted_answers(examples, fraction: float, *, p_correct: float, seed:
     degenerate answers an RL policy tries on its judge). Warm-up data of the judge's *reasoning*:
     a policy's own mistakes follow patterns (which positions it gets wrong) that a small judge
     learns instead of checking the answer; these leave it nothing to learn but the check."""
-
     alphabet = "".join(sorted({c for e in examples for c in (e.reference or "")})) or "abcdefgh"
     rng = np.random.default_rng([seed, 53])
     out = []
@@ -459,7 +456,7 @@ def near_miss_set(cfg, examples) -> tuple[list, list[list[str]]]:
     from jaxrl_rm.eval.judge import near_miss_answers
 
     j = cfg.judge
-    if j.near_miss_prompts <= 0 or j.teacher not in ("exact_match", "path_check"):
+    if j.near_miss_prompts <= 0 or j.teacher not in RULE_LABELLED_TEACHERS:
         return [], []
     distinct: dict = {}
     for e in examples:
@@ -472,7 +469,6 @@ def near_miss_set(cfg, examples) -> tuple[list, list[list[str]]]:
 class JudgeGRPO(GRPO):
     """GRPO of a judge; `evaluate` is held-out judgment accuracy (greedy) on `eval_examples` and the
     gold-vs-near-miss AUC on their problems (:func:`near_miss_set`; `judge_near_miss_*`)."""
-
     def __init__(self, cfg, eval_examples):
         super().__init__(cfg)
         self.eval_examples = list(eval_examples)

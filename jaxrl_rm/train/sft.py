@@ -49,7 +49,6 @@ def next_token_loss(model, batch, *, mesh=None):
 def load_sft_records(source: str, cfg, *, seed: int, split: str):
     """Records from a JSONL path, `synthetic:<task>`, or `gsm8k:<path>` / `math:<path>` (prompt ->
     gold final answer, as a verifiable task's data in the RL warm-up); returns (records, bad-row counts)."""
-
     task = synthetic.parse_source(source)
     if task is not None:
         n = cfg.data.synthetic_size if split == "train" else max(cfg.data.synthetic_size // 8, 64)
@@ -140,7 +139,6 @@ def run_sft(cfg) -> dict:
 
 def synthetic_eval_problems(cfg) -> list:
     """Held-out problems of a synthetic verifiable training task (for greedy `accuracy`), else []."""
-
     task = synthetic.parse_source(cfg.data.train)
     if task is None or task not in synthetic.TASKS:
         return []

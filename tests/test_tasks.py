@@ -107,3 +107,42 @@ def test_loaded_rankings_have_a_fixed_seeded_order(tmp_path):
     # the demonstration's scores follow the shown order: the best first about half the time
     firsts = [d.response.rsplit("\\boxed{", 1)[1].startswith("10") for d in demos]
     assert abs(np.mean(firsts) - 0.5) < 0.08
+
+
+def test_a_warmup_whose_demonstrations_outgrow_the_rl_budget_is_a_config_error(tmp_path, monkeypatch):
+    """URPO's ranking answers (`<best> \\boxed{10, 3, 7, 0}`) took 26 tokens where the policy could
+    write 24: three quarters of its rollouts were cut before the scores, silently. The warm-up now
+    refuses such a budget before training, naming the key and the length needed."""
+    import jaxrl_rm.train.sft as sft
+    from jaxrl_rm.config import load_config
+    from jaxrl_rm.data.pipeline import check_demonstrations_fit
+    from jaxrl_rm.data.records import SFTRecord
+    from jaxrl_rm.data.tokenizer import build_char_tokenizer
+    from jaxrl_rm.train.grpo import warm_start
+
+    tok = build_char_tokenizer()
+    long = SFTRecord(prompt="rank 4:reverse:aehcd=dchea;dca;dchaa;dcehbd;=", response="dchea \\boxed{10, 3, 7, 0}")
+    short = SFTRecord(prompt="reverse:ab=", response="ba")
+    need = len(tok.encode(long.response, add_special_tokens=False)) + 1  # the end token
+    check_demonstrations_fit([long] * 9 + [short], tok, max_new_tokens=need, where="x")  # fits exactly
+    with pytest.raises(ValueError, match=rf"^grpo.max_new_tokens \(task 'preference'\): max_new_tokens={need - 1}, "
+                                         rf"but 9 of the 10 warm-up demonstrations \(90.0%\) need more \(up to {need} tokens"):
+        check_demonstrations_fit([long] * 9 + [short], tok, max_new_tokens=need - 1,
+                                 where="grpo.max_new_tokens (task 'preference')")
+    # a tail within the tolerance is a warning, not an error
+    with pytest.warns(UserWarning, match=r"1 of the 20 warm-up demonstrations \(5.0%\)"):
+        check_demonstrations_fit([long] + [short] * 19, tok, max_new_tokens=need - 1, where="x")
+    with pytest.raises(ValueError, match=r"\(10.0%\)"):
+        check_demonstrations_fit([long] + [short] * 9, tok, max_new_tokens=need - 1, where="x")
+
+    # the GRPO warm-up runs the check on every task before any SFT step
+    ran = []
+    monkeypatch.setattr(sft, "run_sft", lambda cfg: ran.append(cfg) or {"preempted": False})
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs" / "urpo_tiny.yaml", [f"run_dir={tmp_path}", "data.synthetic_size=200",
+                                                            "grpo.max_new_tokens=24"])
+    with pytest.raises(ValueError, match=r"grpo.max_new_tokens \(task 'preference'\)"):
+        warm_start(cfg)
+    assert not ran
+    warm_start(load_config(repo / "configs" / "urpo_tiny.yaml", [f"run_dir={tmp_path}", "data.synthetic_size=200"]))
+    assert len(ran) == 1

@@ -9,6 +9,7 @@ permutation. In a multi-host run each process materialises only its rows of the 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Sequence
 
 import grain
@@ -97,6 +98,37 @@ def tokenize_sft(record, tokenizer, max_length: int, *, chat_template: bool = Tr
     prompt_ids, (response_ids,) = encode_pieces(
         tokenizer, render_prompt(record.prompt, tokenizer, chat_template=chat_template), [record.response])
     return tokenize_prompt_response(prompt_ids, response_ids, max_length, tokenizer.eos_token_id)
+
+
+def check_demonstrations_fit(records, tokenizer, *, max_new_tokens: int, where: str, chat_template: bool = True,
+                             tolerance: float = 0.05) -> None:
+    """Raise ValueError when SFT demonstrations do not fit the RL budget they teach a format for.
+
+    A warm-up demonstrates the output format that RL then parses. A demonstration whose response
+    and end token need more than `max_new_tokens` cannot be reproduced in RL: the rollout is cut
+    before the format ends and parses as invalid (the URPO ranking task once lost three quarters of
+    its answers so: ``dchea \\boxed{10, 3, 7, 0}`` and its end token are 26 tokens, the budget was
+    24). More than `tolerance` of `records` (SFTRecords) over the budget is an error naming `where`
+    (the config keys to raise) and the length needed; a smaller tail is a warning. (Long prompts
+    are not checked: RL and the warm-up both keep a prompt's tail.)
+    """
+    if not records:
+        return
+    lengths = []
+    for r in records:
+        _, (response_ids,) = encode_pieces(
+            tokenizer, render_prompt(r.prompt, tokenizer, chat_template=chat_template), [r.response])
+        lengths.append(len(response_ids) + (tokenizer.eos_token_id is not None))
+    over_count = sum(n > max_new_tokens for n in lengths)
+    if not over_count:
+        return
+    over = over_count / len(lengths)
+    message = (f"{where}: max_new_tokens={max_new_tokens}, but {over_count} of the {len(lengths)} warm-up "
+               f"demonstrations ({over:.1%}) need more (up to {max(lengths)} tokens with the end token): RL cuts "
+               f"those answers before their format ends")
+    if over > tolerance:
+        raise ValueError(message)
+    warnings.warn(message, stacklevel=2)
 
 
 def pad_examples(examples: Sequence[tuple[np.ndarray, np.ndarray]], length: int, pad_id: int) -> dict:

@@ -45,7 +45,7 @@ from jaxrl_rm.train.loop import prepare_run_dir, summarize, train_loop, write_su
 from jaxrl_rm.train.state import (Trainer, abstract_like, build_train_step, export_hf, inject_faults,
                                   make_optimizer)
 from jaxrl_rm.rewards.judges import ranking_template, task_template
-from jaxrl_rm.train.tasks import TaskMixer, load_task_items, warmup_records
+from jaxrl_rm.train.tasks import TaskMixer, load_task_items, task_demonstrations, warmup_records
 
 
 def step_seed(seed: int, *parts: int) -> int:
@@ -656,6 +656,18 @@ def levenshtein(a: str, b: str) -> int:
     return prev[-1]
 
 
+def check_warmup_fits(cfg, demos: dict[str, list]) -> None:
+    """Every task's warm-up demonstrations fit `grpo.max_new_tokens` (`check_demonstrations_fit`):
+    a format the policy cannot finish within the budget is a config error, found before training."""
+    from jaxrl_rm.data.pipeline import check_demonstrations_fit
+    from jaxrl_rm.data.tokenizer import load_or_build_tokenizer
+
+    tokenizer = load_or_build_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    for name, records in demos.items():
+        check_demonstrations_fit(records, tokenizer, max_new_tokens=cfg.grpo.max_new_tokens,
+                                 chat_template=cfg.data.chat_template, where=f"grpo.max_new_tokens (task {name!r})")
+
+
 def warm_start(cfg):
     """Run the SFT warm-up stage when configured; returns cfg with `model.path` at its export
     (None when the stage was preempted: rerun the command to resume it)."""
@@ -668,13 +680,17 @@ def warm_start(cfg):
     export = stage_dir / "hf"
     if not (export / "config.json").exists():
         data = w.data
+        if not data:
+            demos = task_demonstrations(cfg.grpo.tasks, seed=cfg.seed, size=cfg.data.synthetic_size)
+            check_warmup_fits(cfg, demos)
         if not data and (len(cfg.grpo.tasks) > 1 or cfg.grpo.tasks[0].kind != "verifiable"):
             # demonstrations of every task, mixed (a lone verifiable task's data is SFT data as is)
             from jaxrl_rm.data.loaders import write_jsonl
 
             stage_dir.mkdir(parents=True, exist_ok=True)
             data = str(stage_dir / "demonstrations.jsonl")
-            write_jsonl(data, warmup_records(cfg.grpo.tasks, seed=cfg.seed, size=cfg.data.synthetic_size))
+            write_jsonl(data, warmup_records(cfg.grpo.tasks, seed=cfg.seed, size=cfg.data.synthetic_size,
+                                             demos=demos))
         sft_cfg = dataclasses.replace(
             cfg, task="sft", run_dir=str(stage_dir),
             train=dataclasses.replace(cfg.train, steps=w.steps, batch_size=w.batch_size, micro_batches=1),

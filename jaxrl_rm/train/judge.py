@@ -394,6 +394,8 @@ def judge_warmup(cfg, train_path: str, init_path: str) -> str | None:
     """Stage "warmup": SFT of the judge on the format; returns its HF export ("" without warm-up,
     None when preempted)."""
     from jaxrl_rm.data.loaders import load_records, write_jsonl
+    from jaxrl_rm.data.pipeline import check_demonstrations_fit
+    from jaxrl_rm.data.tokenizer import load_or_build_tokenizer
     from jaxrl_rm.train.sft import run_sft
 
     j, g = cfg.judge, cfg.grpo
@@ -412,6 +414,9 @@ def judge_warmup(cfg, train_path: str, init_path: str) -> str | None:
         examples = with_corrupted_answers(examples, j.warmup_corrupt, p_correct=j.corrupt_p_correct, seed=cfg.seed)
     records = warmup_records(examples, judge_template(cfg), label_noise=j.warmup_label_noise, think=j.warmup_think,
                              seed=cfg.seed)
+    check_demonstrations_fit(records, load_or_build_tokenizer(cfg.model.tokenizer or init_path),
+                             max_new_tokens=g.max_new_tokens, chat_template=cfg.data.chat_template,
+                             where=f"grpo.max_new_tokens (judge warm-up, judge.warmup_think={j.warmup_think})")
     data_path = Path(cfg.run_dir) / "judge_data" / "warmup.jsonl"
     if jax.process_index() == 0:
         data_path.parent.mkdir(parents=True, exist_ok=True)

@@ -171,12 +171,21 @@ def demonstration(item: PromptItem, task):
     return None
 
 
-def warmup_records(tasks, *, seed: int, size: int) -> list:
-    """Demonstrations of every task, in proportion to the task ratios (SFT warm-up data)."""
+def task_demonstrations(tasks, *, seed: int, size: int) -> dict[str, list]:
+    """Each task's demonstrations (`demonstration`), `size` in all in proportion to the task
+    ratios: task name -> SFTRecords."""
     total = sum(t.ratio for t in tasks)
-    out = []
+    out = {}
     for t in tasks:
         items = load_task_items(t, split="train", seed=seed, size=max(1, int(size * t.ratio / total)))
-        out += [r for r in (demonstration(it, t) for it in items) if r is not None]
+        out[t.name] = [r for r in (demonstration(it, t) for it in items) if r is not None]
+    return out
+
+
+def warmup_records(tasks, *, seed: int, size: int, demos: dict[str, list] | None = None) -> list:
+    """Demonstrations of every task, in proportion to the task ratios, shuffled (SFT warm-up data);
+    `demos`: `task_demonstrations` already built."""
+    demos = task_demonstrations(tasks, seed=seed, size=size) if demos is None else demos
+    out = [r for records in demos.values() for r in records]
     order = np.random.default_rng([seed, 41]).permutation(len(out))
     return [out[i] for i in order]

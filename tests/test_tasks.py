@@ -41,6 +41,11 @@ def test_ranking_reward_parses_with_the_template_that_renders_the_prompt():
                                  "7 is prime. Scores: \\boxed{120, 20}"]))  # out of the 0-100 range
     np.testing.assert_array_equal(r, [[1.0, -1.0, -1.0]])
     assert m["invalid_rate"] == pytest.approx(1 / 3)
+    assert (m["top1"], m["all_tied_rate"]) == (0.5, 0.0)  # of the two valid rankings
+    # equal scores: tau 0 whatever the gold (where a judge that cannot rank settles under GRPO)
+    r, m = src(one_group(PRIME, ["Both name a number. Scores: \\boxed{50, 50}", "7 is prime. Scores: \\boxed{90, 20}"]))
+    np.testing.assert_array_equal(r, [[0.0, 1.0]])
+    assert (m["top1"], m["all_tied_rate"], m["invalid_rate"]) == (0.5, 0.5, 0.0)
 
     # listwise_tags: <score_i> tags are the asked-for format; a \boxed{} list is not
     task = TaskSpec(name="pref", kind="ranking", options={"template": "listwise_tags"})

@@ -102,6 +102,9 @@ class RankingSource:
     URPO's `listwise` `\\boxed{s1, …, sN}`, with `options.template_options`, e.g. `max_score`): the
     same object that rendered the ranking prompt parses the answer. `tasks`: TaskSpecs by name (the
     GRPO run's); an item of a task not in it is parsed with the default `listwise` template.
+    Metrics: `invalid_rate`; of the valid rankings, `top1` (the one highest score is on a gold-best
+    response) and `all_tied_rate` (every response given the same score: τ = 0 whatever the gold,
+    where a judge that cannot rank settles under GRPO).
     """
 
     def __init__(self, *, name: str = "ranking", mapping: str = "raw", invalid_reward: float | None = None,
@@ -120,14 +123,23 @@ class RankingSource:
 
         b, g = rollouts.shape
         rewards = np.zeros((b, g), np.float32)
-        invalid = 0
+        invalid = top1 = tied = 0
         for i, item in enumerate(rollouts.items):
             n, template = len(item.gold_scores), self.template_for(item.task)
             results = [template.parse(text, n) for text in rollouts.completions[i]]
             invalid += sum(not r.valid for r in results)
             rewards[i] = kendall_tau_reward(results, [item.gold_scores] * g, mapping=self.mapping,
                                             invalid_reward=self.invalid_reward)
-        return rewards, {"invalid_rate": invalid / max(b * g, 1)}
+            gold = np.asarray(item.gold_scores, np.float64)
+            for r in results:
+                if r.valid:
+                    scores = np.asarray(r.value, np.float64)
+                    tied += bool(np.all(scores == scores[0]))
+                    top = np.flatnonzero(scores == scores.max())
+                    top1 += len(top) == 1 and gold[top[0]] == gold.max()
+        valid = b * g - invalid
+        return rewards, {"invalid_rate": invalid / max(b * g, 1), "top1": top1 / max(valid, 1),
+                         "all_tied_rate": tied / max(valid, 1)}
 
 
 class HiddenQualitySource:

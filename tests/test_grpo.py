@@ -447,7 +447,8 @@ def test_chat_format_judgment_and_ranking_files_through_the_prompt_path(tmp_path
     cfg = tiny_cfg(tmp_path / "run", "grpo.max_prompt_length=64",
                    f"grpo.tasks=[{{name: judge, kind: judgment, data: '{tmp_path / 'judge.jsonl'}', "
                    "rewards: [{type: score_match}]}, "
-                   f"{{name: pref, kind: ranking, data: '{tmp_path / 'rank.jsonl'}', rewards: [{{type: ranking}}]}}]")
+                   f"{{name: pref, kind: ranking, data: '{tmp_path / 'rank.jsonl'}', "
+                   f"eval_data: '{tmp_path / 'rank.jsonl'}', rewards: [{{type: ranking}}]}}]")
     rl = GRPO(cfg)
     items = rl.mixer.draw(0, 4)
     assert {it.task for it in items} == {"judge", "pref"}
@@ -458,6 +459,11 @@ def test_chat_format_judgment_and_ranking_files_through_the_prompt_path(tmp_path
     rewards = rl.rewards(rollouts)[0]
     assert rewards.shape == (4, 4) and np.isfinite(rewards).all()
     assert rl.sources["pref"][0][0].template_for("pref") is ranking_template(rl.tasks["pref"])
+    # held-out evaluation of a ranking task reports what its tau mean hides
+    ev = rl.evaluate(rl.state)
+    assert {"eval_reward/pref", "eval_reward/pref/ranking/top1", "eval_reward/pref/ranking/all_tied_rate",
+            "eval_reward/pref/ranking/invalid_rate"} <= set(ev)
+    assert all(0.0 <= ev[f"eval_reward/pref/ranking/{k}"] <= 1.0 for k in ("top1", "all_tied_rate", "invalid_rate"))
 
 
 @pytest.mark.parametrize("kl_clamp", [10.0, 0.0])

@@ -505,7 +505,8 @@ class GRPO:
 
     def evaluate(self, state) -> dict:
         """Greedy held-out accuracy per verifiable task (`accuracy/<task>`, overall `accuracy`),
-        and mean reward of the task's sources for the other tasks (`eval_reward/<task>`) plus, with
+        and mean reward of the task's sources for the other tasks (`eval_reward/<task>`; for a
+        ranking task also its sources' metrics, `eval_reward/<task>/ranking/top1` ...) plus, with
         `options.eval_scorer`, the mean score of that scorer (`quality/<task>`) on the same answers.
         Judges give evaluation verdicts greedily (or as the mean of their `eval_num_judgments`
         samples: `reward_sources.for_eval`), so the same policy always gets the same numbers."""
@@ -527,8 +528,10 @@ class GRPO:
             else:
                 rollouts, _, _ = self.sample(state["params"], items, seed=0, num_samples=1, greedy=True)
                 judged = [(reward_sources.for_eval(src), w) for src, w in self.sources[name]]
-                r, _ = reward_sources.combine(judged, rollouts)
+                r, metrics = reward_sources.combine(judged, rollouts)
                 out[f"eval_reward/{name}"] = float(r.mean())
+                if task.kind == "ranking":  # what a Kendall-tau mean hides: top-1 hits, all-tied rankings
+                    out.update({f"eval_reward/{name}/{k}": v for k, v in metrics.items() if not k.endswith("/mean")})
                 if name in self.scorers:
                     out[f"quality/{name}"] = float(np.mean(self.scorers[name](rollouts)[0]))
             if task.options.get("win_rate_judge"):

@@ -95,5 +95,5 @@ def test_miniature_claims_driver_reduced(tmp_path):
     assert pinned - {None} == set(PINNED)  # every pinned claim names a row
     assert "## Claims" in (tmp_path / "run" / "results.md").read_text()
     assert (tmp_path / "run" / "rllm" / "seed0" / "rl_on" / "summary.json").exists()
-    modes = json.loads((tmp_path / "run" / "urpo" / "modes" / "summary.json").read_text())
+    modes = json.loads((tmp_path / "run" / "urpo" / "seed0" / "modes" / "summary.json").read_text())
     assert all(f"run_mean/reward/reasoning/{m}/judge_calls" in modes for m in ("listwise", "pivot", "pairwise"))

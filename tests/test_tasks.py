@@ -12,7 +12,7 @@ from jaxrl_rm.rewards import sources
 from jaxrl_rm.data.records import PromptItem
 from jaxrl_rm.rewards.sources import Rollouts
 from jaxrl_rm.rewards.judges import ranking_template
-from jaxrl_rm.train.tasks import TaskMixer, demonstration, load_task_items, warmup_records
+from jaxrl_rm.train.tasks import TaskMixer, demonstration, load_task_items, task_demonstrations, warmup_records
 
 PRIME = PromptItem(task="pref", prompt="Name a prime number.", responses=("7", "8"), gold_scores=(1.0, 0.0))
 
@@ -108,7 +108,7 @@ def test_loaded_rankings_have_a_fixed_seeded_order(tmp_path):
     assert abs(np.mean([it.gold_scores[0] == 1 for it in held_out]) - 0.5) < 0.08
     assert all(r.startswith("chosen" if s == 1 else "rejected") for it in held_out
                for r, s in zip(it.responses, it.gold_scores))
-    demos = warmup_records([task], seed=0, size=400)
+    demos = warmup_records(task_demonstrations([task], seed=0, size=400), seed=0)
     # the demonstration's scores follow the shown order: the best first about half the time
     firsts = [d.response.rsplit("\\boxed{", 1)[1].startswith("10") for d in demos]
     assert abs(np.mean(firsts) - 0.5) < 0.08

@@ -692,8 +692,7 @@ def warm_start(cfg):
 
             stage_dir.mkdir(parents=True, exist_ok=True)
             data = str(stage_dir / "demonstrations.jsonl")
-            write_jsonl(data, warmup_records(cfg.grpo.tasks, seed=cfg.seed, size=cfg.data.synthetic_size,
-                                             demos=demos))
+            write_jsonl(data, warmup_records(demos, seed=cfg.seed))
         sft_cfg = dataclasses.replace(
             cfg, task="sft", run_dir=str(stage_dir),
             train=dataclasses.replace(cfg.train, steps=w.steps, batch_size=w.batch_size, micro_batches=1),

@@ -414,14 +414,15 @@ def judge_warmup(cfg, train_path: str, init_path: str) -> str | None:
         examples = with_corrupted_answers(examples, j.warmup_corrupt, p_correct=j.corrupt_p_correct, seed=cfg.seed)
     records = warmup_records(examples, judge_template(cfg), label_noise=j.warmup_label_noise, think=j.warmup_think,
                              seed=cfg.seed)
-    check_demonstrations_fit(records, load_or_build_tokenizer(cfg.model.tokenizer or init_path),
+    model = _with_model(cfg, init_path)
+    # the tokenizer the warm-up SFT will load (run_sft: model.tokenizer or model.path)
+    check_demonstrations_fit(records, load_or_build_tokenizer(model.tokenizer or model.path),
                              max_new_tokens=g.max_new_tokens, chat_template=cfg.data.chat_template,
                              where=f"grpo.max_new_tokens (judge warm-up, judge.warmup_think={j.warmup_think})")
     data_path = Path(cfg.run_dir) / "judge_data" / "warmup.jsonl"
     if jax.process_index() == 0:
         data_path.parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(data_path, records)
-    model = _with_model(cfg, init_path)
     sft_cfg = dataclasses.replace(
         cfg, task="sft", run_dir=str(stage), model=model,
         train=dataclasses.replace(cfg.train, steps=j.warmup_steps, batch_size=j.warmup_batch_size,

@@ -182,10 +182,8 @@ def task_demonstrations(tasks, *, seed: int, size: int) -> dict[str, list]:
     return out
 
 
-def warmup_records(tasks, *, seed: int, size: int, demos: dict[str, list] | None = None) -> list:
-    """Demonstrations of every task, in proportion to the task ratios, shuffled (SFT warm-up data);
-    `demos`: `task_demonstrations` already built."""
-    demos = task_demonstrations(tasks, seed=seed, size=size) if demos is None else demos
+def warmup_records(demos: dict[str, list], *, seed: int) -> list:
+    """`task_demonstrations` of every task mixed into one seeded shuffle (SFT warm-up data)."""
     out = [r for records in demos.values() for r in records]
     order = np.random.default_rng([seed, 41]).permutation(len(out))
     return [out[i] for i in order]

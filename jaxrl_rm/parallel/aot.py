@@ -16,6 +16,7 @@ Used by tests/test_tpu_aot.py, `benchmarks/logprob.py --tpu-aot` and the planner
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -135,11 +136,35 @@ def compile_report(fn, *args, **kwargs) -> CompileReport:
                          compile_seconds=seconds, collectives=counts, all_gather_shapes=gathers)
 
 
+# The GPU `lower_for_cuda` targets when this process has none: the Hopper chips the kernels are
+# written for (the H100 and H200 are one target, sm_90).
+CUDA_TARGET = "NVIDIA H100"
+
+
 def lower_for_cuda(fn, *args, **kwargs) -> str:
     """StableHLO text of `fn` lowered for CUDA (no GPU needed; Pallas GPU kernels run their
-    lowering rules). Arguments are concrete or `jax.ShapeDtypeStruct`s without shardings."""
+    lowering rules). Arguments are concrete or `jax.ShapeDtypeStruct`s without shardings.
+
+    From jax 0.11 Pallas' Triton lowering asks which GPU it lowers for (its compute capability)
+    and, on a machine without one, reads it from the abstract mesh's device; without that it
+    raises "No supported GPU devices found". So tracing and lowering run under an abstract
+    one-device mesh of a `CUDA_TARGET` GPU. jax 0.10 reads no device and has no
+    `AbstractDevice`: there the call lowers as is."""
     jitted = fn if hasattr(fn, "trace") else jax.jit(fn)
-    return jitted.trace(*args, **kwargs).lower(lowering_platforms=("cuda",)).as_text()
+    with _cuda_target():
+        return jitted.trace(*args, **kwargs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@contextlib.contextmanager
+def _cuda_target():
+    abstract_device = getattr(jax.sharding, "AbstractDevice", None)
+    if abstract_device is None or jax.default_backend() == "gpu":
+        yield
+        return
+    device = abstract_device(device_kind=CUDA_TARGET, num_cores=None, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("cuda_target",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        yield
 
 
 def token_logprobs_report(mesh: jax.sharding.Mesh, *, n: int, d: int, v: int, dtype="bfloat16",

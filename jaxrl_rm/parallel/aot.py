@@ -148,8 +148,9 @@ def lower_for_cuda(fn, *args, **kwargs) -> str:
     From jax 0.11 Pallas' Triton lowering asks which GPU it lowers for (its compute capability)
     and, on a machine without one, reads it from the abstract mesh's device; without that it
     raises "No supported GPU devices found". So tracing and lowering run under an abstract
-    one-device mesh of a `CUDA_TARGET` GPU. jax 0.10 reads no device and has no
-    `AbstractDevice`: there the call lowers as is."""
+    one-device mesh of a `CUDA_TARGET` GPU (jax 0.10's lowering does not read it; tested on
+    0.10.2 and 0.11.2). On a machine with a GPU, or a jax without `AbstractDevice`, the call
+    lowers as is."""
     jitted = fn if hasattr(fn, "trace") else jax.jit(fn)
     with _cuda_target():
         return jitted.trace(*args, **kwargs).lower(lowering_platforms=("cuda",)).as_text()

@@ -149,8 +149,7 @@ def lower_for_cuda(fn, *args, **kwargs) -> str:
     and, on a machine without one, reads it from the abstract mesh's device; without that it
     raises "No supported GPU devices found". So tracing and lowering run under an abstract
     one-device mesh of a `CUDA_TARGET` GPU (jax 0.10's lowering does not read it; tested on
-    0.10.2 and 0.11.2). On a machine with a GPU, or a jax without `AbstractDevice`, the call
-    lowers as is."""
+    0.10.2 and 0.11.2). On a machine with a GPU the call lowers for that GPU as is."""
     jitted = fn if hasattr(fn, "trace") else jax.jit(fn)
     with _cuda_target():
         return jitted.trace(*args, **kwargs).lower(lowering_platforms=("cuda",)).as_text()
@@ -158,11 +157,10 @@ def lower_for_cuda(fn, *args, **kwargs) -> str:
 
 @contextlib.contextmanager
 def _cuda_target():
-    abstract_device = getattr(jax.sharding, "AbstractDevice", None)
-    if abstract_device is None or jax.default_backend() == "gpu":
+    if jax.default_backend() == "gpu":
         yield
         return
-    device = abstract_device(device_kind=CUDA_TARGET, num_cores=None, platform="gpu")
+    device = jax.sharding.AbstractDevice(device_kind=CUDA_TARGET, num_cores=None, platform="gpu")
     mesh = jax.sharding.AbstractMesh((1,), ("cuda_target",), abstract_device=device)
     with jax.sharding.use_abstract_mesh(mesh):
         yield
